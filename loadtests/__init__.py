@@ -1,0 +1,1 @@
+"""Load tests for the service (see ``python -m loadtests --help``)."""

@@ -1,0 +1,149 @@
+"""Request options: their shape (pydantic, at the boundary) and the one model-aware check.
+
+:func:`plan_explain` turns a form into an :class:`ExplainPlan` before anything is queued, so
+an unknown model, method or layer, or an out-of-range class, never reaches the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.cams import method_names
+from service.errors import BadRequest, InvalidOption, NotFound, choices
+from service.imaging.colormaps import available_colormaps, is_colormap
+from service.models.catalog import ModelInfo
+
+OUTPUT_KINDS = ("mask", "overlay", "heatmap")
+MAX_CLASSES_PER_REQUEST = 20
+
+
+class PredictForm(BaseModel):
+    # Other multipart parts (the files) arrive beside these fields: ignore, do not reject.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(
+        None, description="registered model name; the server default when omitted",
+        examples=["mobilenet_v2"],
+    )
+    topk: int = Field(5, ge=1, le=20, description="how many predictions to list", examples=[5])
+
+
+class ExplainForm(PredictForm):
+    methods: str = Field(
+        "gradcam", description="comma-separated CAM method names (see GET /methods); "
+        "all are computed for every image", examples=["gradcam"],
+    )
+    target_layer: str | None = Field(
+        None, description="module path as in named_modules() (see GET /models/{name}); "
+        "several comma-separated are fused into one map; the model's default when omitted",
+        examples=["features.18"],
+    )
+    class_idx: str | None = Field(
+        None, description="an int, or comma-separated ints: one explanation per class; "
+        "the top-1 class when omitted", examples=["285"],
+    )
+    outputs: str = Field(
+        "mask,overlay", description="subset of mask, overlay, heatmap (comma-separated)",
+        examples=["mask,overlay"],
+    )
+    mask_size: Literal["input", "original", "feature"] = Field(
+        "input", description="mask size: model input, original image, or the layer's own grid",
+        examples=["input"],
+    )
+    mask_encoding: Literal["list", "base64"] = Field(
+        "list", description="nested lists of floats, or base64 of little-endian float32, row-major",
+        examples=["list"],
+    )
+    colormap: str = Field(
+        "jet", description=f"colour map: {', '.join(available_colormaps())}", examples=["jet"]
+    )
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity", examples=[0.5])
+    aug_smooth: bool = Field(
+        False, description="test-time-augmentation smoothing (flips and scales averaged)",
+        examples=[False],
+    )
+    eigen_smooth: bool = Field(
+        False, description="first-principal-component smoothing of the weighted activations",
+        examples=[False],
+    )
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    model: ModelInfo
+    methods: tuple[str, ...]
+    layers: tuple[str, ...]
+    classes: tuple[int, ...] | None
+    outputs: frozenset[str]
+    form: ExplainForm
+
+
+def resolve_model(name: str | None, catalog: dict[str, ModelInfo], default: str) -> ModelInfo:
+    chosen = name or default
+    if chosen not in catalog:
+        raise NotFound(f"unknown model {chosen!r}; registered models: {choices(catalog)}")
+    return catalog[chosen]
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def plan_explain(form: ExplainForm, catalog: dict[str, ModelInfo], default_model: str) -> ExplainPlan:
+    model = resolve_model(form.model, catalog, default_model)
+
+    methods = tuple(dict.fromkeys(m.lower() for m in _split(form.methods)))
+    known = method_names()
+    if not methods:
+        raise InvalidOption(f"methods is empty; valid methods: {choices(known)}")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise InvalidOption(f"unknown method {unknown[0]!r}; valid methods: {choices(known)}")
+
+    layers = tuple(dict.fromkeys(_split(form.target_layer or ""))) or (model.default_layer,)
+    valid_layers = model.layer_names()
+    for layer in layers:
+        if layer not in valid_layers:
+            raise InvalidOption(
+                f"unknown layer {layer!r} for model {model.name!r}; valid layers "
+                f"(modules with a 4-D output): {choices(valid_layers)}"
+            )
+
+    classes = _parse_classes(form.class_idx, model)
+
+    outputs = frozenset(o.lower() for o in _split(form.outputs))
+    bad = sorted(outputs - set(OUTPUT_KINDS))
+    if bad:
+        raise InvalidOption(f"unknown output {bad[0]!r}; valid outputs: {choices(OUTPUT_KINDS)}")
+
+    if not is_colormap(form.colormap):
+        raise InvalidOption(
+            f"unknown colormap {form.colormap!r}; valid colour maps: {choices(available_colormaps())}"
+        )
+    if form.aug_smooth or form.eigen_smooth:
+        raise InvalidOption("aug_smooth and eigen_smooth are not available on this server yet")
+    return ExplainPlan(model, methods, layers, classes, outputs, form)
+
+
+def _parse_classes(value: str | None, model: ModelInfo) -> tuple[int, ...] | None:
+    if value is None or not value.strip():
+        return None
+    parts = _split(value)
+    try:
+        classes = tuple(dict.fromkeys(int(part) for part in parts))
+    except ValueError:
+        raise BadRequest(
+            f"class_idx must be an int or comma-separated ints, got {value!r}"
+        ) from None
+    if len(classes) > MAX_CLASSES_PER_REQUEST:
+        raise InvalidOption(f"at most {MAX_CLASSES_PER_REQUEST} classes per request")
+    for cls in classes:
+        if not 0 <= cls < model.num_classes:
+            raise InvalidOption(
+                f"class_idx {cls} is out of range for model {model.name!r}: "
+                f"valid classes are 0..{model.num_classes - 1}"
+            )
+    return classes

@@ -1,0 +1,90 @@
+"""``GET /models``, ``GET /models/{name}`` and ``GET /methods``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import EngineDep, SettingsDep
+from service.api.errors import error_responses
+from service.api.schemas import (
+    LayerOut,
+    MethodOut,
+    MethodParamOut,
+    MethodsResponse,
+    ModelDetail,
+    ModelsResponse,
+    ModelSummary,
+)
+from service.cams import CAMMethod
+from service.errors import NotFound, choices
+from service.models.catalog import ModelInfo
+
+router = APIRouter(tags=["catalog"])
+
+
+def _summary(info: ModelInfo, default: str) -> dict[str, object]:
+    return {
+        "name": info.name,
+        "display_name": info.display_name,
+        "version": info.version,
+        "architecture": info.architecture,
+        "num_classes": info.num_classes,
+        "input_size": info.input_size,
+        "default_layer": info.default_layer,
+        "device": info.device,
+        "default": info.name == default,
+    }
+
+
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="List registered models",
+    responses=error_responses(401, 503),
+)
+async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelsResponse:
+    return ModelsResponse(
+        models=[ModelSummary.model_validate(_summary(i, settings.default_model))
+                for i in engine.catalog.values()]
+    )
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelDetail,
+    summary="One model, with its candidate CAM layers",
+    responses=error_responses(401, 404),
+)
+async def get_model(name: str, engine: EngineDep, settings: SettingsDep) -> ModelDetail:
+    info = engine.catalog.get(name)
+    if info is None:
+        raise NotFound(f"unknown model {name!r}; registered models: {choices(engine.catalog)}")
+    layers = [LayerOut(name=l.name, shape=l.shape, kind=l.kind) for l in info.layers]
+    return ModelDetail.model_validate({**_summary(info, settings.default_model), "layers": layers})
+
+
+@router.get(
+    "/methods",
+    response_model=MethodsResponse,
+    summary="List every CAM method",
+    responses=error_responses(401),
+)
+async def list_methods() -> MethodsResponse:
+    return MethodsResponse(
+        methods=[
+            MethodOut(
+                name=cls.name,
+                title=cls.title or cls.name,
+                family=cls.family,
+                uses_gradients=cls.uses_gradients,
+                passes=cls.passes,
+                paper=cls.paper,
+                parameters=[
+                    MethodParamOut(name=p.name, type=p.type, default=p.default,
+                                   description=p.description)
+                    for p in cls.params
+                ],
+            )
+            for cls in CAMMethod.registry.values()
+        ]
+    )

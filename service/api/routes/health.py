@@ -1,0 +1,43 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import EngineDep
+from service.api.errors import error_responses
+from service.api.schemas import HealthResponse
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness: 200 while the process serves")
+async def healthz(engine: EngineDep) -> HealthResponse:
+    return HealthResponse(status="ok", state=engine.state, queue_depth=engine.queue_depth)
+
+
+@router.get(
+    "/readyz",
+    response_model=HealthResponse,
+    summary="Readiness: 503 until every model is loaded and warmed up, and while draining",
+    responses={503: {"model": HealthResponse, "description": "not ready (starting, draining or failed)"}},
+)
+async def readyz(engine: EngineDep) -> Response:
+    ready = engine.state == "ready"
+    status = "ready" if ready else (engine.failure or engine.state)
+    body = HealthResponse(status=status, state=engine.state, queue_depth=engine.queue_depth)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "camserve_requests_total 3"}},
+                     "description": "metrics in Prometheus text format"},
+               **error_responses(500)},
+)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

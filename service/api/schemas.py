@@ -1,0 +1,165 @@
+"""Response bodies of the HTTP contract; every field carries a description and an example."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Schema):
+    code: str = Field(description="stable machine-readable error code", examples=["invalid_option"])
+    message: str = Field(
+        description="what went wrong and how to fix it",
+        examples=["unknown method 'gradcan'; valid methods: gradcam"],
+    )
+    request_id: str = Field(description="the request's id, as in X-Request-ID", examples=["3f2a9c"])
+
+
+class ErrorResponse(_Schema):
+    error: ErrorDetail = Field(description="the error")
+
+
+class ModelRef(_Schema):
+    name: str = Field(description="registered model name", examples=["mobilenet_v2"])
+    version: str = Field(description="model version", examples=["imagenet1k-v1"])
+    input_size: tuple[int, int] = Field(description="model input (height, width)", examples=[[224, 224]])
+
+
+class ImageInfo(_Schema):
+    index: int = Field(description="position of the file among the uploaded parts", examples=[0])
+    frame: int = Field(description="frame index within the file (0 for still images)", examples=[0])
+    filename: str | None = Field(description="the part's file name, if it had one", examples=["cat.png"])
+    width: int = Field(description="decoded width in pixels", examples=[451])
+    height: int = Field(description="decoded height in pixels", examples=[300])
+
+
+class Prediction(_Schema):
+    class_idx: int = Field(description="class index", examples=[285])
+    label: str = Field(description="class label", examples=["Egyptian cat"])
+    score: float = Field(description="softmax probability", examples=[0.717])
+
+
+class Mask(_Schema):
+    shape: tuple[int, int] = Field(description="(height, width) of the mask", examples=[[224, 224]])
+    dtype: Literal["float32"] = Field(description="element type", examples=["float32"])
+    encoding: Literal["list", "base64"] = Field(
+        description="`list`: nested lists of floats; `base64`: little-endian float32, row-major",
+        examples=["list"],
+    )
+    data: list[list[float]] | str = Field(
+        description="values in [0, 1], min-max normalised per map", examples=[[[0.0, 0.1], [0.5, 1.0]]]
+    )
+
+
+class Explanation(_Schema):
+    method: str = Field(description="CAM method name", examples=["gradcam"])
+    target_layer: str = Field(
+        description="explained layer(s), comma-separated when fused", examples=["features.18"]
+    )
+    class_idx: int = Field(description="explained class", examples=[285])
+    label: str = Field(description="label of the explained class", examples=["Egyptian cat"])
+    score: float = Field(description="softmax probability of the explained class", examples=[0.717])
+    mask: Mask | None = Field(description="the map, when `outputs` has `mask`")
+    overlay_png: str | None = Field(
+        description="base64 PNG: the image blended with the coloured map, at original size "
+        "(longer side capped)",
+        examples=["iVBORw0KGgo..."],
+    )
+    heatmap_png: str | None = Field(
+        description="base64 RGBA PNG: the coloured map with alpha = map value, at the overlay's size",
+        examples=[None],
+    )
+
+
+class ExplainResult(_Schema):
+    image: ImageInfo = Field(description="which image or frame this result is for")
+    predictions: list[Prediction] = Field(description="top-k predictions, best first")
+    explanations: list[Explanation] = Field(
+        description="one per (class, method), classes in request order, methods in request order"
+    )
+
+
+class PredictResult(_Schema):
+    image: ImageInfo = Field(description="which image or frame this result is for")
+    predictions: list[Prediction] = Field(description="top-k predictions, best first")
+
+
+class Timing(_Schema):
+    queue: float = Field(description="ms waiting in the queue (slowest image)", examples=[0.8])
+    compute: float = Field(description="ms of model and CAM computation (slowest batch)", examples=[15.2])
+    encode: float = Field(description="ms encoding masks, PNGs", examples=[3.9])
+    total: float = Field(description="ms from request received to response built", examples=[21.3])
+
+
+class ExplainResponse(_Schema):
+    request_id: str = Field(description="the request's id, as in X-Request-ID", examples=["3f2a9c"])
+    model: ModelRef = Field(description="the model that answered")
+    results: list[ExplainResult] = Field(description="one per image or frame, in upload order")
+    timing_ms: Timing = Field(description="where the time went")
+
+
+class PredictResponse(_Schema):
+    request_id: str = Field(description="the request's id, as in X-Request-ID", examples=["3f2a9c"])
+    model: ModelRef = Field(description="the model that answered")
+    results: list[PredictResult] = Field(description="one per image or frame, in upload order")
+    timing_ms: Timing = Field(description="where the time went")
+
+
+class LayerOut(_Schema):
+    name: str = Field(description="module path as in named_modules()", examples=["features.18"])
+    shape: tuple[int, int, int] = Field(
+        description="(channels, height, width) of its output at the input size", examples=[[1280, 7, 7]]
+    )
+    kind: str = Field(description="module class", examples=["Conv2dNormActivation"])
+
+
+class ModelSummary(_Schema):
+    name: str = Field(description="name used in requests", examples=["mobilenet_v2"])
+    display_name: str = Field(description="human-readable name", examples=["MobileNetV2 (ImageNet-1k)"])
+    version: str = Field(description="model version", examples=["imagenet1k-v1"])
+    architecture: str = Field(description="torchvision architecture", examples=["mobilenet_v2"])
+    num_classes: int = Field(description="number of classes", examples=[1000])
+    input_size: tuple[int, int] = Field(description="model input (height, width)", examples=[[224, 224]])
+    default_layer: str = Field(description="layer explained by default", examples=["features.18"])
+    device: str = Field(description="device the model lives on", examples=["cpu"])
+    default: bool = Field(description="whether requests naming no model get this one", examples=[True])
+
+
+class ModelDetail(ModelSummary):
+    layers: list[LayerOut] = Field(description="candidate CAM layers (modules with a 4-D output)")
+
+
+class ModelsResponse(_Schema):
+    models: list[ModelSummary] = Field(description="registered models")
+
+
+class MethodParamOut(_Schema):
+    name: str = Field(description="parameter name", examples=["num_samples"])
+    type: str = Field(description="parameter type", examples=["int"])
+    default: int | float | str | bool | None = Field(description="default value", examples=[4])
+    description: str = Field(description="what it does", examples=["noisy copies averaged"])
+
+
+class MethodOut(_Schema):
+    name: str = Field(description="name used in `methods`", examples=["gradcam"])
+    title: str = Field(description="human-readable name", examples=["Grad-CAM"])
+    family: str = Field(description="gradient, activation, perturbation or baseline", examples=["gradient"])
+    uses_gradients: bool = Field(description="whether it needs a backward pass", examples=[True])
+    passes: str = Field(description="passes it costs", examples=["1 forward + 1 backward (shared)"])
+    paper: str = Field(description="reference", examples=["Selvaraju et al. 2017, arXiv 1610.02391"])
+    parameters: list[MethodParamOut] = Field(description="tunable parameters")
+
+
+class MethodsResponse(_Schema):
+    methods: list[MethodOut] = Field(description="every CAM method")
+
+
+class HealthResponse(_Schema):
+    status: str = Field(description="`ok`, `ready`, or the reason it is not ready", examples=["ok"])
+    state: str = Field(description="engine state", examples=["ready"])
+    queue_depth: int = Field(description="images waiting", examples=[0])

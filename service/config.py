@@ -1,0 +1,73 @@
+"""Service configuration: one typed settings object read from ``CAMSERVE_*`` variables.
+
+Nothing here touches torch; the device string is validated for shape only and resolved
+by the engine when it starts.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class Settings(BaseSettings):
+    """Every operator-facing knob of the service. Defaults follow the HTTP contract."""
+
+    model_config = SettingsConfigDict(env_prefix="CAMSERVE_", extra="ignore")
+
+    device: str = Field("auto", description="cpu, cuda, cuda:1, ...; auto takes CUDA when present")
+    models_file: Path | None = Field(None, description="TOML or JSON file registering models")
+    default_model: str = Field("mobilenet_v2", description="model used when a request names none")
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
+    max_upload_mb: float = Field(32.0, gt=0)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_frames: int = Field(64, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+    overlay_max_side: int = Field(1024, ge=16, le=16384)
+    png_compress_level: int = Field(3, ge=0, le=9, description="zlib level for returned PNGs")
+    api_key: str | None = Field(None, description="Bearer token required on non-public endpoints")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = number of cores")
+    warmup: bool = Field(True, description="run a forward and a CAM pass per model before ready")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        devices = [d.strip() for d in value.split(",") if d.strip()]
+        if not devices or not all(_DEVICE_RE.match(d) for d in devices):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (comma-separated), got {value!r}")
+        return ",".join(devices)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("models_file")
+    @classmethod
+    def _models_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"models file {value} does not exist")
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

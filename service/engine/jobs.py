@@ -1,0 +1,58 @@
+"""The unit of work the engine queues: one image with what to compute for it.
+
+Plain data only (numpy arrays and tuples): the HTTP layer builds these without torch, and
+the worker answers with :class:`ItemResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ExplainSpec:
+    methods: tuple[str, ...]
+    layers: tuple[str, ...]
+    classes: tuple[int, ...] | None  # None: the top-1 class
+    mask_size: tuple[int, int] | None  # None: the layer's own grid
+    display_size: tuple[int, int] | None  # overlay/heatmap size; None: none requested
+
+
+@dataclass
+class WorkItem:
+    model: str
+    pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
+    topk: int
+    explain: ExplainSpec | None
+    deadline: float  # time.monotonic() after which the item is not computed
+    future: asyncio.Future[ItemResult]
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Items with equal keys share a forward (and backward) pass."""
+        if self.explain is None:
+            return (self.model, None)
+        return (self.model, self.explain.methods, self.explain.layers)
+
+
+@dataclass
+class MapResult:
+    method: str
+    layers: tuple[str, ...]
+    class_idx: int
+    score: float
+    mask: np.ndarray  # float32 in [0, 1] at the requested mask size
+    display: np.ndarray | None  # float32 in [0, 1] at the display size
+
+
+@dataclass
+class ItemResult:
+    predictions: list[tuple[int, float]]
+    explanations: list[MapResult]
+    queue_ms: float
+    compute_ms: float

@@ -1,0 +1,124 @@
+"""The worker: owns the models of one device and computes batches of work items.
+
+Everything here runs on the worker's own thread; no torch object leaves it. Results are
+numpy arrays and Python numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from service.cams import get_method
+from service.cams.extractor import SampleMap, explain_batch, resize_map
+from service.engine.jobs import ItemResult, MapResult, WorkItem
+from service.models.catalog import ModelInfo
+from service.models.loader import LoadedModel, load_model
+from service.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` takes the first CUDA device when present, else the CPU."""
+    first = setting.split(",")[0]
+    if first == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(first)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {first!r} was asked for, but CUDA is not available")
+    return device
+
+
+class Worker:
+    def __init__(self, device: torch.device, threads: int = 0) -> None:
+        self.device = device
+        self.threads = threads
+        self.models: dict[str, LoadedModel] = {}
+
+    def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        for spec in specs:
+            started = time.perf_counter()
+            self.models[spec.name] = load_model(spec, self.device)
+            log.info(
+                "model loaded",
+                extra={"model": spec.name, "device": str(self.device),
+                       "ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
+        return {name: loaded.info() for name, loaded in self.models.items()}
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """A forward and a Grad-CAM pass per model, so the first request pays no set-up."""
+        for loaded in self.models.values():
+            height, width = loaded.spec.input_size
+            for size in batch_sizes:
+                inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
+                explain_batch(
+                    loaded.module, loaded.modules, inputs, [loaded.default_layer],
+                    [get_method("gradcam")], [None] * size,
+                )
+
+    def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
+        """One batch of compatible items (same model, methods and layers)."""
+        started = time.perf_counter()
+        loaded = self.models[items[0].model]
+        inputs = self._to_tensor(loaded, [item.pixels for item in items])
+        spec = items[0].explain
+        if spec is None:
+            with torch.inference_mode():
+                logits = loaded.module(inputs)
+            per_sample_maps: list[list[SampleMap]] = [[] for _ in items]
+        else:
+            output = explain_batch(
+                loaded.module, loaded.modules, inputs, spec.layers,
+                [get_method(name) for name in spec.methods],
+                [item.explain.classes if item.explain else None for item in items],
+            )
+            logits, per_sample_maps = output.logits, output.maps
+        probabilities = logits.float().softmax(dim=1)
+        results = []
+        for row, item in enumerate(items):
+            probs = probabilities[row]
+            top = torch.topk(probs, k=min(item.topk, probs.numel()))
+            predictions = list(zip(top.indices.tolist(), top.values.tolist(), strict=False))
+            explanations = [
+                self._finish_map(item, sample.method, sample.class_idx,
+                                 float(probs[sample.class_idx]), sample.grid)
+                for sample in per_sample_maps[row]
+            ]
+            results.append(ItemResult(predictions, explanations, 0.0, 0.0))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute_ms = (time.perf_counter() - started) * 1000
+        for result in results:
+            result.compute_ms = compute_ms
+        return results
+
+    def _finish_map(
+        self, item: WorkItem, method: str, class_idx: int, score: float, grid: torch.Tensor
+    ) -> MapResult:
+        spec = item.explain
+        assert spec is not None
+        mask = grid if spec.mask_size is None else resize_map(grid, spec.mask_size)
+        display = None if spec.display_size is None else resize_map(grid, spec.display_size)
+        return MapResult(
+            method=method,
+            layers=spec.layers,
+            class_idx=class_idx,
+            score=score,
+            mask=mask.float().cpu().numpy(),
+            display=None if display is None else display.float().cpu().numpy(),
+        )
+
+    def _to_tensor(self, loaded: LoadedModel, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        images = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(loaded.spec.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(loaded.spec.std, device=self.device).view(1, 3, 1, 1)
+        return (images - mean) / std

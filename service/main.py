@@ -1,0 +1,90 @@
+"""The ASGI application: ``service.main:app``.
+
+Nothing heavy happens at import time. The lifespan checks every weights file (a wrong one
+stops start-up with its reason), then loads and warms the models in the background so
+``/healthz`` answers at once and ``/readyz`` turns 200 when the engine is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service import __version__
+from service.api.deps import require_api_key
+from service.api.errors import install_error_handlers
+from service.api.middleware import RequestContextMiddleware
+from service.api.routes import catalog, health, inference, ui
+from service.config import Settings, get_settings
+from service.engine.engine import Engine
+from service.models.loader import verify_weights
+from service.models.spec import registered_specs
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Classify images with PyTorch/torchvision models and explain each prediction with Class
+Activation Maps. Responses carry the predicted classes, the raw masks and base64 PNG overlays.
+
+Try it: open **POST /explain**, press *Try it out*, choose a photo and *Execute*.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        specs = list(registered_specs(settings.models_file).values())
+        for spec in specs:
+            verify_weights(spec)
+        if settings.default_model not in {spec.name for spec in specs}:
+            raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
+        engine = Engine(settings, specs)
+        app.state.engine = engine
+        loading = asyncio.create_task(engine.start(), name="camserve-load")
+        try:
+            yield
+        finally:
+            await loading
+            await engine.stop()
+
+    app = FastAPI(
+        title="camserve",
+        version=__version__,
+        summary="Image classification with Class Activation Map explanations",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    protected = [Depends(require_api_key)]
+    app.include_router(inference.router, dependencies=protected)
+    app.include_router(catalog.router, dependencies=protected)
+    app.include_router(health.router)
+    app.include_router(ui.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``service.main:app`` is built on first access, so importing this module stays cheap
+    # and tests can build apps with their own settings.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,29 @@
+"""Torch-free facts about loaded models, which the HTTP layer validates requests against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    shape: tuple[int, int, int]  # (channels, height, width) at the model's input size
+    kind: str  # the module's class name, e.g. Conv2d
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    display_name: str
+    version: str
+    architecture: str
+    num_classes: int
+    input_size: tuple[int, int]
+    labels: tuple[str, ...]
+    layers: tuple[LayerInfo, ...]
+    default_layer: str
+    device: str
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]

