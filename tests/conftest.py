@@ -1,0 +1,43 @@
+"""Shared fixtures: the real service (embedded mobilenet_v2) loaded once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+
+DATA = Path(__file__).parent / "data"
+
+
+def ready_client(app: FastAPI) -> Iterator[TestClient]:
+    """A TestClient whose app has finished loading and warming its models."""
+    with TestClient(app) as client:
+        client.portal.call(app.state.engine.wait_ready)
+        assert app.state.engine.state == "ready", app.state.engine.failure
+        yield client
+
+
+@pytest.fixture(scope="session")
+def app() -> FastAPI:
+    return create_app(Settings())
+
+
+@pytest.fixture(scope="session")
+def client(app: FastAPI) -> Iterator[TestClient]:
+    yield from ready_client(app)
+
+
+@pytest.fixture(scope="session")
+def cat_png() -> bytes:
+    return (DATA / "chelsea.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def coffee_png() -> bytes:
+    return (DATA / "coffee.png").read_bytes()
