@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.cams import method_names
@@ -20,9 +21,17 @@ OUTPUT_KINDS = ("mask", "overlay", "heatmap")
 MAX_CLASSES_PER_REQUEST = 20
 
 
+FILES_DESCRIPTION = (
+    "one or more image parts: JPEG, PNG (8/16-bit, grey, RGB, RGBA, palette), TIFF, BMP, WebP, "
+    "GIF, DICOM; a multi-frame file gives one result per frame"
+)
+
+
 class PredictForm(BaseModel):
-    # Other multipart parts (the files) arrive beside these fields: ignore, do not reject.
-    model_config = ConfigDict(extra="ignore")
+    # A misspelt field (``method`` for ``methods``) must fail loudly, not fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+    file: list[UploadFile] = Field(description=FILES_DESCRIPTION)
 
     model: str | None = Field(
         None, description="registered model name; the server default when omitted",

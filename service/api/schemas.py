@@ -64,7 +64,11 @@ class Explanation(_Schema):
     class_idx: int = Field(description="explained class", examples=[285])
     label: str = Field(description="label of the explained class", examples=["Egyptian cat"])
     score: float = Field(description="softmax probability of the explained class", examples=[0.717])
-    mask: Mask | None = Field(description="the map, when `outputs` has `mask`")
+    mask: Mask | None = Field(
+        description="the map, when `outputs` has `mask`",
+        examples=[{"shape": [2, 2], "dtype": "float32", "encoding": "list",
+                   "data": [[0.0, 0.1], [0.5, 1.0]]}],
+    )
     overlay_png: str | None = Field(
         description="base64 PNG: the image blended with the coloured map, at original size "
         "(longer side capped)",

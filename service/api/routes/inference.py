@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
+from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import EngineDep, SettingsDep
@@ -25,13 +25,8 @@ from service.models.catalog import ModelInfo
 
 router = APIRouter(tags=["inference"])
 
-FILES_DESCRIPTION = (
-    "one or more image parts: JPEG, PNG (8/16-bit, grey, RGB, RGBA, palette), TIFF, BMP, WebP, "
-    "GIF; a multi-frame file gives one result per frame"
-)
 TIMEOUT_DESCRIPTION = "deadline in seconds for this request (default: the server's)"
 
-Files = Annotated[list[UploadFile], File(description=FILES_DESCRIPTION)]
 Timeout = Annotated[
     str | None, Header(alias="X-Request-Timeout", description=TIMEOUT_DESCRIPTION, examples=["30"])
 ]
@@ -48,13 +43,12 @@ async def predict(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
-    file: Files,
-    form: Annotated[PredictForm, Form()],
+    form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
     started = time.perf_counter()
     model = resolve_model(form.model, engine.catalog, settings.default_model)
-    uploads = await _decode(file, settings, model)
+    uploads = await _decode(form.file, settings, model)
     deadline = _deadline(x_request_timeout, settings)
     items = [_item(model, u, form.topk, None, deadline) for u in uploads]
     results = await engine.submit(items)
@@ -82,13 +76,12 @@ async def explain(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
-    file: Files,
-    form: Annotated[ExplainForm, Form()],
+    form: Annotated[ExplainForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
     started = time.perf_counter()
     plan = plan_explain(form, engine.catalog, settings.default_model)
-    uploads = await _decode(file, settings, plan.model)
+    uploads = await _decode(form.file, settings, plan.model)
     deadline = _deadline(x_request_timeout, settings)
     wants_display = bool({"overlay", "heatmap"} & plan.outputs)
     items = []
