@@ -45,10 +45,15 @@ def capture(
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 raise TypeError(f"layer {name!r} does not produce a 4-D tensor")
-            leaf = output.detach().requires_grad_(with_grad)
-            store[name] = leaf
+            if output.requires_grad:
+                # An earlier hooked layer already started the graph: keep this layer inside it,
+                # or that earlier layer would be cut off from the scores.
+                captured = output
+            else:
+                captured = output.detach().requires_grad_(with_grad)
+            store[name] = captured
             # Downstream in-place ops (ReLU(inplace), +=) must act on a copy, not the capture.
-            return leaf.clone()
+            return captured.clone()
 
         return hook
 
