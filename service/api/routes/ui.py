@@ -1,13 +1,32 @@
-"""The review page, served from the package (no build step, no CDN)."""
+"""The review page, served from the package (no build step, no CDN).
+
+The page is three files in ``service/ui/static``: ``index.html`` at ``/ui`` and its script and
+style sheet under ``/ui/static/``. Only the files named in :data:`ASSETS` are served, so no
+request can reach anything else in the package.
+"""
 
 from __future__ import annotations
 
 from importlib.resources import files
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from service.errors import NotFound
 
 router = APIRouter(tags=["ui"])
+
+ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
+# Revalidate on every load: the files are small and a stale script after an upgrade would be
+# harder to diagnose than the few extra requests.
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def _read(name: str) -> str:
+    return files("service.ui").joinpath("static", name).read_text(encoding="utf-8")
 
 
 @router.get("/", include_in_schema=False)
@@ -17,5 +36,12 @@ async def root() -> RedirectResponse:
 
 @router.get("/ui", response_class=HTMLResponse, summary="The review web page")
 async def ui() -> HTMLResponse:
-    page = files("service.ui").joinpath("static/index.html").read_text(encoding="utf-8")
-    return HTMLResponse(page)
+    return HTMLResponse(_read("index.html"), headers=_NO_CACHE)
+
+
+@router.get("/ui/static/{name}", include_in_schema=False)
+async def ui_asset(name: str) -> Response:
+    media_type = ASSETS.get(name)
+    if media_type is None:
+        raise NotFound(f"no such file of the review page: {name!r}")
+    return Response(_read(name), media_type=media_type, headers=_NO_CACHE)
