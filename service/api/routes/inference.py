@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
-from service.api.render import Upload, dumps, explain_results, model_ref, predict_results
+from service.api.render import explain_results, model_ref, predict_results
 from service.api.schemas import ExplainResponse, PredictResponse
-from service.config import Settings
-from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
-from service.errors import BadRequest, InvalidOption, PayloadTooLarge
-from service.imaging.decode import DecodeLimits, decode_image
-from service.imaging.encode import display_size
-from service.imaging.preprocess import resize_for_model
-from service.models.catalog import ModelInfo
 
 router = APIRouter(tags=["inference"])
 
@@ -48,17 +41,16 @@ async def predict(
 ) -> Response:
     started = time.perf_counter()
     model = resolve_model(form.model, engine.catalog, settings.default_model)
-    uploads = await _decode(form.file, settings, model)
-    deadline = _deadline(x_request_timeout, settings)
-    items = [_item(model, u, form.topk, None, deadline) for u in uploads]
-    results = await engine.submit(items)
+    uploads = await pipeline.decode_sources(await _read(form.file), settings, model)
+    deadline = pipeline.deadline_from(x_request_timeout, settings)
+    results = await engine.submit(pipeline.predict_items(model, uploads, form.topk, deadline))
     encode_started = time.perf_counter()
     body = {
         "request_id": request_id_of(request),
         "model": model_ref(model),
         "results": predict_results(model, uploads, results),
     }
-    return await _respond(body, results, started, encode_started)
+    return await pipeline.respond(body, results, started, encode_started)
 
 
 @router.post(
@@ -81,107 +73,16 @@ async def explain(
 ) -> Response:
     started = time.perf_counter()
     plan = plan_explain(form, engine.catalog, settings.default_model)
-    uploads = await _decode(form.file, settings, plan.model)
-    deadline = _deadline(x_request_timeout, settings)
-    wants_display = bool({"overlay", "heatmap"} & plan.outputs)
-    items = []
-    for upload in uploads:
-        frame = upload.frame
-        mask_size = {
-            "input": plan.model.input_size,
-            "original": (frame.height, frame.width),
-            "feature": None,
-        }[form.mask_size]
-        shown = display_size(frame.width, frame.height, settings.overlay_max_side)
-        spec = ExplainSpec(
-            methods=plan.methods,
-            layers=plan.layers,
-            classes=plan.classes,
-            mask_size=mask_size,
-            display_size=(shown[1], shown[0]) if wants_display else None,
-        )
-        items.append(_item(plan.model, upload, form.topk, spec, deadline))
-    results = await engine.submit(items)
+    uploads = await pipeline.decode_sources(await _read(form.file), settings, plan.model)
+    deadline = pipeline.deadline_from(x_request_timeout, settings)
+    results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
     encode_started = time.perf_counter()
     rendered = await run_in_threadpool(
         explain_results, plan, uploads, results, settings.png_compress_level
     )
     body = {"request_id": request_id_of(request), "model": model_ref(plan.model), "results": rendered}
-    return await _respond(body, results, started, encode_started)
+    return await pipeline.respond(body, results, started, encode_started)
 
 
-def _item(
-    model: ModelInfo, upload: Upload, topk: int, spec: ExplainSpec | None, deadline: float
-) -> WorkItem:
-    return WorkItem(
-        model=model.name,
-        pixels=upload.pixels,
-        topk=topk,
-        explain=spec,
-        deadline=deadline,
-        future=asyncio.get_running_loop().create_future(),
-    )
-
-
-def _deadline(header: str | None, settings: Settings) -> float:
-    if header is None:
-        return time.monotonic() + settings.request_timeout_s
-    try:
-        seconds = float(header)
-    except ValueError:
-        raise BadRequest(f"X-Request-Timeout must be a number of seconds, got {header!r}") from None
-    if not 0 < seconds <= 3600:
-        raise InvalidOption("X-Request-Timeout must lie in (0, 3600] seconds")
-    return time.monotonic() + seconds
-
-
-def _prepare(
-    data: bytes, limits: DecodeLimits, index: int, filename: str | None, input_size: tuple[int, int]
-) -> list[Upload]:
-    """Decode a file and resize each frame for the model (runs on a thread, not the loop)."""
-    return [
-        Upload(index, filename, frame, resize_for_model(frame.image, input_size))
-        for frame in decode_image(data, limits, filename or "")
-    ]
-
-
-async def _decode(
-    files: Sequence[UploadFile], settings: Settings, model: ModelInfo
-) -> list[Upload]:
-    if not files:
-        raise BadRequest("no file: send one or more image parts named 'file'")
-    limits = DecodeLimits(settings.max_image_pixels, settings.max_frames)
-    uploads: list[Upload] = []
-    for index, part in enumerate(files):
-        data = await part.read()
-        uploads.extend(await run_in_threadpool(
-            _prepare, data, limits, index, part.filename, model.input_size
-        ))
-        if len(uploads) > settings.max_images_per_request:
-            raise PayloadTooLarge(
-                f"more than {settings.max_images_per_request} images (frames included) "
-                "in one request; split it"
-            )
-    return uploads
-
-
-async def _respond(
-    body: dict[str, Any], results: Sequence[ItemResult], started: float, encode_started: float
-) -> Response:
-    payload = await run_in_threadpool(_serialize, body, results, started, encode_started)
-    return Response(payload, media_type="application/json")
-
-
-def _serialize(
-    body: dict[str, Any], results: Sequence[ItemResult], started: float, encode_started: float
-) -> bytes:
-    # Timings are filled last so "encode" covers the rendering that came before.
-    now = time.perf_counter()
-    body["timing_ms"] = {
-        "queue": round(max((r.queue_ms for r in results), default=0.0), 2),
-        "compute": round(max((r.compute_ms for r in results), default=0.0), 2),
-        "encode": round((now - encode_started) * 1000, 2),
-        "total": round((now - started) * 1000, 2),
-    }
-    return dumps(body)
-
+async def _read(parts: Sequence[UploadFile]) -> list[pipeline.Source]:
+    return [(part.filename, await part.read()) for part in parts]
