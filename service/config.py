@@ -38,7 +38,13 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="Bearer token required on non-public endpoints")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = number of cores")
-    warmup: bool = Field(True, description="run a forward and a CAM pass per model before ready")
+    warmup: bool = Field(
+        True, description="run a forward and a CAM pass per model and batch size before ready"
+    )
+    channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="on SIGTERM, how long queued and running work may take to finish"
+    )
 
     @field_validator("device")
     @classmethod

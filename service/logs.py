@@ -1,4 +1,10 @@
-"""Structured JSON logs on stderr: one object a line, never image content."""
+"""Structured JSON logs on stderr: one object a line, never image content.
+
+:data:`request_state` holds the current request's state dict (Starlette's ``request.state``,
+set by the metrics middleware), so any log line written while serving a request carries its
+request id, and the engine can note the model, methods and batch sizes it served for the
+access log and the metrics.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,12 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+request_state: ContextVar[dict[str, Any] | None] = ContextVar("camserve_request_state", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +30,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        state = request_state.get()
+        if state and state.get("request_id") and "request_id" not in entry:
+            entry["request_id"] = state["request_id"]
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

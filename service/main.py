@@ -17,11 +17,14 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.api.deps import require_api_key
+from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
 from service.api.routes import catalog, health, inference, ui
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
+from service.engine.pool import WorkerFactory
+from service.metrics import Metrics, MetricsMiddleware
 from service.models.loader import verify_weights
 from service.models.spec import registered_specs
 
@@ -35,8 +38,10 @@ Try it: open **POST /explain**, press *Try it out*, choose a photo and *Execute*
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, worker_factory: WorkerFactory | None = None) -> FastAPI:
+    """The app; ``worker_factory`` swaps the torch workers for fakes in tests."""
     settings = settings or get_settings()
+    metrics = Metrics(settings.max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             verify_weights(spec)
         if settings.default_model not in {spec.name for spec in specs}:
             raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
-        engine = Engine(settings, specs)
+        engine = Engine(settings, specs, worker_factory, metrics)
+        metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
         app.state.engine = engine
         loading = asyncio.create_task(engine.start(), name="camserve-load")
         try:
@@ -62,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     install_error_handlers(app)
     protected = [Depends(require_api_key)]
     app.include_router(inference.router, dependencies=protected)
@@ -76,7 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(DisconnectMiddleware)  # cancels the handler when its client has gone
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response
     return app
 
 

@@ -1,114 +1,207 @@
-"""The serving engine: a bounded queue in front of a worker that owns the models.
+"""The serving engine: a bounded queue, a dynamic batcher and a pool of worker slots.
 
-Route handlers call :meth:`Engine.submit` and await; they never touch torch. The worker runs
-on its own thread (an executor of one), so the event loop keeps serving while it computes.
-Batches group compatible items (same model, methods and layers) and wait at most
-``max_batch_delay_ms`` counted from the oldest queued item.
+Route handlers call :meth:`Engine.submit` and await; they never touch torch. Each worker slot
+(one per device, see :mod:`service.engine.pool`) has a runner coroutine that, whenever its slot
+is free, takes the oldest queued image and the queued images compatible with it (same model,
+methods and layers) up to ``max_batch_size``, waiting at most ``max_batch_delay_ms`` counted
+from the oldest image's arrival. Incompatible images keep their place for the next batch, and
+a request's images may be spread over several batches; each has its own future, so the
+request reassembles them in upload order.
 
-States: ``starting`` (loading and warming up), ``ready``, ``draining``, ``stopped``,
-``failed`` (a model could not be loaded; the reason is kept for ``/readyz``).
+Faults stay with their input: a failing batch is retried image by image, a CUDA out-of-memory
+error splits the batch in halves, and a worker whose thread dies is rebuilt. Expired or
+abandoned images are dropped before they are computed.
+
+States: ``starting`` (loading and warming up), ``ready``, ``draining`` (finishing accepted work,
+refusing new), ``stopped``, ``failed`` (no worker could be loaded; the reason is kept for
+``/readyz``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import torch
 
 from service.config import Settings
 from service.engine.jobs import ItemResult, WorkItem
-from service.engine.worker import Worker, resolve_device
+from service.engine.pool import WorkerDied, WorkerFactory, WorkerLike, WorkerSlot, is_out_of_memory
+from service.engine.worker import Worker, available_cores, resolve_devices, warm_batch_sizes
 from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable
+from service.logs import request_state
+from service.metrics import Metrics
 from service.models.catalog import ModelInfo
 from service.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer was ready; its unstarted work was dropped."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
 class Engine:
-    def __init__(self, settings: Settings, specs: Sequence[ModelSpec]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        specs: Sequence[ModelSpec],
+        worker_factory: WorkerFactory | None = None,
+        metrics: Metrics | None = None,
+        devices: Sequence[torch.device] | None = None,
+    ) -> None:
+        """``worker_factory`` builds a device's worker (default: the torch :class:`Worker`);
+        ``devices`` overrides ``settings.device``, one worker each."""
         self.settings = settings
+        self.devices = list(devices) if devices is not None else None
         self.specs = list(specs)
+        self.worker_factory = worker_factory or self._real_worker
+        self.metrics = metrics
         self.state = "starting"
         self.failure: str | None = None
         self.catalog: dict[str, ModelInfo] = {}
-        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-worker")
-        self._worker: Worker | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._ready = asyncio.Event()
+        self.slots: list[WorkerSlot] = []
+        self._pending: deque[WorkItem] = deque()
         self._in_flight = 0
+        self._arrived = asyncio.Event()  # set when images are queued
+        self._changed = asyncio.Event()  # set when queued or in-flight work shrinks
+        self._forming = asyncio.Lock()  # one runner forms a batch at a time
+        self._runners: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._seconds_per_image = 0.05  # running estimate, for Retry-After
+
+    def _real_worker(self, device: torch.device) -> WorkerLike:
+        threads = self.settings.torch_threads or available_cores()
+        return Worker(device, threads, channels_last=self.settings.channels_last)
 
     # lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load and warm up every model on the worker thread, then start serving the queue."""
-        loop = asyncio.get_running_loop()
+        """Build, load and warm up one worker per device, then start serving the queue."""
         try:
-            device = resolve_device(self.settings.device)
-            self._worker = Worker(device, self.settings.torch_threads)
-            self.catalog = await loop.run_in_executor(self._executor, self._worker.load, self.specs)
-            if self.settings.warmup:
-                await loop.run_in_executor(self._executor, self._worker.warm_up)
+            devices = self.devices or resolve_devices(self.settings.device)
+            self.slots = [WorkerSlot(i, d, self.worker_factory) for i, d in enumerate(devices)]
+            catalogs = await asyncio.gather(*(
+                slot.start(self.specs, self._warm_sizes(slot.device)) for slot in self.slots
+            ))
         except Exception as exc:
             self.state, self.failure = "failed", str(exc)
             log.exception("engine failed to start")
             self._ready.set()
             return
-        self._tasks.append(asyncio.create_task(self._serve(), name="camserve-batcher"))
+        self.catalog = catalogs[0]
+        self._runners = [
+            asyncio.create_task(self._run(slot), name=f"camserve-runner-{slot.index}") for slot in self.slots
+        ]
         self.state = "ready"
         self._ready.set()
-        log.info("engine ready", extra={"device": str(device), "models": list(self.catalog)})
+        log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
+                                        "models": list(self.catalog)})
+
+    def _warm_sizes(self, device: torch.device) -> list[int]:
+        return warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
-    async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop taking work, let queued and running work finish, then shut the worker down."""
-        if self.state == "ready":
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work and wait until queued and running work has finished (True) or
+        ``timeout_s`` has passed (False)."""
+        if self.state in ("starting", "ready"):
             self.state = "draining"
-            deadline = time.monotonic() + drain_timeout_s
-            while (self._queue.qsize() or self._in_flight) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            log.info("draining", extra={"queue_depth": self.queue_depth, "in_flight": self._in_flight})
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._busy():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Drain (see :meth:`drain`), then answer anything left with 503 and end the workers."""
+        timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        drained = True
+        if self.state in ("ready", "draining"):
+            drained = await self.drain(timeout)
+            if not drained:
+                log.warning("drain timed out", extra={"queue_depth": self.queue_depth,
+                                                      "in_flight": self._in_flight})
         self.state = "stopped"
-        for task in self._tasks:
+        for task in self._runners:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.set_exception(ServiceUnavailable("the service stopped before computing"))
-        self._executor.shutdown(wait=True)
+        await asyncio.gather(*self._runners, return_exceptions=True)
+        while self._pending:
+            _fail(self._pending.popleft(), ServiceUnavailable("the service stopped before computing"))
+        for slot in self.slots:  # a computation still running after a timed-out drain is abandoned
+            slot.close(timeout_s=5.0 if drained else 0.0)
+
+    def _busy(self) -> bool:
+        return self._in_flight > 0 or any(not item.future.done() for item in self._pending)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def workers(self) -> list[WorkerLike]:
+        """One worker per device, in device order."""
+        return [slot.worker for slot in self.slots if slot.worker is not None]
 
     # submission ------------------------------------------------------------------------
 
-    async def submit(self, items: Sequence[WorkItem]) -> list[ItemResult]:
-        """Queue all items of a request at once (or none), then await their results in order."""
+    async def submit(
+        self, items: Sequence[WorkItem], disconnected: Awaitable[object] | None = None
+    ) -> list[ItemResult]:
+        """Queue all items of a request at once (or none), then await their results in order.
+
+        ``disconnected`` completes when the client goes away; the request's unstarted images
+        are then dropped and :class:`ClientDisconnected` raised.
+        """
+        state = request_state.get()
+        _note_request(state, items)
         if self.state != "ready":
             reason = self.failure if self.state == "failed" else f"the service is {self.state}"
-            raise ServiceUnavailable(f"not ready: {reason}")
-        if self._queue.qsize() + len(items) > self.settings.max_queue:
+            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        if len(self._pending) + len(items) > self.settings.max_queue:
+            self._purge_abandoned()
+        if len(self._pending) + len(items) > self.settings.max_queue:
             raise QueueFull(
-                f"the queue is full ({self._queue.qsize()} of {self.settings.max_queue} images "
+                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
                 "waiting); retry shortly",
-                retry_after_s=1,
+                retry_after_s=self._retry_after(),
             )
-        for item in items:
-            self._queue.put_nowait(item)
+        self._pending.extend(items)
+        self._arrived.set()
+        results = asyncio.gather(*(item.future for item in items))
+        watch: asyncio.Future[Any] | None = (
+            asyncio.ensure_future(disconnected) if disconnected is not None else None
+        )
         timeout = max(0.0, max(item.deadline for item in items) - time.monotonic())
         try:
             async with asyncio.timeout(timeout):
-                return list(await asyncio.gather(*(item.future for item in items)))
+                waiting: set[asyncio.Future[Any]] = {results} if watch is None else {results, watch}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if results.done():
+                answered: list[ItemResult] = list(results.result())
+                _note_results(state, answered)
+                return answered
+            raise ClientDisconnected("the client closed the connection before the answer was ready")
         except TimeoutError:
-            for item in items:
-                item.future.cancel()
             raise DeadlineExceeded(
                 "the request's deadline passed before it was computed; "
                 "raise X-Request-Timeout or retry when the service is less busy"
@@ -116,76 +209,198 @@ class Engine:
         finally:
             for item in items:
                 if not item.future.done():
-                    item.future.cancel()
+                    item.future.cancel()  # unstarted: dropped by the batcher
+            if watch is not None:
+                watch.cancel()
+            results.add_done_callback(_retrieve)  # so asyncio does not warn about a failed image
+            self._changed.set()
+
+    def _purge_abandoned(self) -> None:
+        live = [item for item in self._pending if not item.future.done()]
+        if len(live) != len(self._pending):
+            self._pending = deque(live)
+            self._changed.set()
+
+    def _retry_after(self) -> int:
+        workers = max(1, len(self.slots))
+        return max(1, math.ceil(len(self._pending) * self._seconds_per_image / workers))
 
     # batching --------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        max_size = self.settings.max_batch_size
-        max_delay = self.settings.max_batch_delay_ms / 1000.0
+    async def _run(self, slot: WorkerSlot) -> None:
+        """One slot's loop: whenever the slot is free, take the next batch and compute it."""
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < max_size:
-                remaining = first.enqueued + max_delay - time.monotonic()
-                item = await self._get_within(remaining)
-                if item is None:
-                    break
-                batch.append(item)
+            batch = await self._next_batch()
             self._in_flight += len(batch)
             try:
-                for group in self._groups(batch):
-                    await self._run_group(loop, group)
+                await self._compute(slot, batch)
+            except asyncio.CancelledError:  # stopped with work running: answer it, never drop it
+                for item in batch:
+                    _fail(item, ServiceUnavailable("the service stopped before this image was computed"))
+                raise
+            except WorkerDied as exc:  # a replacement could not be loaded
+                self.failure = f"worker on {slot.device} could not be replaced: {exc}"
+                for item in batch:
+                    _fail(item, ServiceUnavailable("the worker failed; retry shortly"))
+                self._runners = [t for t in self._runners if t is not asyncio.current_task()]
+                if not self._runners and self.state == "ready":
+                    self.state = "failed"
+                log.error("runner stopped", extra={"worker": slot.name, "reason": str(exc)})
+                return
             finally:
                 self._in_flight -= len(batch)
+                self._changed.set()
 
-    async def _get_within(self, timeout: float) -> WorkItem | None:
-        """The next item if one arrives within ``timeout`` seconds; never loses an item."""
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        if timeout <= 0:
-            return None
-        getter = asyncio.ensure_future(self._queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=timeout)
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        try:
-            return await getter  # it may have completed just before the cancel
-        except asyncio.CancelledError:
-            return None
+    async def _next_batch(self) -> list[WorkItem]:
+        max_size = self.settings.max_batch_size
+        max_delay = self.settings.max_batch_delay_ms / 1000.0
+        async with self._forming:
+            while True:
+                first = await self._oldest()
+                batch, key = [first], first.batch_key()
+                closes = first.enqueued + max_delay
+                while True:
+                    self._take_compatible(batch, key, max_size)
+                    remaining = closes - time.monotonic()
+                    if len(batch) >= max_size or remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            await self._arrived.wait()
+                batch = [item for item in batch if self._live(item)]
+                if batch:
+                    return batch
 
-    def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
-        now = time.monotonic()
-        groups: dict[tuple[object, ...], list[WorkItem]] = defaultdict(list)
-        for item in batch:
-            if item.future.done():  # cancelled by its request's deadline or disconnect
-                continue
-            if now > item.deadline:
-                item.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
-                continue
-            groups[item.batch_key()].append(item)
-        return list(groups.values())
+    async def _oldest(self) -> WorkItem:
+        while True:
+            while self._pending:
+                item = self._pending.popleft()
+                self._changed.set()
+                if self._live(item):
+                    return item
+            self._arrived.clear()
+            await self._arrived.wait()
 
-    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[WorkItem]) -> None:
-        assert self._worker is not None
-        started = time.monotonic()
-        try:
-            results = await loop.run_in_executor(self._executor, self._worker.compute, group)
-        except Exception:
-            if len(group) == 1:
-                log.exception("work item failed", extra={"model": group[0].model})
-                _fail(group[0], ServiceError("the explanation failed inside the service"))
-                return
-            # One bad input must not fail its neighbours: retry each item alone.
-            for item in group:
-                await self._run_group(loop, [item])
+    def _take_compatible(self, batch: list[WorkItem], key: tuple[object, ...], max_size: int) -> None:
+        kept: deque[WorkItem] = deque()
+        while self._pending:
+            item = self._pending.popleft()
+            if len(batch) < max_size and item.batch_key() == key:
+                if self._live(item):
+                    batch.append(item)
+            else:
+                kept.append(item)
+        self._pending = kept
+        self._changed.set()
+
+    def _live(self, item: WorkItem) -> bool:
+        """False for work nobody waits for any more; expired work is answered 504 here."""
+        if item.future.done():
+            return False
+        if time.monotonic() > item.deadline:
+            _fail(item, DeadlineExceeded("the request's deadline passed while it was queued"))
+            if self.metrics:
+                self.metrics.expired.inc()
+            return False
+        return True
+
+    async def _compute(self, slot: WorkerSlot, batch: list[WorkItem]) -> None:
+        """Compute a batch on ``slot``; on failure, split it so only the bad input fails."""
+        live = [item for item in batch if self._live(item)]
+        if not live:
             return
-        for item, result in zip(group, results, strict=True):
+        started = time.monotonic()
+        for item in live:
+            item.started = started
+        try:
+            results = await slot.compute(live)
+            if len(results) != len(live):
+                raise RuntimeError(f"the worker returned {len(results)} results for {len(live)} images")
+        except WorkerDied:
+            log.exception("worker died", extra={"worker": slot.name, "batch_size": len(live)})
+            if self.metrics:
+                self.metrics.worker_restarts.inc()
+            await self._replace(slot)
+            await self._retry_alone(slot, live, "the worker crashed while computing this image")
+            return
+        except Exception as exc:
+            if is_out_of_memory(exc) and len(live) > 1:
+                log.warning("out of memory; splitting the batch",
+                            extra={"worker": slot.name, "batch_size": len(live)})
+                half = len(live) // 2
+                await self._compute(slot, live[:half])
+                await self._compute(slot, live[half:])
+                return
+            log.exception("batch failed", extra={"worker": slot.name, "model": live[0].model,
+                                                 "batch_size": len(live)})
+            await self._retry_alone(slot, live, "the explanation failed inside the service")
+            return
+        self._finish(slot, live, results, started)
+
+    async def _retry_alone(self, slot: WorkerSlot, items: list[WorkItem], reason: str) -> None:
+        if len(items) == 1:
+            _fail(items[0], ServiceError(f"{reason}; the service keeps serving, please retry"))
+            return
+        for item in items:  # one bad input must not fail its neighbours
+            await self._compute(slot, [item])
+
+    async def _replace(self, slot: WorkerSlot) -> None:
+        try:
+            await slot.replace()
+        except Exception as exc:
+            raise WorkerDied(str(exc)) from exc
+
+    def _finish(
+        self, slot: WorkerSlot, items: list[WorkItem], results: list[ItemResult], started: float
+    ) -> None:
+        finished = time.monotonic()
+        per_image = (finished - started) / len(items)
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
+        for item, result in zip(items, results, strict=True):
             result.queue_ms = (started - item.enqueued) * 1000
+            result.batch_size = len(items)
             if not item.future.done():
                 item.future.set_result(result)
+        first = items[0]
+        methods = list(first.explain.methods) if first.explain else []
+        compute_ms = round((finished - started) * 1000, 2)
+        queue_ms = [round((started - item.enqueued) * 1000, 2) for item in items]
+        log.info("batch computed", extra={
+            "worker": slot.name, "model": first.model, "methods": methods, "batch_size": len(items),
+            "request_ids": sorted({item.request_id for item in items if item.request_id}),
+            "queue_ms_max": max(queue_ms), "compute_ms": compute_ms,
+        })
+        if self.metrics:
+            self.metrics.observe_batch(first.model, str(slot.device), len(items),
+                                       [q / 1000 for q in queue_ms], finished - started)
+
+
+def _note_request(state: dict[str, Any] | None, items: Sequence[WorkItem]) -> None:
+    """What the access log and the request metrics say about this request."""
+    if state is None or not items:
+        return
+    request_id = str(state.get("request_id", ""))
+    for item in items:
+        item.request_id = request_id
+    explain = items[0].explain
+    state["model"] = items[0].model
+    state["cam_methods"] = list(explain.methods) if explain else []
+    state["images"] = len(items)
+
+
+def _note_results(state: dict[str, Any] | None, results: Sequence[ItemResult]) -> None:
+    if state is None:
+        return
+    state["computed_at"] = time.perf_counter()
+    state["queue_ms"] = round(max((r.queue_ms for r in results), default=0.0), 2)
+    state["compute_ms"] = round(max((r.compute_ms for r in results), default=0.0), 2)
+    state["batch_sizes"] = [r.batch_size for r in results]
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _fail(item: WorkItem, error: Exception) -> None:

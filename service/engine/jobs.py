@@ -32,6 +32,7 @@ class WorkItem:
     future: asyncio.Future[ItemResult]
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
+    request_id: str = ""  # for logs only
 
     def batch_key(self) -> tuple[object, ...]:
         """Items with equal keys share a forward (and backward) pass."""
@@ -56,3 +57,4 @@ class ItemResult:
     explanations: list[MapResult]
     queue_ms: float
     compute_ms: float
+    batch_size: int = 1  # images in the batch this one was computed in

@@ -7,6 +7,7 @@ numpy arrays and Python numbers.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -23,29 +24,68 @@ from service.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` takes the first CUDA device when present, else the CPU."""
-    first = setting.split(",")[0]
-    if first == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(first)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {first!r} was asked for, but CUDA is not available")
-    return device
+def resolve_devices(setting: str) -> list[torch.device]:
+    """One device per worker. ``auto`` takes every visible CUDA device, else the CPU."""
+    devices: list[torch.device] = []
+    for name in setting.split(","):
+        if name == "auto":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            found = [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
+        else:
+            device = torch.device(name)
+            if device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available")
+                device = torch.device("cuda", device.index or 0)
+                if device.index is not None and device.index >= torch.cuda.device_count():
+                    raise RuntimeError(
+                        f"device {name!r} was asked for, but only {torch.cuda.device_count()} "
+                        "CUDA devices are visible"
+                    )
+            found = [device]
+        devices.extend(d for d in found if d not in devices)
+    return devices
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def warm_batch_sizes(max_batch_size: int, device: torch.device) -> list[int]:
+    """The batch sizes a worker will see: every one on an accelerator (each shape may pick its
+    own kernels), powers of two and the maximum on the CPU, where start-up time matters more."""
+    if device.type != "cpu":
+        return list(range(1, max_batch_size + 1))
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
 
 
 class Worker:
-    def __init__(self, device: torch.device, threads: int = 0) -> None:
+    """Owns the models of one device. ``threads`` sets torch's intra-op threads (0: the cores);
+    ``channels_last`` stores conv weights and inputs NHWC, which is faster for conv nets."""
+
+    def __init__(self, device: torch.device, threads: int = 0, channels_last: bool = True) -> None:
         self.device = device
         self.threads = threads
+        self.channels_last = channels_last
         self.models: dict[str, LoadedModel] = {}
 
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads or available_cores())
         for spec in specs:
             started = time.perf_counter()
-            self.models[spec.name] = load_model(spec, self.device)
+            loaded = load_model(spec, self.device)
+            if self.channels_last:
+                loaded.module.to(memory_format=torch.channels_last)
+            self.models[spec.name] = loaded
             log.info(
                 "model loaded",
                 extra={"model": spec.name, "device": str(self.device),
@@ -54,15 +94,19 @@ class Worker:
         return {name: loaded.info() for name, loaded in self.models.items()}
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """A forward and a Grad-CAM pass per model, so the first request pays no set-up."""
+        """A forward and a Grad-CAM pass per model and batch size, so no request pays set-up."""
         for loaded in self.models.values():
             height, width = loaded.spec.input_size
             for size in batch_sizes:
                 inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
+                with torch.inference_mode():
+                    loaded.module(inputs)
                 explain_batch(
                     loaded.module, loaded.modules, inputs, [loaded.default_layer],
                     [get_method("gradcam")], [None] * size,
                 )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
         """One batch of compatible items (same model, methods and layers)."""
@@ -121,4 +165,7 @@ class Worker:
         images = batch.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(loaded.spec.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(loaded.spec.std, device=self.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        normalised = (images - mean) / std
+        if self.channels_last:
+            return normalised.contiguous(memory_format=torch.channels_last)
+        return normalised

@@ -1,0 +1,153 @@
+"""Worker slots: one dedicated thread per device, owning that device's model replicas.
+
+A slot runs its worker's calls one at a time on its own thread, so torch objects never leave
+it and the event loop never blocks. An ``Exception`` from a call comes back to the caller; a
+``BaseException`` (``SystemExit``, an interpreter-level abort) ends the thread, the caller
+gets :class:`WorkerDied`, and :meth:`WorkerSlot.replace` builds a fresh worker on a fresh
+thread. Tests hand the engine a factory that builds fakes, so the batching, fault and drain
+logic runs without torch (like httpx's ``MockTransport``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from service.engine.jobs import ItemResult, WorkItem
+from service.models.catalog import ModelInfo
+from service.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLike(Protocol):
+    """What the engine needs from a worker; :class:`service.engine.worker.Worker` is the real one."""
+
+    def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]: ...
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None: ...
+
+    def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]: ...
+
+
+WorkerFactory = Callable[[torch.device], WorkerLike]
+
+
+class WorkerDied(RuntimeError):
+    """The worker's thread ended (or was never running); the slot must be replaced."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or MPS) ran out of memory: a smaller batch may still fit."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+_Call = tuple[Callable[..., Any], tuple[Any, ...], "concurrent.futures.Future[Any]"]
+
+
+class WorkerThread:
+    """A thread that runs the calls it is given in order, one at a time."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, args, future = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                future.set_exception(exc)
+            except BaseException as exc:
+                future.set_exception(WorkerDied(f"the worker thread ended: {exc!r}"))
+                raise
+            else:
+                future.set_result(result)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.alive:
+            raise WorkerDied(f"the worker thread {self._thread.name} is not running")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._calls.put((fn, args, future))
+        return await asyncio.wrap_future(future)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Let the current call finish, then end the thread (waits at most ``timeout_s``)."""
+        self._calls.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+
+class WorkerSlot:
+    """One device's worker and the thread it lives on; rebuilt when the thread dies."""
+
+    def __init__(self, index: int, device: torch.device, factory: WorkerFactory) -> None:
+        self.index = index
+        self.device = device
+        self.factory = factory
+        self.restarts = 0
+        self._thread: WorkerThread | None = None
+        self._worker: WorkerLike | None = None
+        self._specs: list[ModelSpec] = []
+        self._warm_sizes: list[int] = []
+
+    @property
+    def worker(self) -> WorkerLike | None:
+        """The live worker (for inspection in tests; only its thread may call it)."""
+        return self._worker
+
+    @property
+    def name(self) -> str:
+        return f"camserve-worker-{self.index}-{self.device}"
+
+    async def start(self, specs: Sequence[ModelSpec], warm_sizes: Sequence[int]) -> dict[str, ModelInfo]:
+        """Build the worker on its own thread, load every model, warm up at ``warm_sizes``."""
+        self._specs, self._warm_sizes = list(specs), list(warm_sizes)
+        self._thread = WorkerThread(self.name)
+        started = time.perf_counter()
+        self._worker = await self._thread.call(self.factory, self.device)
+        catalog: dict[str, ModelInfo] = await self._thread.call(self._worker.load, self._specs)
+        if self._warm_sizes:
+            await self._thread.call(self._worker.warm_up, self._warm_sizes)
+        log.info("worker ready", extra={
+            "worker": self.name, "device": str(self.device), "models": sorted(catalog),
+            "warm_batch_sizes": self._warm_sizes, "ms": round((time.perf_counter() - started) * 1000, 1),
+        })
+        return catalog
+
+    async def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
+        if self._thread is None or self._worker is None:
+            raise WorkerDied(f"{self.name} has no worker")
+        results: list[ItemResult] = await self._thread.call(self._worker.compute, items)
+        return results
+
+    async def replace(self) -> None:
+        """A fresh thread and worker with the same models; raises when they cannot be loaded."""
+        self.restarts += 1
+        log.warning("replacing worker", extra={"worker": self.name, "restarts": self.restarts})
+        if self._thread is not None:
+            self._thread.close(timeout_s=0)
+        self._thread, self._worker = None, None
+        await self.start(self._specs, self._warm_sizes)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._thread is not None:
+            self._thread.close(timeout_s)

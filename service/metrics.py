@@ -1,0 +1,151 @@
+"""Prometheus metrics, one :class:`Metrics` (and one registry) per app.
+
+A registry per app, rather than prometheus-client's global one, lets several apps live in one
+process (tests build many) without duplicate-registration errors.
+
+:class:`MetricsMiddleware` (pure ASGI, outermost) times every request and counts error codes;
+:meth:`Engine.submit` leaves the model, the CAM methods and its timings in the request's state
+(see :data:`service.logs.request_state`); the engine reports batches (size, queue wait, compute
+time) through :meth:`Metrics.observe_batch`. Encode time is from the engine's answer to the
+response's first byte: rendering masks and PNGs and serialising the JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.logs import request_state
+
+log = logging.getLogger("service.access")
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STAGE = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int = 8) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_latency = Histogram(
+            "camserve_request_duration_seconds",
+            "HTTP request latency, by endpoint (route template), HTTP method, model, CAM methods and status",
+            ["endpoint", "method", "model", "cam_methods", "status"], buckets=_LATENCY, registry=r)
+        self.errors = Counter(
+            "camserve_errors_total", "error responses, by error code and endpoint",
+            ["code", "endpoint"], registry=r)
+        self.in_flight_requests = Gauge(
+            "camserve_in_flight_requests", "HTTP requests being handled", registry=r)
+        self.queue_wait = Histogram(
+            "camserve_queue_wait_seconds", "time an image waited in the queue before its batch started",
+            ["model"], buckets=_STAGE, registry=r)
+        self.compute = Histogram(
+            "camserve_compute_seconds", "time a worker spent on one batch (forward, CAMs, resizing)",
+            ["model", "device"], buckets=_STAGE, registry=r)
+        self.encode = Histogram(
+            "camserve_encode_seconds", "time spent rendering a response (PNG, masks, JSON)",
+            ["endpoint"], buckets=_STAGE, registry=r)
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch_size})
+        self.batch_size = Histogram(
+            "camserve_batch_size", "images per computed batch", ["model"],
+            buckets=[s for s in sizes if s <= max_batch_size], registry=r)
+        self.queue_depth = Gauge("camserve_queue_depth", "images waiting in the queue", registry=r)
+        self.in_flight_images = Gauge(
+            "camserve_in_flight_images", "images being computed by the workers", registry=r)
+        self.expired = Counter(
+            "camserve_expired_images_total", "images dropped unqueued because their deadline passed",
+            registry=r)
+        self.worker_restarts = Counter(
+            "camserve_worker_restarts_total", "workers rebuilt after their thread died", registry=r)
+
+    def bind_engine(self, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
+        self.queue_depth.set_function(queue_depth)
+        self.in_flight_images.set_function(in_flight)
+
+    def observe_batch(
+        self, model: str, device: str, size: int, queue_waits_s: Sequence[float], compute_s: float
+    ) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.compute.labels(model, device).observe(compute_s)
+        wait = self.queue_wait.labels(model)
+        for seconds in queue_waits_s:
+            wait.observe(seconds)
+
+
+class MetricsMiddleware:
+    """Times each HTTP request, counts error codes and writes one structured access log line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # request.state: the engine leaves model, timings here
+        token = request_state.set(state)
+        started = time.perf_counter()
+        status = 0
+        responded = 0.0
+        error_chunks: list[bytes] = []
+        self.metrics.in_flight_requests.inc()
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, responded
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                responded = time.perf_counter()
+            elif message["type"] == "http.response.body" and status >= 400:
+                error_chunks.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            request_state.reset(token)
+            self.metrics.in_flight_requests.dec()
+            if not status:  # no response: the client went away, or a fault escaped everything
+                status = 499 if state.get("disconnected") else 500
+            computed = state.get("computed_at")
+            if computed and responded:
+                state["encode_ms"] = round((responded - computed) * 1000, 2)
+            self._record(scope, status, b"".join(error_chunks), time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, error_body: bytes, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        state: dict[str, Any] = scope.get("state") or {}
+        model = str(state.get("model", ""))
+        cam_methods = ",".join(state.get("cam_methods", ()))
+        self.metrics.request_latency.labels(
+            endpoint, scope["method"], model, cam_methods, str(status)
+        ).observe(seconds)
+        timing = {k: state[f"{k}_ms"] for k in ("queue", "compute", "encode") if f"{k}_ms" in state}
+        if "encode" in timing:
+            self.metrics.encode.labels(endpoint).observe(timing["encode"] / 1000)
+        code = _error_code(error_body) if status >= 400 else None
+        if code:
+            self.metrics.errors.labels(code, endpoint).inc()
+        if endpoint in ("/metrics", "/healthz", "/readyz"):
+            return
+        log.info("request", extra={
+            "request_id": state.get("request_id", ""), "method": scope["method"], "endpoint": endpoint,
+            "status": status, "model": model or None, "cam_methods": cam_methods or None,
+            "images": state.get("images"), "batch_sizes": state.get("batch_sizes"), "error": code,
+            "timing_ms": {**timing, "total": round(seconds * 1000, 2)},
+        })
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        parsed = orjson.loads(body)
+        return str(parsed["error"]["code"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "http_error"
