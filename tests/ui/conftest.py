@@ -76,7 +76,8 @@ def _stop(live: LiveServer) -> None:
 
 @pytest.fixture(scope="session")
 def live_server() -> Iterator[LiveServer]:
-    live = _start(Settings())
+    # No warm-up pass over every method: the page's tests pay for the few they use.
+    live = _start(Settings(warmup=False))
     yield live
     _stop(live)
 

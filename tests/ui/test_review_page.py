@@ -107,11 +107,11 @@ def test_cat_gets_predictions_two_method_panels_and_timings(
     expected = choose_two_panels(page, live_server)
     response = upload(page, CAT)
 
-    # The heatmaps the browser blends were asked for, with the overlay for formats it cannot show.
+    # Only the heatmaps the browser blends were asked for: it can show this PNG itself.
     explanations = response.json()["results"][0]["explanations"]
-    assert all(e["heatmap_png"] and e["overlay_png"] for e in explanations)
+    assert all(e["heatmap_png"] and e["overlay_png"] is None for e in explanations)
 
-    expect(page.locator("#predictions tbody tr").first).to_contain_text("Egyptian cat")
+    expect(page.locator("#predictions li").first).to_contain_text("Egyptian cat")
     expect(page.locator("#image-title")).to_contain_text("chelsea.png")
     panels = page.locator(".panel")
     expect(panels).to_have_count(2)
@@ -173,7 +173,7 @@ def test_colormap_switch_asks_again_and_redraws(page: Page, live_server: LiveSer
 def test_class_from_the_predictions_and_typed(page: Page, live_server: LiveServer) -> None:
     open_page(page, live_server)
     upload(page, CAT)
-    second = page.locator("#predictions tbody tr").nth(1)
+    second = page.locator("#predictions li").nth(1)
     label = second.locator(".pred-label").inner_text()
     run(page, lambda: second.get_by_role("button").click())
     expect(page.locator(".panel").first).to_contain_text(label)
@@ -278,15 +278,36 @@ def test_formats_the_browser_cannot_show_use_the_service_overlay(
     page: Page, live_server: LiveServer, tmp_path: Path
 ) -> None:
     grey = np.asarray(Image.open(CAT).convert("L"), dtype=np.uint16) * 200
-    buffer = io.BytesIO()
-    Image.fromarray(grey).save(buffer, format="PNG")
+    png16, tiff = io.BytesIO(), io.BytesIO()
+    Image.fromarray(grey).save(png16, format="PNG")
+    Image.open(COFFEE).convert("RGB").save(tiff, format="TIFF")
     open_page(page, live_server)
-    upload(page, {"name": "scan16.png", "mimeType": "image/png", "buffer": buffer.getvalue()})
+    response = upload(
+        page,
+        {"name": "scan16.png", "mimeType": "image/png", "buffer": png16.getvalue()},
+        {"name": "coffee.tif", "mimeType": "image/tiff", "buffer": tiff.getvalue()},
+        {"name": CAT.name, "mimeType": "image/png", "buffer": CAT.read_bytes()},
+    )
+    assert all(e["overlay_png"] for r in response.json()["results"] for e in r["explanations"])
     panel = page.locator(".panel").first
+    slider = page.locator("#opacity")
     expect(panel.locator(".note")).to_contain_text("16-bit PNG")
+    expect(panel.locator(".note")).to_contain_text("service's overlay at 50% opacity")
     expect(panel.locator("canvas")).to_have_attribute("data-opacity", "service")
-    expect(page.locator("#opacity")).to_be_disabled()
+    expect(slider).to_be_disabled()
     assert max(canvas_stats(page)["mean"][:3]) > 40
+    page.screenshot(path=str(tmp_path / "review-16bit.png"))
+
+    page.click("#next")
+    expect(page.locator("#image-title")).to_contain_text("coffee.tif")
+    expect(panel.locator(".note")).to_contain_text("a format the browser cannot display")
+    expect(slider).to_be_disabled()
+
+    page.click("#next")
+    expect(page.locator("#image-title")).to_contain_text("chelsea.png")
+    expect(panel.locator(".note")).to_have_count(0)
+    expect(panel.locator("canvas")).to_have_attribute("data-opacity", "0.5")
+    expect(slider).to_be_enabled()
 
 
 def test_zoom_pan_keyboard_and_download(page: Page, live_server: LiveServer, tmp_path: Path) -> None:
@@ -327,10 +348,12 @@ def test_keyboard_reaches_every_control_in_order(page: Page, live_server: LiveSe
     upload(page, CAT)
     page.locator("body").focus()
     seen: list[str] = []
-    for _ in range(40):
+    for _ in range(60):
         page.keyboard.press("Tab")
         seen.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
-    order = ["file", "model", "layer", "class-idx", "colormap", "api-key", "run", "opacity", "zoom-in"]
+    order = [
+        "file", "model", "layer", "class-idx", "colormap", "api-key", "run", "opacity", "zoom-in",
+    ]
     positions = [seen.index(name) for name in order]
     assert positions == sorted(positions), seen
     assert "CANVAS" in seen[seen.index("zoom-fit"):]

@@ -25,7 +25,7 @@
     banner: $("#banner"), bannerTitle: $("#banner-title"), bannerMessage: $("#banner-message"),
     bannerId: $("#banner-id"), bannerClose: $("#banner-close"), status: $("#status"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
-    timings: $("#timings"), predictions: $("#predictions tbody"), opacity: $("#opacity"),
+    timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
     opacityValue: $("#opacity-value"), opacityNote: $("#opacity-note"), panels: $("#panels"),
     zoomIn: $("#zoom-in"), zoomOut: $("#zoom-out"), zoomFit: $("#zoom-fit"), zoomValue: $("#zoom-value"),
   };
@@ -169,10 +169,16 @@
   function fillMethods() {
     const checked = new Set(checkedMethods());
     if (!checked.size) checked.add("gradcam");
-    ui.methods.replaceChildren(...state.methods.map((m) => {
-      const box = el("input", { type: "checkbox", name: "methods", value: m.name, checked: checked.has(m.name) });
-      return el("label", { title: `${m.family} · ${m.passes} · ${m.paper}` }, box, m.title);
-    }));
+    const families = [...new Set(state.methods.map((m) => m.family))];
+    const nodes = [];
+    for (const family of families) {
+      nodes.push(el("p", { className: "family", textContent: family }));
+      for (const m of state.methods.filter((x) => x.family === family)) {
+        const box = el("input", { type: "checkbox", name: "methods", value: m.name, checked: checked.has(m.name) });
+        nodes.push(el("label", { title: `${m.title}: ${m.passes}. ${m.paper}` }, box, m.title));
+      }
+    }
+    ui.methods.replaceChildren(...nodes);
     if (!checkedMethods().length && state.methods.length) ui.methods.querySelector("input").checked = true;
   }
 
@@ -225,6 +231,13 @@
       showError(new Error("Tick at least one method."));
       return;
     }
+    if (state.abort) state.abort.abort();
+    const abort = new AbortController();
+    state.abort = abort;
+    const run = ++state.run;
+    const n = state.files.length;
+    setStatus(`Explaining ${n === 1 ? state.files[0].name : `${n} files`}…`, true);
+
     const form = new FormData();
     for (const file of state.files) form.append("file", file, file.name);
     form.append("model", ui.model.value);
@@ -232,22 +245,21 @@
     if (ui.layer.value) form.append("target_layer", ui.layer.value);
     if (ui.classIdx.value.trim()) form.append("class_idx", ui.classIdx.value.trim());
     form.append("topk", String(TOPK));
-    form.append("outputs", "overlay,heatmap");
+    // The browser blends heatmaps over the files it can show; the service's overlays are only
+    // needed for the others (TIFF, DICOM, 16-bit PNG).
+    const shown = await Promise.all(state.files.map((_, i) => source(i, 0)));
+    if (run !== state.run) return;
+    form.append("outputs", shown.every((s) => s.bitmap) ? "heatmap" : "overlay,heatmap");
     form.append("colormap", ui.colormap.value);
-    form.append("alpha", String(state.opacity));
-
-    if (state.abort) state.abort.abort();
-    const abort = new AbortController();
-    state.abort = abort;
-    const run = ++state.run;
-    const n = state.files.length;
-    setStatus(`Explaining ${n === 1 ? state.files[0].name : `${n} files`}…`, true);
+    const alpha = state.opacity;
+    form.append("alpha", String(alpha));
     const started = performance.now();
     try {
       const response = await api("explain", { method: "POST", body: form, signal: abort.signal });
       if (run !== state.run) return;
       state.roundTripMs = performance.now() - started;
       state.response = response;
+      state.responseAlpha = alpha;
       state.current = Math.min(state.current, response.results.length - 1);
       if (state.current < 0) state.current = 0;
       await show(state.current);
@@ -284,43 +296,38 @@
     return isPng ? head[24] : 0;
   }
 
-  async function decodeSource(file, frame, frames) {
+  async function decodeSource(file, frame) {
     if ((await pngDepth(file)) === 16) return { reason: "16-bit PNG" };
     try {
-      let bitmap;
-      if (frames > 1) {
-        // One frame of an animated GIF/WebP: WebCodecs' ImageDecoder, where the browser has it.
-        if (!("ImageDecoder" in window) || !file.type || !(await ImageDecoder.isTypeSupported(file.type))) {
-          return { reason: "multi-frame file" };
-        }
-        const decoder = new ImageDecoder({ data: await file.arrayBuffer(), type: file.type });
-        const { image } = await decoder.decode({ frameIndex: frame });
-        bitmap = await createImageBitmap(image);
-        image.close();
-        decoder.close();
-      } else {
-        bitmap = await createImageBitmap(file);
+      if (frame === 0) return { bitmap: await createImageBitmap(file) };
+      // A later frame of an animated GIF/WebP: WebCodecs' ImageDecoder, where the browser has it.
+      if (!("ImageDecoder" in window) || !file.type || !(await ImageDecoder.isTypeSupported(file.type))) {
+        return { reason: "the browser cannot pick out this frame" };
       }
-      return { bitmap };
+      const decoder = new ImageDecoder({ data: await file.arrayBuffer(), type: file.type });
+      try {
+        const { image } = await decoder.decode({ frameIndex: frame });
+        const bitmap = await createImageBitmap(image);
+        image.close();
+        return { bitmap };
+      } finally {
+        decoder.close();
+      }
     } catch {
-      return { reason: "format the browser cannot display" };
+      return { reason: "a format the browser cannot display" };
     }
   }
 
-  function sourceFor(result) {
-    const { index, frame } = result.image;
+  function source(index, frame) {
     const key = `${index}:${frame}`;
-    if (!sourceCache.has(key)) {
-      const frames = state.response.results.filter((r) => r.image.index === index).length;
-      sourceCache.set(key, decodeSource(state.files[index], frame, frames));
-    }
+    if (!sourceCache.has(key)) sourceCache.set(key, decodeSource(state.files[index], frame));
     return sourceCache.get(key);
   }
 
   async function prepare(result) {
-    const source = await sourceFor(result);
-    let bitmap = source.bitmap || null;
-    let reason = source.reason || "";
+    const decoded = await source(result.image.index, result.image.frame);
+    let bitmap = decoded.bitmap || null;
+    let reason = decoded.reason || "";
     if (bitmap && (bitmap.width !== result.image.width || bitmap.height !== result.image.height)) {
       reason = `the browser decoded ${bitmap.width}×${bitmap.height}, the service ${result.image.width}×${result.image.height}`;
       bitmap = null;
@@ -333,7 +340,10 @@
     const blend = Boolean(bitmap) && panels.every((p) => p.heat);
     const first = panels[0] || {};
     const size = blend ? bitmap : (first.overlay || first.heat || { width: result.image.width, height: result.image.height });
-    return { result, bitmap: blend ? bitmap : null, reason, panels, width: size.width, height: size.height };
+    return {
+      result, bitmap: blend ? bitmap : null, reason, panels, width: size.width, height: size.height,
+      alpha: state.responseAlpha,
+    };
   }
 
   // ---------------------------------------------------------------- showing a result
@@ -386,20 +396,21 @@
     ui.predictions.replaceChildren(...result.predictions.map((p) => {
       const bar = el("div", { className: "bar" }, el("span"));
       bar.firstChild.style.width = pct(p.score);
-      const button = el("button", {
-        type: "button", className: "link", textContent: "Explain",
-        ariaLabel: `Explain class ${p.label} (${p.class_idx})`,
-      });
+      const button = el("button", { type: "button", className: "link", textContent: "Explain" });
+      button.setAttribute("aria-label", `Explain class ${p.label} (${p.class_idx})`);
       button.addEventListener("click", () => {
         ui.classIdx.value = String(p.class_idx);
         explain();
       });
-      const row = el("tr", { className: explained.has(p.class_idx) ? "explained" : "" },
-        el("td", {}, el("span", { className: "pred-label", textContent: p.label }),
-          el("span", { className: "pred-idx", textContent: `class ${p.class_idx}` })),
-        el("td", { className: "score" }, pct(p.score), bar),
-        el("td", {}, button));
-      return row;
+      const item = el("li", { className: explained.has(p.class_idx) ? "pred explained" : "pred" },
+        el("div", { className: "pred-top" },
+          el("span", { className: "pred-label", textContent: p.label }),
+          el("span", { className: "score", textContent: pct(p.score) })),
+        bar,
+        el("div", { className: "pred-bottom" },
+          el("span", { className: "pred-idx", textContent: `class ${p.class_idx}` }), button));
+      item.dataset.classIdx = String(p.class_idx);
+      return item;
     }));
   }
 
@@ -417,7 +428,7 @@
       canvas.setAttribute("aria-label",
         `${methodTitle(exp.method)} map for ${exp.label} (class ${exp.class_idx}) over ${filename}`);
       canvas.style.aspectRatio = `${entry.width} / ${entry.height}`;
-      canvas.style.maxHeight = "68vh";
+      canvas.style.maxHeight = "62vh";
       panel.canvas = canvas;
       attachViewControls(canvas);
       const download = el("button", { type: "button", className: "secondary", textContent: "Download overlay" });
@@ -431,8 +442,11 @@
       figure.dataset.classIdx = String(exp.class_idx);
       figure.dataset.index = String(i);
       if (!entry.bitmap) {
-        figure.append(el("p", { className: "note", textContent:
-          `Showing the service's overlay (${entry.reason}): opacity is fixed at the value sent; change it and press Explain to redraw.` }));
+        const text = panel.overlay
+          ? `The browser cannot re-blend this image (${entry.reason}): this is the service's overlay at ` +
+            `${Math.round(entry.alpha * 100)}% opacity, and the opacity slider is off.`
+          : `The browser cannot show this image (${entry.reason}): only the map is drawn.`;
+        figure.append(el("p", { className: "note", textContent: text }));
       }
       figure.append(el("div", { className: "actions" }, download));
       return figure;
