@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,7 +68,7 @@ class Engine:
         self.metrics = metrics
         self.state = "starting"
         self.failure: str | None = None
-        self.catalog: dict[str, ModelInfo] = {}
+        self._catalog: dict[str, ModelInfo] = {}
         self.slots: list[WorkerSlot] = []
         self._pending: deque[WorkItem] = deque()
         self._in_flight = 0
@@ -98,14 +98,14 @@ class Engine:
             log.exception("engine failed to start")
             self._ready.set()
             return
-        self.catalog = catalogs[0]
+        self._catalog = catalogs[0]
         self._runners = [
             asyncio.create_task(self._run(slot), name=f"camserve-runner-{slot.index}") for slot in self.slots
         ]
         self.state = "ready"
         self._ready.set()
         log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
-                                        "models": list(self.catalog)})
+                                        "models": list(self._catalog)})
 
     def _warm_sizes(self, device: torch.device) -> list[int]:
         return warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
@@ -150,6 +150,14 @@ class Engine:
         return self._in_flight > 0 or any(not item.future.done() for item in self._pending)
 
     @property
+    def catalog(self) -> dict[str, ModelInfo]:
+        """The served models; asking before they are loaded is answered 503, not "unknown"."""
+        if self.state in ("starting", "failed"):
+            reason = self.failure if self.state == "failed" else "the models are still loading"
+            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        return self._catalog
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
@@ -161,6 +169,24 @@ class Engine:
     def workers(self) -> list[WorkerLike]:
         """One worker per device, in device order."""
         return [slot.worker for slot in self.slots if slot.worker is not None]
+
+    # one-off calls ---------------------------------------------------------------------
+
+    async def run(self, model: str, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(loaded_model)`` on a worker's own thread, between its batches, and return
+        what it returns; for work that is not a batch of images (feature maps, kernels).
+
+        ``loaded_model`` is the worker's :class:`service.models.loader.LoadedModel` named
+        ``model``; ``fn`` must return plain data (numpy, Python), never torch objects.
+        """
+        if self.state != "ready":
+            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
+            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        slot = next((s for s in self.slots if s.worker is not None), None)
+        if slot is None or slot._thread is None:
+            raise ServiceUnavailable("no worker is running; retry shortly", headers={"Retry-After": "1"})
+        worker = slot.worker
+        return await slot._thread.call(lambda: fn(worker.models[model]))  # type: ignore[union-attr]
 
     # submission ------------------------------------------------------------------------
 
