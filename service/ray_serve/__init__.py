@@ -1,0 +1,243 @@
+"""The same HTTP contract, served by Ray Serve across machines (``python -m service.ray_serve``).
+
+One Serve application, ``camserve``, made of:
+
+* the ingress deployment ``camserve``: the service's own FastAPI app (``create_app``, every
+  route, the request checks and the engine's queue and batcher), whose engine hands each batch
+  to a model deployment instead of computing it in-process;
+* one deployment per registered model, ``model-<name>``: each replica owns one device (a GPU
+  when the cluster has them, ``num_gpus: 1``), loads and warms its model before it takes
+  traffic, and computes the batches the ingress forms, one at a time on its worker thread.
+
+Both scale with Ray's autoscaler (replicas between ``min_replicas`` and ``max_replicas``,
+following ``target_ongoing_requests``); ``deploy/serve_config.yaml`` holds those settings and
+works with ``serve run`` and ``serve deploy`` as well as with ``--config`` here.
+
+``CAMSERVE_*`` settings are read once where the application is built and handed to every
+replica, so nodes need the same weights files (and models file) at the same paths, not the
+same environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import yaml
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
+from service.engine.pool import WorkerSlot
+from service.engine.worker import Worker, resolve_devices, warm_batch_sizes
+from service.logs import configure_logging
+from service.main import create_app
+from service.models.catalog import ModelInfo
+from service.models.loader import verify_weights
+from service.models.spec import registered_specs
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "camserve"
+INGRESS_NAME = "camserve"
+LOAD_TIMEOUT_S = 900.0  # a model replica may wait for a node, download nothing, load and warm up
+
+# Used when no Serve config overrides them (deploy/serve_config.yaml mirrors these).
+INGRESS_OPTIONS: dict[str, Any] = {
+    "max_ongoing_requests": 64,
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    "ray_actor_options": {"num_cpus": 0.5},
+    "graceful_shutdown_timeout_s": 40,
+}
+MODEL_OPTIONS: dict[str, Any] = {
+    "max_ongoing_requests": 2,
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1},
+    "ray_actor_options": {"num_cpus": 1},
+    "graceful_shutdown_timeout_s": 40,
+}
+
+
+def model_deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+@dataclass
+class RemoteItem:
+    """What a model replica needs of a :class:`WorkItem`: plain data, no future, no clock."""
+
+    model: str
+    pixels: np.ndarray
+    topk: int
+    explain: ExplainSpec | None
+    request_id: str
+
+
+def _settings(values: Mapping[str, Any], **overrides: Any) -> Settings:
+    return Settings(**{**values, **overrides})
+
+
+def _assigned_cpus() -> int:
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # not inside a Ray worker
+        cpus = 1.0
+    return max(1, round(cpus))
+
+
+class _ModelReplica:
+    """One model on one device: the engine's own worker, on its own thread."""
+
+    async def __init__(self, settings: dict[str, Any], model: str) -> None:  # type: ignore[misc]
+        configure_logging(logging.INFO)
+        self.settings = _settings(settings)
+        spec = registered_specs(self.settings.models_file)[model]
+        verify_weights(spec)
+        device = resolve_devices(self.settings.device)[0]  # Ray makes only this replica's GPU visible
+        threads = self.settings.torch_threads or _assigned_cpus()
+        channels_last = self.settings.channels_last
+        self.slot = WorkerSlot(0, device, lambda d: Worker(d, threads, channels_last=channels_last))
+        warm = warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
+        self.info = (await self.slot.start([spec], warm))[model]
+        log.info("model replica ready", extra={"model": model, "device": str(device)})
+
+    def describe(self) -> ModelInfo:
+        return self.info
+
+    async def compute(self, items: list[RemoteItem]) -> list[ItemResult]:
+        loop = asyncio.get_running_loop()
+        work = [
+            WorkItem(model=item.model, pixels=item.pixels, topk=item.topk, explain=item.explain,
+                     deadline=float("inf"), future=loop.create_future(), request_id=item.request_id)
+            for item in items
+        ]
+        return await self.slot.compute(work)
+
+    def __del__(self) -> None:
+        slot = getattr(self, "slot", None)
+        if slot is not None:
+            slot.close()
+
+
+class RemoteWorker:
+    """The engine's worker interface, answered by the model deployments.
+
+    The engine calls it on its worker thread, so blocking on a Serve response is fine there."""
+
+    def __init__(self, handles: Mapping[str, DeploymentHandle]) -> None:
+        self.handles = dict(handles)
+
+    def load(self, specs: Sequence[Any]) -> dict[str, ModelInfo]:
+        catalog: dict[str, ModelInfo] = {}
+        for spec in specs:
+            info: ModelInfo = self.handles[spec.name].describe.remote().result(timeout_s=LOAD_TIMEOUT_S)
+            catalog[spec.name] = info
+        return catalog
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Model replicas warm up before they take traffic."""
+
+    def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
+        payload = [RemoteItem(i.model, i.pixels, i.topk, i.explain, i.request_id) for i in items]
+        results: list[ItemResult] = self.handles[items[0].model].compute.remote(payload).result()
+        return results
+
+
+class _Ingress:
+    """The service's FastAPI app; its lifespan starts the engine in each replica."""
+
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        configure_logging(logging.INFO)
+        # The ingress holds no model: its engine's one worker forwards batches, so keep it off GPUs.
+        self.settings = _settings(settings, device="cpu", warmup=False)
+        self.models = models
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = create_app(self.settings, worker_factory=lambda _device: RemoteWorker(self.models))
+        app.add_middleware(ProxyRequestId)
+        return app
+
+
+class ProxyRequestId:
+    """Serve's HTTP proxy appends ``X-Request-ID`` (the request's, which it set when the client
+    sent none) to every response; the app echoes the same id, so drop the app's copy and the
+    client gets the header once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = Headers(scope=scope).get("x-request-id")
+
+        async def send_once(message: Message) -> None:
+            if message["type"] == "http.response.start" and sent is not None:
+                message["headers"] = [
+                    (key, value) for key, value in message.get("headers", [])
+                    if not (key.lower() == b"x-request-id" and value.decode("latin-1") == sent)
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_once)
+
+
+ModelReplica = serve.deployment(**MODEL_OPTIONS)(_ModelReplica)
+Ingress = serve.deployment(**INGRESS_OPTIONS)(serve.ingress()(_Ingress))
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
+    """The Serve application; an application builder for ``serve run``/``serve deploy``.
+
+    ``args``: ``settings`` (``CAMSERVE_*`` names without the prefix, lower case), overriding the
+    environment; ``deployments`` (per deployment name, Serve options such as
+    ``autoscaling_config``), as a Serve config file's ``deployments`` list or mapping.
+    """
+    args = dict(args or {})
+    settings = Settings(**args.get("settings", {}))
+    values = settings.model_dump(mode="json")
+    overrides = _deployment_overrides(args.get("deployments"))
+    gpu = settings.device != "cpu" and _cluster_gpus() > 0
+    handles = {}
+    for name in registered_specs(settings.models_file):
+        deployment_name = model_deployment_name(name)
+        options: dict[str, Any] = {**overrides.get(deployment_name, {}), "name": deployment_name}
+        if gpu:  # each replica owns one GPU unless the config says otherwise
+            actor = {**MODEL_OPTIONS["ray_actor_options"], **options.get("ray_actor_options", {})}
+            options["ray_actor_options"] = {"num_gpus": 1, **actor}
+        handles[name] = ModelReplica.options(**options).bind(values, name)
+    ingress = Ingress.options(name=INGRESS_NAME, **overrides.get(INGRESS_NAME, {}))
+    return ingress.bind(values, handles)
+
+
+def _deployment_overrides(deployments: Any) -> dict[str, dict[str, Any]]:
+    if not deployments:
+        return {}
+    if isinstance(deployments, Mapping):
+        return {str(k): dict(v) for k, v in deployments.items()}
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments}
+
+
+def _cluster_gpus() -> float:
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def read_serve_config(path: Path) -> dict[str, Any]:
+    """The ``camserve`` application's ``args`` and ``deployments`` of a Serve config file."""
+    config = yaml.safe_load(path.read_text())
+    for application in config.get("applications", []):
+        if application.get("name", APP_NAME) == APP_NAME:
+            return {**application.get("args", {}), "deployments": application.get("deployments", [])}
+    raise ValueError(f"{path} has no application named {APP_NAME!r}")
