@@ -1,30 +1,78 @@
 """The contract every CAM method fulfils, and the registry that lists them.
 
-A method sees, for one target layer, the batch of activations ``A`` (B, K, H, W) and, when it
-declares ``uses_gradients``, the gradients ``g = dY_c/dA`` of each sample's target score before
-softmax. Most methods only say how channel weights are computed (:meth:`CAMMethod.weights`);
-the shared :meth:`CAMMethod.saliency` forms ``ReLU(sum_k w_k A_k)``. A method whose map is not a
-weighted sum overrides :meth:`CAMMethod.saliency` instead. Defining a subclass with a ``name``
-registers it; nothing else needs to change for a new method to be served.
+A method sees, for one target layer, a :class:`LayerContext`: the batch of activations ``A``
+(B, K, H, W), and, when it declares ``uses_gradients``, the gradients ``g = dY_c/dA`` of each
+sample's target score before softmax, both from the forward/backward pass that every method of a
+request shares. Methods that need more passes (Score-CAM, Ablation-CAM, Smooth Grad-CAM++ ...) get
+them from ``context.probe``, which runs the model from the input or from the target layer on.
+
+Most methods only say how channel weights are computed (:meth:`CAMMethod.weights`); the shared
+:meth:`CAMMethod.saliency` forms ``ReLU(sum_k w_k A_k)``. A method whose map is an element-wise
+combination overrides :meth:`CAMMethod.contributions` (the per-channel terms ``(B, K, H, W)`` that are
+summed, or reduced to their first principal component under ``eigen_smooth``); one whose map is
+not a sum of channel terms overrides :meth:`CAMMethod.saliency`. Defining a subclass with a
+``name`` registers it; nothing else needs to change for a new method to be served.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from service.cams.linalg import first_component
+
+if TYPE_CHECKING:
+    from service.cams.probe import Probe
+
 
 @dataclass(frozen=True)
 class MethodParam:
-    """A tunable parameter of a method, as listed by ``GET /methods``."""
+    """A tunable parameter of a method, as listed by ``GET /methods`` and set per request."""
 
     name: str
-    type: str
+    type: str  # int | float | bool
     default: Any
     description: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def check(self, value: object) -> int | float | bool:
+        """The value converted to this parameter's type; ``ValueError`` naming the problem."""
+        if self.type == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.name} must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{self.name} must be a number, got {value!r}")
+        if self.type == "int":
+            if float(value) != int(value):
+                raise ValueError(f"{self.name} must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.name} must be at least {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{self.name} must be at most {self.maximum:g}, got {value!r}")
+        return value
+
+
+@dataclass
+class LayerContext:
+    """Everything a method may read for one target layer and one round of targets."""
+
+    layer: str
+    activations: Tensor  # (B, K, H, W), detached
+    gradients: Tensor | None  # dY_c/dA, (B, K, H, W); None unless the method uses gradients
+    inputs: Tensor  # (B, C, H_in, W_in), the normalised model inputs of these samples
+    classes: Tensor  # (B,) int64, each sample's target class
+    logits: Tensor  # (B, num_classes), detached, from the shared forward pass
+    probe: Probe
+    eigen_smooth: bool = False
 
 
 class CAMMethod:
@@ -34,7 +82,14 @@ class CAMMethod:
     title: ClassVar[str] = ""
     family: ClassVar[str] = "gradient"  # gradient | activation | perturbation | baseline
     paper: ClassVar[str] = ""
+    # Reads the gradients of the shared backward pass (``context.gradients``).
     uses_gradients: ClassVar[bool] = True
+    # Runs autograd itself through ``context.probe`` (second-order terms, other targets, noise).
+    own_autograd: ClassVar[bool] = False
+    # Ignores the target layers: one map per sample from the whole network (FullGrad).
+    layer_free: ClassVar[bool] = False
+    # Needs global average pooling followed by one linear layer after the target layer (CAM).
+    needs_linear_head: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward + 1 backward (shared)"
     apply_relu: ClassVar[bool] = True
     params: ClassVar[tuple[MethodParam, ...]] = ()
@@ -48,15 +103,37 @@ class CAMMethod:
                 raise ValueError(f"CAM method {cls.name!r} is defined twice")
             CAMMethod.registry[cls.name] = cls
 
-    def weights(self, activations: Tensor, gradients: Tensor | None) -> Tensor:
+    def __init__(self, **options: Any) -> None:
+        declared = {p.name: p for p in self.params}
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no parameter {unknown[0]!r}")
+        self.options: dict[str, Any] = {
+            name: param.check(options[name]) if name in options else param.default
+            for name, param in declared.items()
+        }
+
+    def weights(self, context: LayerContext) -> Tensor:
         """Channel weights (B, K)."""
         raise NotImplementedError(f"{type(self).__name__} must define weights or saliency")
 
-    def saliency(self, activations: Tensor, gradients: Tensor | None) -> Tensor:
-        """The raw map (B, H, W) on the layer's grid, before normalisation."""
-        weights = self.weights(activations, gradients)
-        combined = torch.einsum("bk,bkhw->bhw", weights, activations)
+    def contributions(self, context: LayerContext) -> Tensor:
+        """Per-channel terms (B, K, H, W) whose sum over channels is the raw map."""
+        return self.weights(context)[:, :, None, None] * context.activations
+
+    def saliency(self, context: LayerContext) -> Tensor:
+        """The raw map (B, H, W) on the layer's grid, before normalisation.
+
+        Under ``eigen_smooth`` the channel terms are replaced by their first principal
+        component (pytorch-grad-cam's smoothing), signed to agree with their plain sum.
+        """
+        terms = self.contributions(context)
+        combined = first_component(terms) if context.eigen_smooth else terms.sum(dim=1)
         return torch.relu(combined) if self.apply_relu else combined
+
+    def fusion_scale(self, normalised: Tensor) -> Tensor:
+        """How a layer's normalised map is rescaled before several layers are fused."""
+        return normalised
 
 
 def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -68,8 +145,8 @@ def normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     return torch.where(span > eps, scaled, torch.zeros_like(maps)).nan_to_num_(0.0)
 
 
-def get_method(name: str) -> CAMMethod:
-    return CAMMethod.registry[name]()
+def get_method(name: str, options: Mapping[str, Any] | None = None) -> CAMMethod:
+    return CAMMethod.registry[name](**dict(options or {}))
 
 
 def method_names() -> list[str]:

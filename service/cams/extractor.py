@@ -9,22 +9,23 @@ shares that single forward and backward pass. Hooks are removed in ``finally``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.cams.base import CAMMethod, normalize
+from service.cams.base import CAMMethod, LayerContext, normalize
+from service.cams.probe import Probe
 
 
 @dataclass
 class SampleMap:
     method: str
     class_idx: int
-    grid: Tensor  # (h, w) in [0, 1], on the layer's (largest) grid
+    grid: Tensor  # (h, w) in [0, 1], on the layer's (largest) grid; input grid if layer-free
 
 
 @dataclass
@@ -45,12 +46,9 @@ def capture(
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 raise TypeError(f"layer {name!r} does not produce a 4-D tensor")
-            if output.requires_grad:
-                # An earlier hooked layer already started the graph: keep this layer inside it,
-                # or that earlier layer would be cut off from the scores.
-                captured = output
-            else:
-                captured = output.detach().requires_grad_(with_grad)
+            # When an earlier hooked layer already started the graph, this layer stays inside
+            # it; a fresh leaf here would cut that earlier layer off from the scores.
+            captured = output if output.requires_grad else output.detach().requires_grad_(with_grad)
             store[name] = captured
             # Downstream in-place ops (ReLU(inplace), +=) must act on a copy, not the capture.
             return captured.clone()
@@ -66,14 +64,21 @@ def capture(
             handle.remove()
 
 
-def fuse(maps: list[Tensor]) -> Tensor:
-    """Several layers' normalised maps brought to the largest grid, element-wise maximum."""
+def fuse(maps: list[Tensor], scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Several layers' normalised maps brought to the largest grid, element-wise maximum.
+
+    As TorchCAM fuses them: each map is normalised, rescaled by its method's ``fusion_scale``
+    (Layer-CAM's ``tanh(2 * map)``), upsampled bilinearly, and the maximum taken.
+    """
     if len(maps) == 1:
         return normalize(maps[0])
+    rescale = scale or (lambda m: m)
     height = max(m.shape[-2] for m in maps)
     width = max(m.shape[-1] for m in maps)
     resized = [
-        F.interpolate(normalize(m)[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        F.interpolate(
+            rescale(normalize(m))[:, None], size=(height, width), mode="bilinear", align_corners=False
+        )[:, 0]
         for m in maps
     ]
     return normalize(torch.stack(resized).amax(dim=0))
@@ -86,11 +91,48 @@ def explain_batch(
     layers: Sequence[str],
     methods: Sequence[CAMMethod],
     targets: Sequence[Sequence[int] | None],
+    *,
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
 ) -> BatchOutput:
-    """Maps of every method for every sample's targets (top-1 where a sample names none)."""
-    with_grad = any(method.uses_gradients for method in methods)
-    grad_mode = torch.enable_grad() if with_grad else torch.inference_mode()
-    with capture(modules, layers, with_grad) as store, grad_mode:
+    """Maps of every method for every sample's targets (top-1 where a sample names none).
+
+    ``eigen_smooth`` reduces each method's channel terms to their first principal component;
+    ``aug_smooth`` averages the maps over horizontal flips and rescalings of the input
+    (:mod:`service.cams.smoothing`).
+    """
+    if aug_smooth:
+        from service.cams.smoothing import augmented
+
+        return augmented(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
+    return explain_once(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
+
+
+def _grad_mode(methods: Sequence[CAMMethod]) -> AbstractContextManager[object]:
+    """Autograd only as far as some method needs it; inference mode otherwise."""
+    if any(m.uses_gradients and not m.layer_free for m in methods):
+        return torch.enable_grad()
+    if any(m.own_autograd or m.uses_gradients for m in methods):
+        # Inference tensors could not enter the autograd graphs these methods build later.
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
+def explain_once(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    inputs: Tensor,
+    layers: Sequence[str],
+    methods: Sequence[CAMMethod],
+    targets: Sequence[Sequence[int] | None],
+    *,
+    eigen_smooth: bool = False,
+) -> BatchOutput:
+    """One shared forward (and backward, if any method reads gradients) for all methods."""
+    layer_methods = [m for m in methods if not m.layer_free]
+    with_grad = any(m.uses_gradients for m in layer_methods)
+    hooked = layers if layer_methods else []
+    with capture(modules, hooked, with_grad) as store, _grad_mode(methods):
         logits = model(inputs)
     top1 = logits.detach().argmax(dim=1).tolist()
     classes = [list(t) if t else [int(i)] for t, i in zip(targets, top1, strict=True)]
@@ -100,19 +142,41 @@ def explain_batch(
         active = [b for b, c in enumerate(classes) if len(c) > round_]
         chosen = [classes[b][round_] for b in active]
         index = torch.tensor(active, device=inputs.device)
-        gradients: list[Tensor | None] = [None] * len(layers)
+        class_tensor = torch.tensor(chosen, device=inputs.device)
+        gradients: list[Tensor | None] = [None] * len(hooked)
         if with_grad:
-            scores = logits[index, torch.tensor(chosen, device=inputs.device)]
+            scores = logits[index, class_tensor]
             found = torch.autograd.grad(
-                scores.sum(), [store[name] for name in layers], retain_graph=round_ < rounds - 1
+                scores.sum(), [store[name] for name in hooked], retain_graph=round_ < rounds - 1
             )
             gradients = [g[index] for g in found]
+        probe = Probe(model, modules, inputs[index])
+        contexts = [
+            LayerContext(
+                layer=name,
+                activations=store[name].detach()[index],
+                gradients=gradient,
+                inputs=inputs[index],
+                classes=class_tensor,
+                logits=logits.detach()[index],
+                probe=probe,
+                eigen_smooth=eigen_smooth,
+            )
+            for name, gradient in zip(hooked, gradients, strict=True)
+        ]
+        # Layer-free methods (FullGrad) see the inputs in place of a layer's activations.
+        whole = LayerContext(
+            layer="", activations=inputs[index], gradients=None, inputs=inputs[index],
+            classes=class_tensor, logits=logits.detach()[index], probe=probe,
+            eigen_smooth=eigen_smooth,
+        )
         with torch.no_grad():
-            acts = [store[name].detach()[index] for name in layers]
             for method in methods:
-                per_layer = [method.saliency(a, g) for a, g in zip(acts, gradients, strict=False)]
-                fused = fuse(per_layer)
-                for row, (b, class_idx) in enumerate(zip(active, chosen, strict=False)):
+                if method.layer_free:
+                    fused = normalize(method.saliency(whole))
+                else:
+                    fused = fuse([method.saliency(c) for c in contexts], method.fusion_scale)
+                for row, (b, class_idx) in enumerate(zip(active, chosen, strict=True)):
                     maps[b].append(SampleMap(method.name, class_idx, fused[row]))
     return BatchOutput(logits=logits.detach(), maps=maps)
 

@@ -24,6 +24,11 @@ class ModelInfo:
     layers: tuple[LayerInfo, ...]
     default_layer: str
     device: str
+    # CAM's classifier: the linear layer reading the global average of ``linear_head_layers``;
+    # None (and the reason in ``linear_head_problem``) when the model has no such head.
+    linear_head: str | None = None
+    linear_head_layers: tuple[str, ...] = ()
+    linear_head_problem: str = "not checked"
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]

@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from service.cams.head import find_linear_head
 from service.models.catalog import LayerInfo, ModelInfo
 from service.models.layers import inspect_layers
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
@@ -38,6 +39,10 @@ class LoadedModel:
 
     def info(self) -> ModelInfo:
         spec = self.spec
+        head = find_linear_head(
+            self.module, self.modules, [layer.name for layer in self.layers], self.default_layer,
+            spec.input_size, self.device,
+        )
         return ModelInfo(
             name=spec.name,
             display_name=spec.display_name or spec.name,
@@ -49,6 +54,9 @@ class LoadedModel:
             layers=tuple(self.layers),
             default_layer=self.default_layer,
             device=str(self.device),
+            linear_head=head.name,
+            linear_head_layers=head.layers,
+            linear_head_problem=head.reason,
         )
 
 

@@ -1,0 +1,52 @@
+"""Ablation-CAM: channels weighted by how much the score drops when they are removed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from service.cams.base import CAMMethod, LayerContext, MethodParam
+from service.cams.probe import gather_scores
+
+
+class AblationCAM(CAMMethod):
+    """Ablation-CAM: the relative drop of the class score when a channel is zeroed.
+
+    Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional Network via
+    Gradient-free Localization", WACV 2020.
+
+    ``w_k = (Y_c - Y_c(A with A_k = 0)) / Y_c``; map ``= ReLU(sum_k w_k A_k)``.
+
+    The ablated activations run only through the network after the layer (its tail, see
+    :mod:`service.cams.tail`), ``batch_size`` copies at a time. A channel that is already zero
+    everywhere cannot change the score when zeroed: its weight is 0 without a pass.
+    """
+
+    name = "ablationcam"
+    title = "Ablation-CAM"
+    family = "perturbation"
+    paper = "Desai and Ramaswamy 2020, WACV"
+    uses_gradients = False
+    passes = "1 forward (shared) + 1 tail forward per non-zero channel (batched)"
+    params = (
+        MethodParam("batch_size", "int", 64, "ablated copies per pass (1..1024)", 1, 1024),
+    )
+
+    def weights(self, context: LayerContext) -> Tensor:
+        acts = context.activations
+        batch_size = int(self.options["batch_size"])
+        original = gather_scores(context.logits, context.classes)
+        # The paper divides by Y_c; keep its sign but never divide by zero.
+        safe = torch.where(original.abs() < 1e-12, torch.full_like(original, 1e-12), original)
+        weights = torch.zeros(acts.shape[:2], dtype=acts.dtype, device=acts.device)
+        live = acts.flatten(2).ne(0).any(dim=2)
+        for b in range(acts.shape[0]):
+            indices = live[b].nonzero().flatten()
+            for chunk in indices.split(batch_size):
+                ablated = acts[b].expand(chunk.numel(), *acts.shape[1:]).clone()
+                ablated[torch.arange(chunk.numel()), chunk] = 0
+                rows = torch.full((chunk.numel(),), b, dtype=torch.long, device=acts.device)
+                logits = context.probe.from_layer(context.layer, ablated, rows)
+                dropped = logits[:, context.classes[b]]
+                weights[b, chunk] = (original[b] - dropped) / safe[b]
+        return weights
