@@ -62,6 +62,20 @@ def upload(page: Page, *files: Path | dict[str, Any]) -> Response:
     return run(page, lambda: page.set_input_files("#file", list(files)))
 
 
+def drop(page: Page, path: Path) -> Response:
+    """Drop a file on the drop zone, as dragging it from the desktop does."""
+    transfer = page.evaluate_handle(
+        """([name, b64]) => {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([bytes], name, {type: "image/png"}));
+          return transfer;
+        }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+    return run(page, lambda: page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer}))
+
+
 def canvas_stats(page: Page, index: int = 0) -> dict[str, Any]:
     return page.locator(".panel canvas").nth(index).evaluate(CANVAS_STATS)
 
@@ -197,10 +211,31 @@ def test_non_image_shows_an_error_and_the_page_keeps_working(
     expect(banner).to_contain_text(response.json()["error"]["message"])
     page.screenshot(path=str(tmp_path / "review-error.png"))
 
-    upload(page, CAT)
+    drop(page, CAT)
     expect(banner).to_be_hidden()
     expect(page.locator("#predictions")).to_contain_text("Egyptian cat")
     expect(page.locator(".panel canvas").first).to_have_attribute("data-opacity", "0.5")
+
+
+def test_page_waits_for_a_service_still_loading(page: Page, live_server: LiveServer) -> None:
+    answered: list[int] = []
+
+    def models(route: Any) -> None:
+        # The first ask finds the models still loading, as right after start-up.
+        if not answered:
+            answered.append(503)
+            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+                          body='{"error": {"code": "not_ready", "message": "not ready", "request_id": "x"}}')
+        else:
+            answered.append(200)
+            route.continue_()
+
+    page.route("**/models", models)
+    page.goto(f"{live_server.url}/ui")
+    expect(page.locator("#status")).to_contain_text("still loading")
+    expect(page.locator("#model")).to_be_enabled()
+    expect(page.locator("#banner")).to_be_hidden()
+    assert answered == [503, 200]
 
 
 def test_busy_service_message_says_when_to_retry(page: Page, live_server: LiveServer) -> None:
@@ -333,6 +368,19 @@ def test_zoom_pan_keyboard_and_download(page: Page, live_server: LiveServer, tmp
     expect(zoom).not_to_contain_text("fit")
     page.click("#zoom-fit")
     expect(zoom).to_contain_text("fit")
+
+    # The mouse: the wheel zooms where the pointer is, dragging pans; every panel follows.
+    box = canvas.bounding_box()
+    assert box
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.wheel(0, -300)
+    expect(zoom).not_to_contain_text("fit")
+    wheeled = canvas_stats(page)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=4)
+    page.mouse.up()
+    assert canvas_stats(page)["hash"] != wheeled["hash"]
+    page.click("#zoom-fit")
 
     with page.expect_download() as download:
         page.locator(".panel").first.get_by_role("button", name=re.compile("Download")).click()

@@ -501,8 +501,9 @@
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.clearRect(0, 0, w, h);
     ctx.setTransform(g.scale * dpr, 0, 0, g.scale * dpr, g.tx * dpr, g.ty * dpr);
-    // Past 2 screen pixels per image pixel, show pixels as blocks: that is what inspecting means.
-    ctx.imageSmoothingEnabled = g.scale * dpr < 2;
+    // Zoomed in past 2 screen pixels per image pixel, show pixels as blocks: that is what
+    // inspecting detail means. Fitted, a small image is smoothed like any picture.
+    ctx.imageSmoothingEnabled = state.view.zoom === 1 || g.scale * dpr < 2;
     compose(ctx, entry, panel);
     canvas.dataset.opacity = entry.bitmap ? String(state.opacity) : "service";
     canvas.dataset.drawn = String(Number(canvas.dataset.drawn || 0) + 1);
