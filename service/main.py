@@ -20,7 +20,7 @@ from service.api.deps import require_api_key
 from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import catalog, health, inference, ui
+from service.api.routes import catalog, health, inference, introspection, ui
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
     protected = [Depends(require_api_key)]
     app.include_router(inference.router, dependencies=protected)
     app.include_router(catalog.router, dependencies=protected)
+    app.include_router(introspection.router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(ui.router)
     if settings.cors_origins:
