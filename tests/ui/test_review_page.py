@@ -197,6 +197,14 @@ def test_class_from_the_predictions_and_typed(page: Page, live_server: LiveServe
     run(page, lambda: page.press("#class-idx", "Enter"))
     expect(page.locator(".panel").first).to_contain_text("goldfish")
 
+    # A class the model does not have: the service's message, and the last maps stay.
+    page.fill("#class-idx", "5000")
+    response = run(page, lambda: page.click("#run"))
+    assert response.status == 422
+    expect(page.locator("#banner")).to_contain_text("Option not accepted")
+    expect(page.locator("#banner")).to_contain_text("valid classes are 0..999")
+    expect(page.locator(".panel").first).to_contain_text("goldfish")
+
 
 def test_non_image_shows_an_error_and_the_page_keeps_working(
     page: Page, live_server: LiveServer, tmp_path: Path

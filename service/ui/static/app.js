@@ -26,7 +26,7 @@
     bannerId: $("#banner-id"), bannerClose: $("#banner-close"), status: $("#status"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
     timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
-    opacityValue: $("#opacity-value"), opacityNote: $("#opacity-note"), panels: $("#panels"),
+    opacityValue: $("#opacity-value"), panels: $("#panels"),
     zoomIn: $("#zoom-in"), zoomOut: $("#zoom-out"), zoomFit: $("#zoom-fit"), zoomValue: $("#zoom-value"),
   };
 
@@ -43,6 +43,7 @@
     abort: null,
   };
   const sourceCache = new Map();  // "fileIndex:frame" -> Promise<{bitmap}|{reason}>
+  let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
   // ---------------------------------------------------------------- HTTP
 
@@ -260,6 +261,7 @@
       state.roundTripMs = performance.now() - started;
       state.response = response;
       state.responseAlpha = alpha;
+      prepared = new Map();
       state.current = Math.min(state.current, response.results.length - 1);
       if (state.current < 0) state.current = 0;
       await show(state.current);
@@ -353,7 +355,8 @@
     state.current = index;
     const result = results[index];
     const run = state.run;
-    const entry = await prepare(result);
+    if (!prepared.has(index)) prepared.set(index, prepare(result));
+    const entry = await prepared.get(index);
     if (run !== state.run || state.current !== index) return;
     state.entry = entry;
     state.view = { zoom: 1, cx: 0.5, cy: 0.5 };
@@ -425,6 +428,7 @@
       const { exp } = panel;
       const canvas = el("canvas", { tabIndex: 0 });
       canvas.setAttribute("role", "img");
+      canvas.setAttribute("aria-describedby", "view-help");
       canvas.setAttribute("aria-label",
         `${methodTitle(exp.method)} map for ${exp.label} (class ${exp.class_idx}) over ${filename}`);
       canvas.style.aspectRatio = `${entry.width} / ${entry.height}`;
@@ -457,9 +461,7 @@
   }
 
   function updateSlider(entry) {
-    const blend = Boolean(entry.bitmap);
-    ui.opacity.disabled = !blend;
-    ui.opacityNote.dataset.mode = blend ? "blend" : "overlay";
+    ui.opacity.disabled = !entry.bitmap;
   }
 
   // ---------------------------------------------------------------- drawing
