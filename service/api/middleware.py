@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a streamed body passes the limit. FastAPI's body parsing
+    re-raises an HTTPException unchanged, so its handler answers 413; where nothing handles
+    it, this middleware does."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(413, detail)
+
+
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-ID`` when it is sane), echoes it on
     every response, refuses bodies over the limit before reading them, and turns any fault
@@ -62,12 +71,14 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    # An HTTPException passes through FastAPI's body parsing unchanged.
-                    raise HTTPException(413, self._too_large(received))
+                    raise BodyTooLarge(self._too_large(received))
             return message
 
         try:
             await self.app(scope, counting_receive, send_with_id)
+        except BodyTooLarge as exc:
+            if not started:
+                await _send_json(send_with_id, 413, error_body("payload_too_large", exc.detail, request_id))
         except Exception:
             log.exception("unhandled fault", extra={"request_id": request_id})
             if not started:
@@ -77,7 +88,8 @@ class RequestContextMiddleware:
 
     def _too_large(self, size: int) -> str:
         limit_mb = self.max_body_bytes / (1024 * 1024)
-        return f"the request body ({size} bytes) is over the {limit_mb:g} MB limit"
+        return (f"the request body ({size} bytes or more) is over the {limit_mb:g} MB limit "
+                f"({self.max_body_bytes} bytes)")
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
