@@ -32,8 +32,9 @@
 
   const state = {
     models: [], methods: [], catalogReady: false,
-    files: [],            // the File objects of the last selection, in upload order
+    selection: null,      // the files last picked or dropped: {files, sources}
     response: null,       // the last ExplainResponse
+    shown: null,          // the selection that response answers (a newer one may have failed)
     roundTripMs: 0,
     current: 0,           // index into response.results
     entry: null,          // the prepared current result: its source image and panels
@@ -42,7 +43,6 @@
     run: 0,               // id of the latest run: older answers are dropped
     abort: null,
   };
-  const sourceCache = new Map();  // "fileIndex:frame" -> Promise<{bitmap}|{reason}>
   let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
   // ---------------------------------------------------------------- HTTP
@@ -211,8 +211,9 @@
   function setFiles(fileList) {
     const files = [...fileList];
     if (!files.length) return;
-    state.files = files;
-    sourceCache.clear();
+    // sources: "fileIndex:frame" -> Promise<{bitmap} | {reason}>, the browser's own decodes.
+    state.selection = { files, sources: new Map() };
+    state.current = 0;
     ui.fileList.textContent = files.length === 1
       ? `Selected: ${files[0].name}`
       : `Selected ${files.length} files: ${files.map((f) => f.name).join(", ")}`;
@@ -221,7 +222,8 @@
 
   async function explain() {
     clearError();
-    if (!state.files.length) {
+    const selection = state.selection;
+    if (!selection) {
       setStatus("Choose or drop images first.");
       ui.file.focus();
       return;
@@ -236,11 +238,11 @@
     const abort = new AbortController();
     state.abort = abort;
     const run = ++state.run;
-    const n = state.files.length;
-    setStatus(`Explaining ${n === 1 ? state.files[0].name : `${n} files`}…`, true);
+    const { files } = selection;
+    setStatus(`Explaining ${files.length === 1 ? files[0].name : `${files.length} files`}…`, true);
 
     const form = new FormData();
-    for (const file of state.files) form.append("file", file, file.name);
+    for (const file of files) form.append("file", file, file.name);
     form.append("model", ui.model.value);
     form.append("methods", methods.join(","));
     if (ui.layer.value) form.append("target_layer", ui.layer.value);
@@ -248,7 +250,7 @@
     form.append("topk", String(TOPK));
     // The browser blends heatmaps over the files it can show; the service's overlays are only
     // needed for the others (TIFF, DICOM, 16-bit PNG).
-    const shown = await Promise.all(state.files.map((_, i) => source(i, 0)));
+    const shown = await Promise.all(files.map((_, i) => source(selection, i, 0)));
     if (run !== state.run) return;
     form.append("outputs", shown.every((s) => s.bitmap) ? "heatmap" : "overlay,heatmap");
     form.append("colormap", ui.colormap.value);
@@ -260,6 +262,7 @@
       if (run !== state.run) return;
       state.roundTripMs = performance.now() - started;
       state.response = response;
+      state.shown = selection;
       state.responseAlpha = alpha;
       prepared = new Map();
       state.current = Math.min(state.current, response.results.length - 1);
@@ -270,7 +273,7 @@
       setStatus(`Done: ${count} image${count === 1 ? "" : "s"} explained with ${methods.join(", ")}.`);
     } catch (err) {
       if (err.name === "AbortError" || run !== state.run) return;
-      const names = state.files.map((f) => f.name).join(", ");
+      const names = files.map((f) => f.name).join(", ");
       showError(err, err instanceof ApiError && err.status === 415 ? names : "");
     } finally {
       if (run === state.run) {
@@ -320,14 +323,14 @@
     }
   }
 
-  function source(index, frame) {
+  function source(selection, index, frame) {
     const key = `${index}:${frame}`;
-    if (!sourceCache.has(key)) sourceCache.set(key, decodeSource(state.files[index], frame));
-    return sourceCache.get(key);
+    if (!selection.sources.has(key)) selection.sources.set(key, decodeSource(selection.files[index], frame));
+    return selection.sources.get(key);
   }
 
   async function prepare(result) {
-    const decoded = await source(result.image.index, result.image.frame);
+    const decoded = await source(state.shown, result.image.index, result.image.frame);
     let bitmap = decoded.bitmap || null;
     let reason = decoded.reason || "";
     if (bitmap && (bitmap.width !== result.image.width || bitmap.height !== result.image.height)) {
@@ -372,7 +375,7 @@
   function renderTitle(results, result) {
     const { index, frame, filename, width, height } = result.image;
     const frames = results.filter((r) => r.image.index === index).length;
-    let title = `Image ${index + 1} of ${state.files.length} · ${filename || "unnamed"}`;
+    let title = `Image ${index + 1} of ${state.shown.files.length} · ${filename || "unnamed"}`;
     if (frames > 1) title += ` · frame ${frame + 1} of ${frames}`;
     ui.imageTitle.textContent = `${title} · ${width}×${height}`;
     ui.prev.disabled = state.current === 0;
