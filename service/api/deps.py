@@ -31,11 +31,16 @@ def require_api_key(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """With CAMSERVE_API_KEY set, demand ``Authorization: Bearer <key>`` (constant-time check)."""
-    if settings.api_key is None:
+    """With CAMSERVE_API_KEY set, demand ``Authorization: Bearer <key>``.
+
+    The comparison takes the same time wherever the keys differ, so response timing does not
+    reveal how much of a guess was right. ``WWW-Authenticate`` tells clients the scheme.
+    """
+    if not settings.api_key:
         return
     given = credentials.credentials if credentials else ""
     if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
         raise Unauthorized(
             "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
         )

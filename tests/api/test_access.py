@@ -1,0 +1,123 @@
+"""API key and CORS, on an app built with those settings changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import ready_client
+from tests.imaging import samples
+
+KEY = "k3y-with-enough-entropy-0123456789"
+ORIGIN = "https://review.example.org"
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[TestClient]:
+    settings = Settings(api_key=KEY, cors_origins=f"{ORIGIN}, https://other.example.org", warmup=False)
+    yield from ready_client(create_app(settings))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def image() -> dict[str, tuple[str, bytes]]:
+    return {"file": ("x.png", samples.still("png-rgb"))}
+
+
+PROTECTED = [("GET", "/models"), ("GET", "/models/mobilenet_v2"), ("GET", "/methods"),
+             ("POST", "/predict"), ("POST", "/explain")]
+
+
+@pytest.mark.parametrize("method, path", PROTECTED)
+@pytest.mark.parametrize("headers", [
+    {}, bearer("wrong"), bearer(KEY + "x"), bearer(KEY[:-1]), {"Authorization": f"Basic {KEY}"},
+    {"Authorization": KEY},
+])
+def test_without_the_right_key_it_is_401(
+    guarded: TestClient, method: str, path: str, headers: dict[str, str]
+) -> None:
+    files = image() if method == "POST" else None
+    response = guarded.request(method, path, headers=headers, files=files)
+    assert response.status_code == 401, response.text
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert error["code"] == "unauthorized" and "Bearer" in error["message"]
+    assert KEY not in response.text
+
+
+@pytest.mark.parametrize("method, path", PROTECTED)
+def test_with_the_key_it_answers(guarded: TestClient, method: str, path: str) -> None:
+    files = image() if method == "POST" else None
+    data = {"outputs": "mask"} if path == "/explain" else None
+    response = guarded.request(method, path, headers=bearer(KEY), files=files, data=data)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"])
+def test_health_docs_and_metrics_need_no_key(guarded: TestClient, path: str) -> None:
+    assert guarded.get(path).status_code == 200
+
+
+def test_without_a_configured_key_nothing_is_asked(client: TestClient) -> None:
+    assert client.get("/models").status_code == 200
+
+
+def test_a_file_path_in_place_of_a_file_is_not_read(guarded: TestClient) -> None:
+    response = guarded.post("/predict", headers=bearer(KEY), data={"file": "/etc/hostname"})
+    assert response.status_code in (400, 422), response.text
+    assert "hostname" not in response.json()["error"]["message"].replace("/etc/hostname", "")
+
+
+# CORS ------------------------------------------------------------------------------------
+
+def preflight(client: TestClient, origin: str, method: str = "POST") -> object:
+    return client.options("/explain", headers={
+        "Origin": origin, "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization, content-type",
+    })
+
+
+def test_a_listed_origin_passes_preflight(guarded: TestClient) -> None:
+    response = preflight(guarded, ORIGIN)
+    assert response.status_code == 200  # type: ignore[attr-defined]
+    headers = response.headers  # type: ignore[attr-defined]
+    assert headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert "authorization" in headers["Access-Control-Allow-Headers"].lower()
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example.com", "https://review.example.org.evil.com",
+                                    "http://review.example.org", "null"])
+def test_an_unlisted_origin_is_not_granted(guarded: TestClient, origin: str) -> None:
+    response = preflight(guarded, origin)
+    assert response.status_code == 400  # type: ignore[attr-defined]
+    assert "Access-Control-Allow-Origin" not in response.headers  # type: ignore[attr-defined]
+    simple = guarded.get("/models", headers={"Origin": origin, **bearer(KEY)})
+    assert "Access-Control-Allow-Origin" not in simple.headers
+
+
+def test_a_listed_origin_gets_simple_responses_and_their_request_id(guarded: TestClient) -> None:
+    response = guarded.get("/models", headers={"Origin": ORIGIN, **bearer(KEY)})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "x-request-id" in response.headers["Access-Control-Expose-Headers"].lower()
+    refused = guarded.get("/models", headers={"Origin": ORIGIN})  # the browser can read the 401
+    assert refused.status_code == 401
+    assert refused.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_the_second_listed_origin_is_granted_too(guarded: TestClient) -> None:
+    response = guarded.get("/healthz", headers={"Origin": "https://other.example.org"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://other.example.org"
+
+
+def test_without_configured_origins_no_origin_is_granted(client: TestClient) -> None:
+    response = client.get("/models", headers={"Origin": ORIGIN})
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert "Access-Control-Allow-Origin" not in preflight(client, ORIGIN).headers  # type: ignore[attr-defined]
