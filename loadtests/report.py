@@ -291,7 +291,9 @@ def write_markdown(
         "",
         "Latency is measured by the client, per request, over successful requests: from the moment "
         "the request is sent (fixed concurrency), or from the moment it was due to be sent (fixed "
-        "rate), to the last byte of the response. `rps` counts successful responses per second. "
+        "rate), to the last byte of the response. `rps` is successful responses per second over "
+        "the cell's span, from its first request to its last response (requests still in flight "
+        "when the duration is up are awaited and counted). "
         "The queue, compute, encode and server total columns are means of the `timing_ms` the "
         "service returns with each response.",
     ]

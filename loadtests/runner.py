@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_closed(user_class: type[ExplainUser], url: str, concurrency: int, duration: float,
                recorder: Recorder, stop_timeout: float) -> tuple[list[Sample], float, list[str]]:
-    """``concurrency`` users back to back for ``duration`` seconds after all have started."""
+    """``concurrency`` users back to back for ``duration`` seconds; the samples and the cell's span."""
     env = Environment(user_classes=[user_class], host=url, stop_timeout=stop_timeout)
     runner = env.create_local_runner()
     try:
@@ -188,7 +188,9 @@ def run_closed(user_class: type[ExplainUser], url: str, concurrency: int, durati
         runner.quit()
     problems = [f"{e['msg']} (×{e['count']})" for e in runner.exceptions.values()]
     window = [s for s in recorder.samples if started <= s.sent < ended]
-    return window, ended - started, problems
+    # The cell lasts until its last counted response: requests in flight at the end are awaited.
+    last = max((s.intended + s.latency_ms / 1000 for s in window), default=ended)
+    return window, max(ended, last) - started, problems
 
 
 def run_open(user_class: type[ExplainUser], url: str, rate: float, duration: float,
@@ -227,6 +229,14 @@ def run_open(user_class: type[ExplainUser], url: str, rate: float, duration: flo
 # --- the sweep ------------------------------------------------------------------------------------
 
 
+# Warm-up answers that no other method would get past either: stop the whole run on these.
+FATAL_STATUSES = (0, 401, 403, 404)
+
+
+class SkipMethod(Exception):
+    """A method whose warm-up failed for a reason of its own (e.g. a deadline): sweep the others."""
+
+
 def _warm_up(user_class: type[ExplainUser], url: str, count: int) -> None:
     if count <= 0:
         return
@@ -234,7 +244,10 @@ def _warm_up(user_class: type[ExplainUser], url: str, count: int) -> None:
     for _ in range(count):
         sample = user.send()
         if not sample.ok:
-            raise ServiceError(f"warm-up request for {user_class.method!r} failed: {sample.error}")
+            message = f"warm-up request for {user_class.method!r} failed: {sample.error}"
+            if sample.status in FATAL_STATUSES:
+                raise ServiceError(message)
+            raise SkipMethod(message)
 
 
 def _log(message: str) -> None:
@@ -242,7 +255,7 @@ def _log(message: str) -> None:
 
 
 def sweep(args: argparse.Namespace, url: str, images: list[Image],
-          methods: Sequence[MethodInfo]) -> tuple[list[Row], list[str]]:
+          methods: Sequence[MethodInfo]) -> tuple[list[Row], list[str], list[str]]:
     concurrency = args.concurrency if args.concurrency is not None else (
         [] if args.rate else _ints(DEFAULT_CONCURRENCY)
     )
@@ -251,6 +264,7 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image],
     headers = {"X-Request-Timeout": f"{args.deadline:g}"} if args.deadline else {}
     rows: list[Row] = []
     notes: list[str] = []
+    skipped: list[str] = []
     for method in methods:
         levels = concurrency
         if method.heavy and args.heavy_concurrency is not None:
@@ -270,7 +284,12 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image],
                               headers=headers)
         warmup = min(args.warmup, 1) if method.heavy else args.warmup
         _log(f"[{method.name}] warm-up: {warmup} request(s)")
-        _warm_up(warm, url, warmup)
+        try:
+            _warm_up(warm, url, warmup)
+        except SkipMethod as exc:
+            skipped.append(f"{method.name} not measured: {exc}")
+            _log(f"[{method.name}] skipped: {exc}")
+            continue
         for level in levels:
             recorder = Recorder(MAX_SAMPLES_PER_CELL)
             cls = user_class_for(method.name, images, form, args.api_key, recorder, args.timeout,
@@ -288,7 +307,7 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image],
                                        args.arrival, args.seed, args.timeout + 5)
             rows.append(summarise(method.name, "open", rate, window, _outcomes(samples)))
             _log(f"[{method.name}] {rate:g} requests/s: {_brief(rows[-1])}")
-    return rows, notes
+    return rows, notes, skipped
 
 
 def _outcomes(samples: Sequence[Sample]) -> list[tuple[bool, float, str, dict[str, float] | None]]:
@@ -313,7 +332,8 @@ def run(args: argparse.Namespace, url: str, local: bool) -> int:
     model = dict(args.form).get("model")
     facts = server_facts(url, headers, model, local or _is_local(url))
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, notes = sweep(args, url, images, methods)
+    rows, notes, skipped = sweep(args, url, images, methods)
+    notes = skipped + notes
 
     settings = {
         "command": "python -m loadtests " + shlex.join(sys.argv[1:]),
@@ -337,7 +357,9 @@ def run(args: argparse.Namespace, url: str, local: bool) -> int:
     failed = sum(r.failures for r in rows)
     _log(f"wrote {args.out}/results.csv, report.md and latency.png"
          + (f"; {failed} request(s) failed, see report.md" if failed else ""))
-    return 0
+    for line in skipped:
+        _log(f"error: {line}")
+    return 1 if skipped else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

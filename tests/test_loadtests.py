@@ -89,6 +89,7 @@ class StandIn(ThreadingHTTPServer):
     daemon_threads = True
     api_key = "s3cret"
     fail_every = 0  # answer 503 to every n-th /explain
+    too_slow: frozenset[str] = frozenset()  # methods answered 504 (deadline passed)
     explains = 0
     methods_seen: set[str]
     deadlines_seen: set[str | None]
@@ -146,6 +147,8 @@ class Handler(BaseHTTPRequestHandler):
         has_image = b'name="file"; filename="' in body and b"\x89PNG" in body
         if self.path != "/explain" or not has_image:
             self._send(400, {"error": {"code": "bad_request", "message": "no file", "request_id": "x"}})
+        elif method in self.server.too_slow:
+            self._send(504, {"error": {"code": "deadline_exceeded", "message": "late", "request_id": "x"}})
         elif self.server.fail_every and count % self.server.fail_every == 0:
             self._send(503, {"error": {"code": "queue_full", "message": "busy", "request_id": "x"}})
         else:
@@ -223,6 +226,22 @@ def test_fixed_rate_mode_counts_failures_and_reports_them(stand_in: StandIn, tmp
     assert "503 queue_full: busy" in report
     assert "scorecam is a heavy method (perturbation: 1 forward per channel)" in report
     check_png(tmp_path / "latency.png")
+
+
+def test_a_method_that_fails_its_warm_up_is_skipped_and_the_others_measured(
+    stand_in: StandIn, tmp_path: Path
+) -> None:
+    stand_in.too_slow = frozenset({"gradcam"})
+    done = run_loadtests(
+        "--url", _url(stand_in), "--api-key", stand_in.api_key, "--methods", "all",
+        "--concurrency", "2", "--duration", "1", "--warmup", "1", "--out", str(tmp_path),
+    )
+    assert done.returncode == 1
+    assert "gradcam not measured" in done.stderr and "504 deadline_exceeded" in done.stderr
+    _, rows = read_rows(tmp_path)
+    assert [(r["method"], r["concurrency"]) for r in rows] == [("scorecam", "2")]
+    assert int(rows[0]["requests"]) > 0 and rows[0]["failures"] == "0"
+    assert "gradcam not measured" in (tmp_path / "report.md").read_text()
 
 
 # --- the pure parts -------------------------------------------------------------------------------
