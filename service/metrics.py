@@ -58,6 +58,8 @@ class Metrics:
         self.queue_depth = Gauge("camserve_queue_depth", "images waiting in the queue", registry=r)
         self.in_flight_images = Gauge(
             "camserve_in_flight_images", "images being computed by the workers", registry=r)
+        self.images_accepted = Counter(
+            "camserve_images_accepted_total", "images accepted into the queue", ["model"], registry=r)
         self.expired = Counter(
             "camserve_expired_images_total", "images dropped unqueued because their deadline passed",
             registry=r)

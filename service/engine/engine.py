@@ -213,6 +213,8 @@ class Engine:
             )
         self._pending.extend(items)
         self._arrived.set()
+        if self.metrics:
+            self.metrics.images_accepted.labels(items[0].model).inc(len(items))
         results = asyncio.gather(*(item.future for item in items))
         watch: asyncio.Future[Any] | None = (
             asyncio.ensure_future(disconnected) if disconnected is not None else None
