@@ -387,12 +387,14 @@
 
   function renderTimings() {
     const t = state.response.timing_ms;
+    const { model } = state.response;
     const items = [
       ["total", t.total], ["queue", t.queue], ["compute", t.compute], ["encode", t.encode],
       ["round trip", state.roundTripMs],
-    ];
-    ui.timings.replaceChildren(...items.map(([name, ms]) =>
-      el("div", {}, el("dt", { textContent: name }), el("dd", { textContent: `${ms.toFixed(1)} ms` }))));
+    ].map(([name, ms]) => [name, `${ms.toFixed(1)} ms`]);
+    items.push(["model", `${model.name} ${model.version}`]);
+    ui.timings.replaceChildren(...items.map(([name, value]) =>
+      el("div", {}, el("dt", { textContent: name }), el("dd", { textContent: value }))));
   }
 
   const pct = (x) => `${(x * 100).toFixed(1)}%`;
@@ -435,7 +437,7 @@
       canvas.setAttribute("aria-label",
         `${methodTitle(exp.method)} map for ${exp.label} (class ${exp.class_idx}) over ${filename}`);
       canvas.style.aspectRatio = `${entry.width} / ${entry.height}`;
-      canvas.style.maxHeight = "62vh";
+      canvas.style.maxHeight = "55vh";
       panel.canvas = canvas;
       attachViewControls(canvas);
       const download = el("button", { type: "button", className: "secondary", textContent: "Download overlay" });
