@@ -11,8 +11,11 @@ import signal
 import threading
 from pathlib import Path
 
-import ray
-from ray import serve
+try:
+    import ray
+    from ray import serve
+except ImportError as exc:  # the optional extra
+    raise SystemExit(f"Ray Serve is not installed ({exc}): pip install 'camserve[ray]'") from exc
 
 from service.logs import configure_logging
 from service.ray_serve import APP_NAME, build_app, read_serve_config

@@ -111,6 +111,8 @@ def _wait_ready(server: RayServe) -> httpx.Response:
     return last
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a local Ray cluster on a busy 2-core machine: start, serve, drain, stop
 def test_serves_the_contract_through_ray_and_stops_cleanly(ray_serve: RayServe, cat_png: bytes) -> None:
     ready = _wait_ready(ray_serve)
     assert ready.json()["state"] == "ready"
