@@ -20,7 +20,7 @@ from service.api.deps import require_api_key
 from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import catalog, health, inference, introspection, ui
+from service.api.routes import catalog, health, inference, introspection, kserve, ui
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -73,10 +73,15 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
     protected = [Depends(require_api_key)]
     app.include_router(inference.router, dependencies=protected)
     app.include_router(catalog.router, dependencies=protected)
+    app.include_router(kserve.router, dependencies=protected)
     app.include_router(introspection.router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(ui.router)
+    app.add_middleware(DisconnectMiddleware)  # cancels the handler when its client has gone
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response
     if settings.cors_origins:
+        # Outermost, so a browser can read every answer, the middleware's own 413 and 500 too.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -84,9 +89,6 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(DisconnectMiddleware)  # cancels the handler when its client has gone
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every response
     return app
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +20,8 @@ ORIGIN = "https://review.example.org"
 
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[TestClient]:
-    settings = Settings(api_key=KEY, cors_origins=f"{ORIGIN}, https://other.example.org", warmup=False)
+    settings = Settings(api_key=KEY, cors_origins=f"{ORIGIN}, https://other.example.org",
+                        max_upload_mb=1, warmup=False)
     yield from ready_client(create_app(settings))
 
 
@@ -31,7 +34,19 @@ def image() -> dict[str, tuple[str, bytes]]:
 
 
 PROTECTED = [("GET", "/models"), ("GET", "/models/mobilenet_v2"), ("GET", "/methods"),
-             ("POST", "/predict"), ("POST", "/explain")]
+             ("POST", "/predict"), ("POST", "/explain"), ("GET", "/v1/models"),
+             ("GET", "/v1/models/mobilenet_v2"), ("POST", "/v1/models/mobilenet_v2:predict"),
+             ("POST", "/v1/models/mobilenet_v2:explain")]
+
+
+def call(client: TestClient, method: str, path: str, headers: dict[str, str]) -> Any:
+    if path.startswith("/v1/") and method == "POST":
+        payload = {"instances": [{"image": {"b64": base64.b64encode(samples.still("png-rgb")).decode()}}],
+                   "parameters": {"outputs": "mask"} if path.endswith(":explain") else None}
+        return client.post(path, headers=headers, json=payload)
+    files = image() if method == "POST" else None
+    data = {"outputs": "mask"} if path == "/explain" else None
+    return client.request(method, path, headers=headers, files=files, data=data)
 
 
 @pytest.mark.parametrize("method, path", PROTECTED)
@@ -42,8 +57,7 @@ PROTECTED = [("GET", "/models"), ("GET", "/models/mobilenet_v2"), ("GET", "/meth
 def test_without_the_right_key_it_is_401(
     guarded: TestClient, method: str, path: str, headers: dict[str, str]
 ) -> None:
-    files = image() if method == "POST" else None
-    response = guarded.request(method, path, headers=headers, files=files)
+    response = call(guarded, method, path, headers)
     assert response.status_code == 401, response.text
     assert response.headers["WWW-Authenticate"] == "Bearer"
     error = response.json()["error"]
@@ -53,9 +67,7 @@ def test_without_the_right_key_it_is_401(
 
 @pytest.mark.parametrize("method, path", PROTECTED)
 def test_with_the_key_it_answers(guarded: TestClient, method: str, path: str) -> None:
-    files = image() if method == "POST" else None
-    data = {"outputs": "mask"} if path == "/explain" else None
-    response = guarded.request(method, path, headers=bearer(KEY), files=files, data=data)
+    response = call(guarded, method, path, bearer(KEY))
     assert response.status_code == 200, response.text
 
 
@@ -110,6 +122,14 @@ def test_a_listed_origin_gets_simple_responses_and_their_request_id(guarded: Tes
     refused = guarded.get("/models", headers={"Origin": ORIGIN})  # the browser can read the 401
     assert refused.status_code == 401
     assert refused.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_a_browser_can_read_the_upload_limit_refusal(guarded: TestClient) -> None:
+    headers = {"Origin": ORIGIN, **bearer(KEY)}
+    response = guarded.post("/explain", headers=headers, files={"file": ("big.png", b"\x00" * 2_000_000)})
+    assert response.status_code == 413
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert response.json()["error"]["code"] == "payload_too_large"
 
 
 def test_the_second_listed_origin_is_granted_too(guarded: TestClient) -> None:
