@@ -60,13 +60,20 @@ openapi: install
 	$(PY) -m service.openapi > openapi.json
 
 # A short latency sweep of every method GET /methods lists, on this machine, with the service started
-# for it; report in $(LOADTEST_OUT). Perturbation and noise-sampling methods (one forward pass per
-# channel or per noisy copy) run at concurrency 1 only, without the fixed-rate cell.
+# for it; report in $(LOADTEST_OUT). Heavy methods (perturbation, or passes per channel or per noisy
+# copy) run last, at concurrency 1, without the fixed-rate cell; the Score-CAM family is trimmed to
+# its 64 most active channels and 4 noise samples so a CPU finishes in minutes. Measure their
+# defaults with LOADTEST_METHOD_PARAMS='{}'; point it at a deployment with
+# LOADTEST_TARGET='--url https://host:port'.
 LOADTEST_OUT ?= build/loadtest
+LOADTEST_TARGET ?= --start
 LOADTEST_ARGS ?= --methods all --concurrency 1,4 --rate 2 --duration 4 \
 	--heavy-concurrency 1 --no-heavy-rate --heavy-duration 2 --deadline 300
+LOADTEST_METHOD_PARAMS ?= {"scorecam": {"top_k_channels": 64}, \
+	"sscam": {"top_k_channels": 64, "num_samples": 4}, "iscam": {"top_k_channels": 64, "num_samples": 4}}
 loadtest: install-dev
-	$(PY) -m loadtests --start $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
+	$(PY) -m loadtests $(LOADTEST_TARGET) $(LOADTEST_ARGS) \
+		--method-params '$(LOADTEST_METHOD_PARAMS)' --out $(LOADTEST_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,7 @@ import locust  # noqa: F401  (first: Locust monkey-patches the standard library 
 
 # isort: split
 import argparse
+import json
 import logging
 import math
 import os
@@ -89,9 +90,21 @@ def _form_field(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    if key.strip() in ("methods", "file"):
+    if key.strip() in ("methods", "file", "method_params"):
         raise argparse.ArgumentTypeError(f"{key.strip()!r} is set by the runner")
     return key.strip(), value
+
+
+def _method_params(text: str) -> dict[str, dict[str, object]]:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--method-params is not JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(
+            "--method-params must be a JSON object of objects, keyed by method name"
+        )
+    return {str(k).lower(): v for k, v in value.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--form", type=_form_field, action="append", default=[], metavar="KEY=VALUE",
         help="extra /explain form field, repeatable (e.g. --form outputs=overlay --form model=resnet50)",
+    )
+    parser.add_argument(
+        "--method-params", type=_method_params, default={}, metavar="JSON",
+        help="per-method parameters as a JSON object keyed by method name, e.g. "
+        "'{\"scorecam\": {\"top_k_channels\": 256}}'; each method's requests carry its own entry "
+        "as the method_params form field (methods not measured are ignored)",
     )
     parser.add_argument(
         "--warmup", type=int, default=2, help="unmeasured requests per method before its cells (default 2)"
@@ -259,13 +278,13 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image],
     concurrency = args.concurrency if args.concurrency is not None else (
         [] if args.rate else _ints(DEFAULT_CONCURRENCY)
     )
-    form = dict(args.form)
     # The user classes add Authorization themselves, from args.api_key.
     headers = {"X-Request-Timeout": f"{args.deadline:g}"} if args.deadline else {}
     rows: list[Row] = []
     notes: list[str] = []
     skipped: list[str] = []
-    for method in methods:
+    # Light methods first: a heavy request the server is still computing cannot delay their cells.
+    for method in sorted(methods, key=lambda m: m.heavy):
         levels = concurrency
         if method.heavy and args.heavy_concurrency is not None:
             levels = args.heavy_concurrency
@@ -280,6 +299,9 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image],
                 + (f" and {','.join(f'{r:g}' for r in rates)} rps" if rates else "")
                 + f", {duration:g} s per cell."
             )
+        form = dict(args.form)
+        if method.name in args.method_params:
+            form["method_params"] = json.dumps({method.name: args.method_params[method.name]})
         warm = user_class_for(method.name, images, form, args.api_key, timeout=args.timeout, host=url,
                               headers=headers)
         warmup = min(args.warmup, 1) if method.heavy else args.warmup
@@ -319,6 +341,13 @@ def _brief(row: Row) -> str:
             f"p50 {row.percentiles_ms[50]:.1f} ms, p99 {row.percentiles_ms[99]:.1f} ms")
 
 
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return ""
+
+
 def _is_local(url: str) -> bool:
     return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
@@ -332,6 +361,7 @@ def run(args: argparse.Namespace, url: str, local: bool) -> int:
     model = dict(args.form).get("model")
     facts = server_facts(url, headers, model, local or _is_local(url))
     args.out.mkdir(parents=True, exist_ok=True)
+    load_before = _load_average()
     rows, notes, skipped = sweep(args, url, images, methods)
     notes = skipped + notes
 
@@ -341,6 +371,7 @@ def run(args: argparse.Namespace, url: str, local: bool) -> int:
         + (f" ({args.heavy_duration:g} for heavy methods)" if args.heavy_duration else ""),
         "images": f"{len(images)} from {args.images} ({', '.join(i.name for i in images)})",
         "form fields": ", ".join(f"{k}={v}" for k, v in args.form) or "API defaults",
+        "method parameters": json.dumps(args.method_params) if args.method_params else "defaults",
         "open-loop arrivals": args.arrival if args.rate else "not run",
         "server settings": (", ".join(
             f"{k}={v}" for k, v in sorted(os.environ.items())
@@ -348,6 +379,9 @@ def run(args: argparse.Namespace, url: str, local: bool) -> int:
         ) or "defaults") if local else "those of the deployment",
     }
     machine = describe_machine(facts)
+    if load_before and (load_after := _load_average()):
+        # Anything above the core count means other work competed with the service for the CPU.
+        machine["load average (1 min)"] = f"{load_before} before the sweep, {load_after} after"
     write_csv(rows, args.out / "results.csv")
     write_plot(rows, args.out / "latency.png",
                f"POST /explain latency — {facts['model']} on {facts['device'].split(' ')[0]}"

@@ -93,6 +93,7 @@ class StandIn(ThreadingHTTPServer):
     explains = 0
     methods_seen: set[str]
     deadlines_seen: set[str | None]
+    params_seen: dict[str, set[str]]
     lock = threading.Lock()
 
 
@@ -144,6 +145,10 @@ class Handler(BaseHTTPRequestHandler):
             count = self.server.explains
             self.server.methods_seen.add(method)
             self.server.deadlines_seen.add(self.headers.get("X-Request-Timeout"))
+            params = body.split(b'name="method_params"\r\n\r\n', 1)[1:]
+            self.server.params_seen.setdefault(method, set()).add(
+                params[0].split(b"\r\n", 1)[0].decode() if params else ""
+            )
         has_image = b'name="file"; filename="' in body and b"\x89PNG" in body
         if self.path != "/explain" or not has_image:
             self._send(400, {"error": {"code": "bad_request", "message": "no file", "request_id": "x"}})
@@ -161,6 +166,7 @@ def stand_in() -> Iterator[StandIn]:
     server = StandIn(("127.0.0.1", 0), Handler)
     server.methods_seen = set()
     server.deadlines_seen = set()
+    server.params_seen = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -204,6 +210,7 @@ def test_fixed_rate_mode_counts_failures_and_reports_them(stand_in: StandIn, tmp
         "--url", _url(stand_in), "--api-key", stand_in.api_key, "--methods", "all",
         "--rate", "20", "--no-heavy-rate", "--heavy-concurrency", "1", "--duration", "2",
         "--warmup", "0", "--deadline", "12", "--out", str(tmp_path),
+        "--method-params", '{"scorecam": {"top_k_channels": 8}, "sscam": {"num_samples": 2}}',
     )
     assert done.returncode == 0, done.stderr[-3000:]
     _, rows = read_rows(tmp_path)
@@ -219,6 +226,8 @@ def test_fixed_rate_mode_counts_failures_and_reports_them(stand_in: StandIn, tmp
     assert by_key["scorecam", "closed"]["concurrency"] == "1"
     assert stand_in.methods_seen == {"gradcam", "scorecam"}
     assert stand_in.deadlines_seen == {"12"}  # --deadline travels as X-Request-Timeout
+    # Each method gets its own parameters, and only those (the service rejects any other key).
+    assert stand_in.params_seen == {"gradcam": {""}, "scorecam": {'{"scorecam": {"top_k_channels": 8}}'}}
 
     report = (tmp_path / "report.md").read_text()
     assert "Fixed request rate (open loop)" in report
