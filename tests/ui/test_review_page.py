@@ -109,7 +109,8 @@ def test_page_and_its_assets_are_served_from_the_package(live_server: LiveServer
             missing = http.get(f"/ui/static/{other}")
             assert missing.status_code == 404, other
             assert missing.json()["error"]["code"] == "not_found"
-        # Nothing on the page comes from another host.
+        # Nothing on the page comes from another host, and the browser is told so.
+        assert "default-src 'self'" in page.headers["content-security-policy"]
         assert not re.search(r"(src|href)=\"(https?:)?//", page.text)
         assert "http" not in script.text.replace("http_", "")
 
@@ -340,6 +341,13 @@ def test_formats_the_browser_cannot_show_use_the_service_overlay(
     expect(slider).to_be_disabled()
     assert max(canvas_stats(page)["mean"][:3]) > 40
     page.screenshot(path=str(tmp_path / "review-16bit.png"))
+    with page.expect_download() as download:
+        panel.get_by_role("button", name=re.compile("Download")).click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == "scan16_gradcam_285_overlay.png"
+    with Image.open(saved) as overlay:  # the service's own overlay, at the image's size
+        assert overlay.format == "PNG" and overlay.size == (451, 300)
 
     page.click("#next")
     expect(page.locator("#image-title")).to_contain_text("coffee.tif")
