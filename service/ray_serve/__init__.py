@@ -87,10 +87,10 @@ def _settings(values: Mapping[str, Any], **overrides: Any) -> Settings:
 
 
 def _assigned_cpus() -> int:
-    try:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    except Exception:  # not inside a Ray worker
-        cpus = 1.0
+    """The CPUs Ray gave this replica: torch's thread count (1 outside Ray)."""
+    if not ray.is_initialized():
+        return 1
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     return max(1, round(cpus))
 
 
