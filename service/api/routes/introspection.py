@@ -175,7 +175,7 @@ async def features(
         "colours) in colour, others in grey, per input-channel mean (`mode=mean`) or first input "
         "channel (`mode=first`). Read from the weights on the worker; no image needed."
     ),
-    responses=error_responses(401, 404, 422, 500, 503),
+    responses=error_responses(400, 401, 404, 422, 500, 503),
 )
 async def kernels(
     name: str,
