@@ -91,7 +91,7 @@ class Engine:
             devices = self.devices or resolve_devices(self.settings.device)
             self.slots = [WorkerSlot(i, d, self.worker_factory) for i, d in enumerate(devices)]
             catalogs = await asyncio.gather(*(
-                slot.start(self.specs, self._warm_sizes(slot.device)) for slot in self.slots
+                slot.start(self.specs, self._warm_sizes()) for slot in self.slots
             ))
         except Exception as exc:
             self.state, self.failure = "failed", str(exc)
@@ -107,8 +107,8 @@ class Engine:
         log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
                                         "models": list(self._catalog)})
 
-    def _warm_sizes(self, device: torch.device) -> list[int]:
-        return warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
+    def _warm_sizes(self) -> list[int]:
+        return warm_batch_sizes(self.settings.max_batch_size) if self.settings.warmup else []
 
     async def wait_ready(self) -> None:
         await self._ready.wait()

@@ -20,6 +20,7 @@ from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
+from service.quality.serving import add_faithfulness
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def warm_batch_sizes(max_batch_size: int, device: torch.device) -> list[int]:
-    """The batch sizes a worker will see: every one on an accelerator (each shape may pick its
-    own kernels), powers of two and the maximum on the CPU, where start-up time matters more."""
-    if device.type != "cpu":
-        return list(range(1, max_batch_size + 1))
-    sizes = {1, max_batch_size}
-    size = 2
+def warm_batch_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a worker will see, each of which may pick its own kernels (cuDNN and
+    oneDNN choose and cache per shape): every size up to 16, then powers of two and the maximum."""
+    sizes = set(range(1, min(max_batch_size, 16) + 1)) | {max_batch_size}
+    size = 32
     while size < max_batch_size:
         sizes.add(size)
         size *= 2
@@ -119,10 +118,13 @@ class Worker:
                 logits = loaded.module(inputs)
             per_sample_maps: list[list[SampleMap]] = [[] for _ in items]
         else:
+            params = dict(spec.method_params)
             output = explain_batch(
                 loaded.module, loaded.modules, inputs, spec.layers,
-                [get_method(name) for name in spec.methods],
+                [get_method(name, dict(params.get(name, ()))) for name in spec.methods],
                 [item.explain.classes if item.explain else None for item in items],
+                eigen_smooth=spec.eigen_smooth,
+                aug_smooth=spec.aug_smooth,
             )
             logits, per_sample_maps = output.logits, output.maps
         probabilities = logits.float().softmax(dim=1)
@@ -137,6 +139,8 @@ class Worker:
                 for sample in per_sample_maps[row]
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
+        if any(item.explain is not None and item.explain.evaluate_steps for item in items):
+            add_faithfulness(loaded.module, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - started) * 1000

@@ -35,6 +35,7 @@ class Script:
     oom_above: int | None = None  # batches larger than this raise OutOfMemoryError
     batches: list[list[int]] = field(default_factory=list)  # every compute call, in order
     built: int = 0  # workers the factory built
+    builds_allowed: int | None = None  # the factory fails after this many
     warmed: list[list[int]] = field(default_factory=list)
     warm_gate: threading.Event = field(default_factory=threading.Event)
     loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +82,8 @@ class Script:
 
     def factory(self, device: torch.device) -> FakeWorker:
         with self._lock:
+            if self.builds_allowed is not None and self.built >= self.builds_allowed:
+                raise RuntimeError("the device is gone (fake)")
             self.built += 1
         return FakeWorker(device, self)
 

@@ -111,7 +111,7 @@ def test_warm_up_runs_at_the_batch_sizes_it_will_see_before_ready(script: Script
         script.warm_gate.set()
         await starting
         assert engine.state == "ready"
-        assert script.warmed == [[1, 2, 4, 8]]
+        assert script.warmed == [[1, 2, 3, 4, 5, 6, 7, 8]]
         await engine.stop()
 
     run(test)

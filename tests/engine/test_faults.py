@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from service.engine.engine import ClientDisconnected
+from service.engine.worker import warm_batch_sizes
 from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable
 from tests.engine.conftest import blocked, queued, run, running
 from tests.engine.fakes import Script, classes, item
@@ -199,3 +200,24 @@ def test_a_cancelled_request_has_its_unstarted_work_dropped(script: Script) -> N
             assert 7 not in script.computed_tags()
 
     run(test)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash
+def test_a_worker_that_cannot_be_replaced_fails_readiness_and_answers_503(script: Script) -> None:
+    async def test() -> None:
+        script.killers, script.builds_allowed = {7}, 1
+        async with running(script) as engine:
+            with pytest.raises(ServiceUnavailable):
+                await engine.submit([item(7)])
+            assert engine.state == "failed"
+            assert engine.failure is not None and "could not be replaced" in engine.failure
+            with pytest.raises(ServiceUnavailable):
+                await engine.submit([item(8)])
+
+    run(test)
+
+
+def test_warm_up_covers_every_small_batch_size_then_powers_of_two() -> None:
+    assert warm_batch_sizes(1) == [1]
+    assert warm_batch_sizes(8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert warm_batch_sizes(100) == [*range(1, 17), 32, 64, 100]
