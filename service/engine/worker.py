@@ -55,9 +55,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def warm_batch_sizes(max_batch_size: int) -> list[int]:
+def warm_batch_sizes(max_batch_size: int, device: torch.device | None = None) -> list[int]:
     """The batch sizes a worker will see, each of which may pick its own kernels (cuDNN and
-    oneDNN choose and cache per shape): every size up to 16, then powers of two and the maximum."""
+    oneDNN choose and cache per shape): every size up to 16, then powers of two and the maximum.
+    The same on every ``device``; the argument is accepted for callers that pass it."""
     sizes = set(range(1, min(max_batch_size, 16) + 1)) | {max_batch_size}
     size = 32
     while size < max_batch_size:
