@@ -40,6 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/.cache \
     CAMSERVE_DEVICE=auto \
     CAMSERVE_MODELS_FILE=/opt/camserve/models/models.toml \
     CAMSERVE_DRAIN_TIMEOUT_S=30

@@ -86,6 +86,12 @@ def _settings(values: Mapping[str, Any], **overrides: Any) -> Settings:
     return Settings(**{**values, **overrides})
 
 
+def _replica_logging() -> None:
+    """The service's JSON logs in a replica process (left alone anywhere else)."""
+    if ray.is_initialized():
+        configure_logging(logging.INFO)
+
+
 def _assigned_cpus() -> int:
     """The CPUs Ray gave this replica: torch's thread count (1 outside Ray)."""
     if not ray.is_initialized():
@@ -98,7 +104,7 @@ class _ModelReplica:
     """One model on one device: the engine's own worker, on its own thread."""
 
     async def __init__(self, settings: dict[str, Any], model: str) -> None:  # type: ignore[misc]
-        configure_logging(logging.INFO)
+        _replica_logging()
         self.settings = _settings(settings)
         spec = registered_specs(self.settings.models_file)[model]
         verify_weights(spec)
@@ -156,7 +162,7 @@ class _Ingress:
     """The service's FastAPI app; its lifespan starts the engine in each replica."""
 
     def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
-        configure_logging(logging.INFO)
+        _replica_logging()
         # The ingress holds no model: its engine's one worker forwards batches, so keep it off GPUs.
         self.settings = _settings(settings, device="cpu", warmup=False)
         self.models = models

@@ -165,6 +165,8 @@ def test_healthcheck_and_graceful_stop() -> None:
     assert [ins.args for ins in final if ins.keyword == "STOPSIGNAL"] == ["SIGTERM"]
     env = " ".join(ins.args for ins in final if ins.keyword == "ENV")
     assert "CAMSERVE_DRAIN_TIMEOUT_S" in env
+    # writable places only under /tmp, so the container can run with a read-only root
+    assert "MPLCONFIGDIR=/tmp/" in env and "XDG_CACHE_HOME=/tmp/" in env
 
 
 def _dockerignore_excludes(path: str) -> bool:
@@ -276,6 +278,8 @@ def test_compose_services_have_healthcheck_limits_and_drain_time() -> None:
         assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
         assert _seconds(service["stop_grace_period"]) > drain, f"{name} is killed while draining"
         assert service["build"]["context"] == str(ROOT)
+        if service.get("read_only"):
+            assert "/tmp" in service["tmpfs"], f"{name}: caches (MPLCONFIGDIR, XDG_CACHE_HOME) need /tmp"
 
 
 def test_gpu_profile_reserves_a_gpu_and_builds_cuda_torch() -> None:
