@@ -82,6 +82,12 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def may_be_bare_dicom(data: bytes) -> bool:
+    """A data set written without preamble and file meta (older modalities still do this)
+    usually opens with a group 0x0008 or 0x0002 tag, in either byte order."""
+    return data[:2] in (b"\x08\x00", b"\x00\x08", b"\x02\x00") and len(data) > 16
+
+
 def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[Frame]:
     """Decode every frame of an image file, or raise a 4xx domain error."""
     label = f"file {filename!r}" if filename else "the file"
@@ -96,7 +102,14 @@ def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[
                 from service.imaging.dicom import decode_dicom
 
                 return decode_dicom(data, limits, label)
-            image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+            try:
+                image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+            except UnidentifiedImageError:
+                if not may_be_bare_dicom(data):
+                    raise
+                from service.imaging.dicom import decode_dicom
+
+                return decode_dicom(data, limits, label, bare=True)
             return list(_frames(image, limits, label))
     except ServiceError:
         raise

@@ -33,11 +33,14 @@ _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL
 _DEFLATE_UID = str(DeflatedExplicitVRLittleEndian).encode("ascii")
 
 
-def decode_dicom(data: bytes, limits: DecodeLimits, label: str) -> list[Frame]:
-    """Every frame of a DICOM file, or a 4xx domain error (415 names the transfer syntax)."""
+def decode_dicom(data: bytes, limits: DecodeLimits, label: str, bare: bool = False) -> list[Frame]:
+    """Every frame of a DICOM file, or a 4xx domain error (415 names the transfer syntax).
+
+    ``bare``: the bytes have no preamble and file meta; pydicom then guesses the encoding.
+    """
     _check_inflated_size(data, limits, label)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data), force=bare)
     except InvalidDicomError as exc:
         raise UnsupportedMedia(f"{label} is not a readable DICOM file: {exc}") from exc
     if "PixelData" not in ds:
@@ -75,8 +78,20 @@ def _first_line(exc: BaseException) -> str:
 def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    # Without one in the file meta, pydicom has guessed an uncompressed syntax to read it.
-    return UID(str(syntax)) if syntax else pydicom.uid.ExplicitVRLittleEndian
+    if syntax:
+        return UID(str(syntax))
+    # Without one (a bare data set), pydicom has worked out the encoding it read: record it,
+    # as the pixel decoders look it up in the file meta.
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit:
+        guessed = pydicom.uid.ImplicitVRLittleEndian
+    elif little is False:
+        guessed = pydicom.uid.ExplicitVRBigEndian
+    else:
+        guessed = pydicom.uid.ExplicitVRLittleEndian
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = guessed
+    return guessed
 
 
 def _name(syntax: UID) -> str:

@@ -143,3 +143,18 @@ def test_a_deflate_bomb_is_refused_before_pydicom_inflates_it() -> None:
     assert len(bomb) < 20_000  # 8 MB of pixels
     with pytest.raises(PayloadTooLarge, match="inflates"):
         decode_image(bomb, DecodeLimits(max_pixels=100_000, max_frames=1))
+
+
+def test_a_data_set_without_preamble_or_file_meta_still_decodes() -> None:
+    data = grey(RAMP)
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    bare = data[meta_end:]  # what older modalities write: the data set alone
+    assert bare[:2] == b"\x08\x00" and not is_dicom(bare)
+    (pixels,) = frames(bare)
+    (expected,) = frames(data)
+    assert np.array_equal(pixels, expected)
+
+
+def test_bare_bytes_that_only_look_like_dicom_are_415() -> None:
+    with pytest.raises(UnsupportedMedia):
+        decode_image(b"\x08\x00" + b"\x00" * 40, LIMITS)
