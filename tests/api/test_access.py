@@ -1,4 +1,4 @@
-"""API key and CORS, on an app built with those settings changed."""
+"""API key, CORS and the limits, on an app built with those settings changed."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ ORIGIN = "https://review.example.org"
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[TestClient]:
     settings = Settings(api_key=KEY, cors_origins=f"{ORIGIN}, https://other.example.org",
-                        max_upload_mb=1, warmup=False)
+                        max_upload_mb=1, max_frames=2, max_image_pixels=5000,
+                        max_images_per_request=3, warmup=False)
     yield from ready_client(create_app(settings))
 
 
@@ -141,3 +142,36 @@ def test_without_configured_origins_no_origin_is_granted(client: TestClient) -> 
     response = client.get("/models", headers={"Origin": ORIGIN})
     assert "Access-Control-Allow-Origin" not in response.headers
     assert "Access-Control-Allow-Origin" not in preflight(client, ORIGIN).headers  # type: ignore[attr-defined]
+
+
+# Limits set lower than their defaults ----------------------------------------------------
+
+def post_files(client: TestClient, *files: tuple[str, bytes]) -> Any:
+    return client.post("/predict", headers=bearer(KEY), files=[("file", f) for f in files])
+
+
+def test_max_frames_bounds_each_file(guarded: TestClient) -> None:
+    assert post_files(guarded, ("two.gif", samples.animated("GIF", 2, 8, 8))).status_code == 200
+    response = post_files(guarded, ("three.gif", samples.animated("GIF", 3, 8, 8)))
+    assert response.status_code == 413
+    assert "at most 2" in response.json()["error"]["message"]
+
+
+def test_max_image_pixels_bounds_each_frame(guarded: TestClient) -> None:
+    def png(width: int, height: int) -> bytes:
+        return samples.save(samples.rgb().resize((width, height)), "PNG")
+
+    assert post_files(guarded, ("ok.png", png(100, 50))).status_code == 200
+    response = post_files(guarded, ("big.png", png(100, 51)))
+    assert response.status_code == 413
+    assert "5100 pixels" in response.json()["error"]["message"]
+
+
+def test_max_images_per_request_counts_frames(guarded: TestClient) -> None:
+    still = ("s.png", samples.still("png-grey"))
+    assert post_files(guarded, still, still, still).status_code == 200
+    assert post_files(guarded, still, still, still, still).status_code == 413
+    assert post_files(guarded, still, still, ("two.gif", samples.animated("GIF", 2, 8, 8))).status_code == 413
+    kserve = {"instances": [{"image": {"b64": base64.b64encode(still[1]).decode()}}] * 4}
+    response = guarded.post("/v1/models/mobilenet_v2:predict", headers=bearer(KEY), json=kserve)
+    assert response.status_code == 413
