@@ -6,13 +6,14 @@ an unknown model, method or layer, or an out-of-range class, never reaches the w
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.cams import method_names
+from service.cams import CAMMethod, get_method, method_names
 from service.errors import BadRequest, InvalidOption, NotFound, choices
 from service.imaging.colormaps import available_colormaps, is_colormap
 from service.models.catalog import ModelInfo
@@ -78,6 +79,12 @@ class ExplainForm(PredictForm):
         False, description="first-principal-component smoothing of the weighted activations",
         examples=[False],
     )
+    method_params: str | None = Field(
+        None, description="JSON object of per-method parameters, keyed by method name (the names, "
+        "types and ranges are listed by GET /methods), e.g. the Score-CAM family's "
+        "top_k_channels and batch_size, num_samples and std of the smoothed methods",
+        examples=['{"scorecam": {"top_k_channels": 128}}'],
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class ExplainPlan:
     classes: tuple[int, ...] | None
     outputs: frozenset[str]
     form: ExplainForm
+    # Per method, its parameters as sorted (name, value) pairs: hashable, so batches can key on it.
+    method_params: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
 
 def resolve_model(name: str | None, catalog: dict[str, ModelInfo], default: str) -> ModelInfo:
@@ -132,9 +141,60 @@ def plan_explain(form: ExplainForm, catalog: dict[str, ModelInfo], default_model
         raise InvalidOption(
             f"unknown colormap {form.colormap!r}; valid colour maps: {choices(available_colormaps())}"
         )
-    if form.aug_smooth or form.eigen_smooth:
-        raise InvalidOption("aug_smooth and eigen_smooth are not available on this server yet")
-    return ExplainPlan(model, methods, layers, classes, outputs, form)
+    _check_linear_head(methods, layers, model)
+    params = _parse_method_params(form.method_params, methods)
+    return ExplainPlan(model, methods, layers, classes, outputs, form, params)
+
+
+def _check_linear_head(methods: tuple[str, ...], layers: tuple[str, ...], model: ModelInfo) -> None:
+    """CAM reads the classifier's weights: refuse it where there is no pooled linear head."""
+    for name in methods:
+        if not CAMMethod.registry[name].needs_linear_head:
+            continue
+        if model.linear_head is None:
+            raise InvalidOption(
+                f"method {name!r} needs global average pooling followed by one linear layer after "
+                f"the target layer, and model {model.name!r} has none ({model.linear_head_problem}); "
+                "use gradcam, which equals CAM on models that have such a head"
+            )
+        outside = [layer for layer in layers if layer not in model.linear_head_layers]
+        if outside:
+            raise InvalidOption(
+                f"method {name!r} only explains the layer its linear head {model.linear_head!r} "
+                f"pools, not {outside[0]!r}; valid layers: {choices(model.linear_head_layers)}"
+            )
+
+
+def _parse_method_params(
+    value: str | None, methods: tuple[str, ...]
+) -> tuple[tuple[str, tuple[tuple[str, object], ...]], ...]:
+    if value is None or not value.strip():
+        return ()
+    try:
+        document = json.loads(value)
+    except ValueError:
+        raise BadRequest(f"method_params must be a JSON object, got {value!r}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("method_params must be a JSON object keyed by method name")
+    parsed = []
+    for name, options in document.items():
+        if name not in methods:
+            raise InvalidOption(
+                f"method_params names {name!r}, which is not among the requested methods: "
+                f"{choices(methods)}"
+            )
+        if not isinstance(options, dict):
+            raise InvalidOption(f"method_params[{name!r}] must be an object of parameter values")
+        try:
+            method = get_method(name, options)
+        except ValueError as exc:
+            declared = [p.name for p in CAMMethod.registry[name].params] or ["none"]
+            raise InvalidOption(
+                f"method_params[{name!r}]: {exc}; its parameters: {choices(declared)}"
+            ) from None
+        given = {key: method.options[key] for key in options}
+        parsed.append((name, tuple(sorted(given.items()))))
+    return tuple(sorted(parsed))
 
 
 def _parse_classes(value: str | None, model: ModelInfo) -> tuple[int, ...] | None:

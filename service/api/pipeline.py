@@ -91,6 +91,9 @@ def explain_items(
             classes=plan.classes,
             mask_size=mask_size,
             display_size=(shown[1], shown[0]) if wants_display else None,
+            eigen_smooth=plan.form.eigen_smooth,
+            aug_smooth=plan.form.aug_smooth,
+            method_params=plan.method_params,
         )
         items.append(_item(plan.model, upload, plan.form.topk, spec, deadline))
     return items

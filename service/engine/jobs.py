@@ -20,6 +20,14 @@ class ExplainSpec:
     classes: tuple[int, ...] | None  # None: the top-1 class
     mask_size: tuple[int, int] | None  # None: the layer's own grid
     display_size: tuple[int, int] | None  # overlay/heatmap size; None: none requested
+    eigen_smooth: bool = False  # first principal component of each method's channel terms
+    aug_smooth: bool = False  # maps averaged over flips and rescalings of the input
+    # Per method, its non-default parameters as sorted (name, value) pairs (hashable).
+    method_params: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+
+    def options_key(self) -> tuple[object, ...]:
+        """What besides methods and layers decides whether two items can share a pass."""
+        return (self.eigen_smooth, self.aug_smooth, self.method_params)
 
 
 @dataclass
@@ -38,7 +46,7 @@ class WorkItem:
         """Items with equal keys share a forward (and backward) pass."""
         if self.explain is None:
             return (self.model, None)
-        return (self.model, self.explain.methods, self.explain.layers)
+        return (self.model, self.explain.methods, self.explain.layers, self.explain.options_key())
 
 
 @dataclass

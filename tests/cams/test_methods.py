@@ -246,3 +246,45 @@ def test_unknown_parameters_and_out_of_range_values_are_refused():
     with pytest.raises(ValueError, match="integer"):
         get_method("sscam", {"num_samples": 2.5})
     assert get_method("sscam", {"num_samples": 3.0}).options["num_samples"] == 3
+
+
+def test_eigen_smooth_takes_the_first_component_of_the_weighted_activations(tiny, tiny_inputs):
+    acts, g, _ = parts(tiny, tiny_inputs, CLASSES)
+    terms = g.mean(dim=(2, 3))[:, :, None, None] * acts
+    expected = []
+    for sample in terms:
+        matrix = sample.flatten(1).T.double()
+        matrix = matrix - matrix.mean(dim=0)
+        _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        projection = (matrix @ vh[0]).view(sample.shape[1:])
+        if (projection * (sample.sum(0) - sample.sum(0).mean())).sum() < 0:
+            projection = -projection
+        expected.append(projection.float())
+    out = explain_batch(tiny, dict(tiny.named_modules()), tiny_inputs, (LAYER,), [get_method("gradcam")],
+                        [[c] for c in CLASSES], eigen_smooth=True)
+    smoothed = torch.stack([maps[0].grid for maps in out.maps])
+    torch.testing.assert_close(smoothed, normalize(torch.relu(torch.stack(expected))), atol=1e-5, rtol=0)
+
+
+def test_aug_smooth_averages_six_flipped_and_rescaled_variants(tiny, tiny_inputs):
+    def plain(images: Tensor) -> Tensor:
+        return run(tiny, images, "gradcam", CLASSES)
+
+    total = torch.zeros(3, 8, 8)
+    for flip in (False, True):
+        for scale in (1.0, 1.1, 0.9):
+            images = tiny_inputs
+            if scale != 1.0:
+                side = round(16 * scale)
+                images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+            grid = plain(images.flip(-1) if flip else images)
+            grid = grid.flip(-1) if flip else grid
+            if grid.shape[-1] != 8:
+                grid = F.interpolate(grid[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+            total += grid
+    out = explain_batch(tiny, dict(tiny.named_modules()), tiny_inputs, (LAYER,), [get_method("gradcam")],
+                        [[c] for c in CLASSES], aug_smooth=True)
+    smoothed = torch.stack([maps[0].grid for maps in out.maps])
+    torch.testing.assert_close(smoothed, normalize(total / 6), atol=1e-5, rtol=0)
+    assert not torch.allclose(smoothed, plain(tiny_inputs), atol=1e-3)
+    assert_clean(tiny)
