@@ -6,6 +6,8 @@ The tiny network ends in global average pooling and one linear layer, so ``dY_c/
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from service.cams import get_method, method_names, normalize
 from service.cams.extractor import explain_batch
+from service.cams.tail import tail_of
 
 LAYER = "features"
 
@@ -288,3 +291,62 @@ def test_aug_smooth_averages_six_flipped_and_rescaled_variants(tiny, tiny_inputs
     torch.testing.assert_close(smoothed, normalize(total / 6), atol=1e-5, rtol=0)
     assert not torch.allclose(smoothed, plain(tiny_inputs), atol=1e-3)
     assert_clean(tiny)
+
+
+def test_skipping_dead_channels_keeps_scorecam_and_ablationcam_exact(tiny, tiny_inputs):
+    dead = copy.deepcopy(tiny)
+    with torch.no_grad():
+        dead.features[3].bias[0] = -100.0  # channel 0 is zero everywhere after the ReLU
+    acts, _, logits = parts(dead, tiny_inputs, CLASSES)
+    assert acts[:, 0].eq(0).all()
+    # The hand computation runs every channel, the dead one included.
+    torch.testing.assert_close(run(dead, tiny_inputs, "scorecam", CLASSES),
+                               combine(score_weights(dead, tiny_inputs, acts), acts), atol=1e-5, rtol=0)
+    # Zeroing a dead channel changes nothing: its Ablation-CAM weight is 0, and the map is exact.
+    weights = torch.zeros(acts.shape[:2])
+    for b, c in enumerate(CLASSES):
+        for k in range(acts.shape[1]):
+            ablated = acts[b:b + 1].clone()
+            ablated[0, k] = 0
+            weights[b, k] = (logits[b, c] - dead.fc(ablated.mean(dim=(2, 3)))[0, c]) / logits[b, c]
+    torch.testing.assert_close(run(dead, tiny_inputs, "ablationcam", CLASSES), combine(weights, acts),
+                               atol=1e-5, rtol=0)
+
+
+def test_top_k_channels_keeps_only_the_strongest_channels(tiny, tiny_inputs):
+    acts, _, _ = parts(tiny, tiny_inputs, CLASSES)
+    exact = run(tiny, tiny_inputs, "scorecam", CLASSES)
+    torch.testing.assert_close(run(tiny, tiny_inputs, "scorecam", CLASSES, top_k_channels=6), exact)
+    top2 = run(tiny, tiny_inputs, "scorecam", CLASSES, top_k_channels=2)
+    full = score_weights(tiny, tiny_inputs, acts)
+    for b in range(3):
+        keep = acts[b].mean(dim=(1, 2)).topk(2).indices
+        weights = torch.zeros(acts.shape[1])
+        weights[keep] = full[b, keep] / full[b, keep].sum()  # softmax over the kept channels only
+        torch.testing.assert_close(top2[b], combine(weights[None], acts[b:b + 1])[0], atol=1e-5, rtol=0)
+
+
+def test_a_layer_without_a_tail_runs_the_whole_model(tiny, tiny_inputs):
+    # A module called twice has no single place in the graph to cut at.
+    assert tail_of(tiny, LAYER) is not None
+    shared = nn.Sequential(tiny.features[:3], tiny.features[3], tiny.features[4])
+    loop = _Reused(shared).eval().requires_grad_(False)
+    assert tail_of(loop, "block.1") is None
+    inputs = tiny_inputs[:, :, :8, :8]
+    fallback = run(loop, inputs, "ablationcam", [0, 1, 2], layers=("block.1",))
+    assert torch.isfinite(fallback).all() and fallback.max() == 1.0
+    assert_clean(loop)
+
+
+class _Reused(nn.Module):
+    """Runs the same block twice: the layer fires twice, so no single tail exists."""
+
+    def __init__(self, block: nn.Sequential) -> None:
+        super().__init__()
+        self.block = block
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first = self.block(x)
+        second = self.block(x.flip(-1))
+        return self.head((first + second).mean(dim=(2, 3)))

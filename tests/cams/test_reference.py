@@ -177,11 +177,13 @@ def test_scorecam_and_ablationcam_match_both_libraries_on_a_narrow_layer(mobilen
 def test_iscam_and_sscam_against_torchcam_on_a_narrow_layer(mobilenet, reference, photos, classes):
     # IS-CAM: TorchCAM scales the i-th step by the cumulative sum of j/N, the paper by i/N:
     # r 0.945 / 0.943 here.
-    iscam = ours(mobilenet, photos, "iscam", classes, layer=NARROW, num_samples=4)
-    assert_r(iscam, torchcam(reference, tcm.ISCAM, photos, classes, layer=NARROW, num_samples=4), 0.92)
-    # SS-CAM: both draw their own noise, so only the smoothed result can agree.
-    sscam = ours(mobilenet, photos, "sscam", classes, layer=NARROW, num_samples=4)
-    assert_r(sscam, torchcam(reference, tcm.SSCAM, photos, classes, layer=NARROW, num_samples=4), 0.9)
+    iscam = ours(mobilenet, photos, "iscam", classes, layer=NARROW, num_samples=2)
+    assert_r(iscam, torchcam(reference, tcm.ISCAM, photos, classes, layer=NARROW, num_samples=2), 0.92)
+    # SS-CAM: both draw their own noise (std 2 on a [0, 1] mask), so with two draws each only the
+    # broad shape can agree: r 0.99 / 0.90 here. TorchCAM draws from the global generator: seed it.
+    torch.manual_seed(0)
+    sscam = ours(mobilenet, photos, "sscam", classes, layer=NARROW, num_samples=2)
+    assert_r(sscam, torchcam(reference, tcm.SSCAM, photos, classes, layer=NARROW, num_samples=2), 0.8)
 
 
 def test_principal_components_match_pytorch_grad_cam(mobilenet, photos):
