@@ -1,9 +1,10 @@
 // camserve review page: plain JavaScript, no build step, no third-party code.
 //
-// One request to POST /explain per run (outputs=overlay,heatmap). The opacity slider re-blends
+// One request to POST /explain per run, asking for outputs=heatmap. The opacity slider re-blends
 // in the browser: the uploaded image, then the RGBA heatmap PNG (alpha = map value) on top with
 // globalAlpha = opacity. Formats the browser cannot show as the service reads them (TIFF, DICOM,
-// 16-bit PNG...) fall back to the overlay PNG the service blended, with the slider disabled.
+// 16-bit PNG...) fall back to the overlay PNG the service blended (outputs=overlay,heatmap then),
+// with the slider disabled.
 "use strict";
 
 (() => {
@@ -34,6 +35,7 @@
     models: [], methods: [], catalogReady: false,
     selection: null,      // the files last picked or dropped: {files, sources}
     response: null,       // the last ExplainResponse
+    responseAlpha: 0.5,   // the opacity it was asked with (the service's overlays use it)
     shown: null,          // the selection that response answers (a newer one may have failed)
     roundTripMs: 0,
     current: 0,           // index into response.results
@@ -359,7 +361,14 @@
     const result = results[index];
     const run = state.run;
     if (!prepared.has(index)) prepared.set(index, prepare(result));
-    const entry = await prepared.get(index);
+    let entry;
+    try {
+      entry = await prepared.get(index);
+    } catch (err) {
+      prepared.delete(index);
+      showError(new Error(`The browser could not draw the maps of this image: ${err.message || err}`));
+      return;
+    }
     if (run !== state.run || state.current !== index) return;
     state.entry = entry;
     state.view = { zoom: 1, cx: 0.5, cy: 0.5 };
