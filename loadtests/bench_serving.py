@@ -1,0 +1,349 @@
+"""``python -m loadtests.bench_serving``: throughput and latency of /explain, printed, never asserted.
+
+Runs, one after the other, each as its own server process on a free port:
+
+- ``batched``: ``python -m service`` as configured (``CAMSERVE_MAX_BATCH_SIZE=8``, 5 ms window);
+- ``unbatched``: the same with ``CAMSERVE_MAX_BATCH_SIZE=1``;
+- ``baseline``: the service a user writes today: FastAPI, one global model, TorchCAM's Grad-CAM
+  under a lock, the same response content (top-5 predictions, the 224x224 mask as lists, the
+  overlay PNG). Served by ``python -m loadtests.bench_serving --serve-baseline``.
+
+Each gets ``--concurrency`` clients (16) posting ``tests/data/chelsea.png`` with Grad-CAM for
+``--duration`` seconds after a warm-up round, and the report gives requests/s, p50/p99, the
+server's own split of each request (queue, compute, encode, the rest = decode and parsing),
+the mean batch size, and the ratios. A last table times the stages in this process (decode,
+overlay PNG, mask to lists and JSON), to say where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, File, UploadFile  # module level: the baseline's annotations resolve here
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = REPO / "tests" / "data" / "chelsea.png"
+FORM = {"methods": "gradcam", "outputs": "mask,overlay", "mask_size": "input", "mask_encoding": "list"}
+
+
+# --- the baseline service ---------------------------------------------------------------------
+
+
+def baseline_app() -> FastAPI:
+    """FastAPI, one global model, TorchCAM Grad-CAM under a lock: how such a service is usually
+    written. Same content as camserve's /explain: top-5, the 224x224 mask as lists, overlay PNG."""
+    import base64
+
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from PIL import Image
+    from torchcam.methods import GradCAM
+    from torchcam.utils import overlay_mask
+    from torchvision.transforms.functional import normalize, resize, to_pil_image, to_tensor
+
+    from service.models.spec import embedded_weights_path
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    model.load_state_dict(torch.load(embedded_weights_path(), map_location="cpu", weights_only=True))
+    model.eval()
+    labels = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+    extractor = GradCAM(model, target_layer="features.18")
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/explain")
+    def explain(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
+        image = Image.open(io.BytesIO(file.file.read())).convert("RGB")
+        x = normalize(to_tensor(resize(image, [224, 224])), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        with lock:
+            out = model(x.unsqueeze(0))
+            probs = out.softmax(dim=1)[0]
+            class_idx = int(probs.argmax())
+            cam = extractor(class_idx, out)[0].detach()
+        top = torch.topk(probs.detach(), 5)
+        mask = F.interpolate(cam[None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+        overlay = overlay_mask(image, to_pil_image(cam[0], mode="F"), alpha=0.5)
+        buffer = io.BytesIO()
+        overlay.save(buffer, format="PNG")
+        return {
+            "predictions": [{"class_idx": int(i), "label": labels[int(i)], "score": float(s)}
+                            for s, i in zip(top.values, top.indices, strict=True)],
+            "explanations": [{"method": "gradcam", "class_idx": class_idx,
+                              "mask": mask.tolist(),
+                              "overlay_png": base64.b64encode(buffer.getvalue()).decode()}],
+        }
+
+    return app
+
+
+# --- running servers --------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    ready_path: str
+
+
+@dataclass
+class Outcome:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    errors: dict[int, int] = field(default_factory=dict)  # status (0: none) -> count
+    elapsed: float = 0.0
+    mean_batch: float | None = None
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(config: Config, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
+    env = {**os.environ, **config.env}
+    env.pop("CAMSERVE_API_KEY", None)
+    return subprocess.Popen([*config.command, "--port", str(port)], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(server: subprocess.Popen[bytes], base: str, path: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
+        try:
+            if httpx.get(base + path, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        pause.wait(0.25)
+    raise RuntimeError(f"{base}{path} was not ready within {timeout_s:.0f} s")
+
+
+def _timing(body: bytes) -> dict[str, float] | None:
+    """camserve's ``timing_ms`` (the last key of its body), without parsing the whole body."""
+    at = body.rfind(b'"timing_ms":')
+    if at < 0:
+        return None
+    end = body.index(b"}", at)
+    parsed: dict[str, float] = orjson.loads(body[at + len(b'"timing_ms":'):end + 1])
+    return parsed
+
+
+async def load(base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome) -> None:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+
+        async def one(record: bool) -> None:
+            started = time.perf_counter()
+            try:
+                response = await client.post(
+                    "/explain", files={"file": ("chelsea.png", image, "image/png")}, data=FORM)
+            except httpx.HTTPError:
+                if record:
+                    outcome.errors[0] = outcome.errors.get(0, 0) + 1  # 0: no HTTP answer
+                return
+            seconds = time.perf_counter() - started
+            if not record:
+                return
+            if response.status_code != 200:
+                outcome.errors[response.status_code] = outcome.errors.get(response.status_code, 0) + 1
+                return
+            outcome.latencies.append(seconds)
+            timing = _timing(response.content)
+            if timing:
+                outcome.timings.append(timing)
+
+        await asyncio.gather(*(one(False) for _ in range(2 * concurrency)))  # warm-up round
+        stop_at = time.perf_counter() + duration_s
+
+        async def client_loop() -> None:
+            while time.perf_counter() < stop_at:
+                await one(True)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        outcome.elapsed = time.perf_counter() - began
+
+
+def mean_batch_size(base: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(base + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "camserve_batch_size_sum":
+                totals["sum"] += sample.value
+            elif sample.name == "camserve_batch_size_count":
+                totals["count"] += sample.value
+    return totals["sum"] / totals["count"] if totals["count"] else None
+
+
+def bench(config: Config, concurrency: int, duration_s: float, workdir: Path) -> Outcome:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start(config, port, workdir / f"{config.name}.log")
+    outcome = Outcome(config.name)
+    try:
+        began = time.perf_counter()
+        wait_ready(server, base, config.ready_path)
+        print(f"  {config.name}: ready in {time.perf_counter() - began:.1f} s; measuring {duration_s:.0f} s",
+              flush=True)
+        asyncio.run(load(base, IMAGE.read_bytes(), concurrency, duration_s, outcome))
+        outcome.mean_batch = mean_batch_size(base) if config.name != "baseline" else None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return outcome
+
+
+# --- where the time goes, in this process ----------------------------------------------------
+
+
+def stage_costs(repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of the CPU stages around the model, for one cat photo."""
+    import numpy as np
+
+    from service.imaging import encode
+    from service.imaging.decode import DecodeLimits, decode_image
+    from service.imaging.preprocess import resize_for_model
+
+    data = IMAGE.read_bytes()
+    frame = decode_image(data, DecodeLimits(50_000_000, 64), "chelsea.png")[0]
+    rng = np.random.default_rng(0)
+    display = rng.random((frame.height, frame.width), dtype=np.float32)
+    mask = rng.random((224, 224), dtype=np.float32)
+
+    def timed(fn: Any) -> float:
+        samples = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1000)
+        return statistics.median(samples)
+
+    return {
+        "decode + resize to 224": timed(lambda: resize_for_model(
+            decode_image(data, DecodeLimits(50_000_000, 64), "x.png")[0].image, (224, 224))),
+        "overlay blend + PNG (level 3)": timed(
+            lambda: encode.png_base64(encode.overlay(frame.image, display, "jet", 0.5), 3)),
+        "overlay blend + PNG (level 1)": timed(
+            lambda: encode.png_base64(encode.overlay(frame.image, display, "jet", 0.5), 1)),
+        "mask 224x224 to JSON lists (orjson)": timed(
+            lambda: orjson.dumps({"data": mask}, option=orjson.OPT_SERIALIZE_NUMPY)),
+        "mask 224x224 .tolist() + json (baseline)": timed(
+            lambda: __import__("json").dumps({"data": mask.tolist()})),
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def report(outcomes: list[Outcome], concurrency: int) -> None:
+    print(f"\n/explain, Grad-CAM, mask (lists) + overlay PNG, chelsea.png, concurrency {concurrency}")
+    print(f"{'config':<10} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
+          f"{'batch':>6} | server mean ms: {'queue':>7} {'compute':>8} {'encode':>7} {'other':>6}")
+    for o in outcomes:
+        errors = ",".join(f"{k}:{v}" for k, v in sorted(o.errors.items())) or "0"
+        batch = f"{o.mean_batch:.2f}" if o.mean_batch else "-"
+        split = ""
+        if o.timings:
+            means = {k: statistics.fmean(t.get(k, 0.0) for t in o.timings)
+                     for k in ("queue", "compute", "encode", "total")}
+            other = means["total"] - means["queue"] - means["compute"] - means["encode"]
+            split = (f"{means['queue']:>23.1f} {means['compute']:>8.1f} {means['encode']:>7.1f} "
+                     f"{other:>6.1f}")
+        print(f"{o.name:<10} {len(o.latencies):>8} {o.throughput:>7.2f} {o.percentile(0.5) * 1000:>8.0f} "
+              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {batch:>6} | {split}")
+    by_name = {o.name: o for o in outcomes}
+
+    def ratio(a: str, b: str) -> None:
+        if a in by_name and b in by_name and by_name[b].throughput:
+            print(f"throughput {a} / {b}: {by_name[a].throughput / by_name[b].throughput:.2f}x")
+
+    ratio("batched", "unbatched")
+    ratio("batched", "baseline")
+    ratio("unbatched", "baseline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_serving", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per config")
+    parser.add_argument("--only", default="batched,unbatched,baseline", help="comma-separated configs")
+    parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=8001, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_baseline:
+        import uvicorn
+
+        uvicorn.run(baseline_app(), host="127.0.0.1", port=args.port, log_level="warning")
+        return 0
+
+    quiet = {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto")}
+    configs = {
+        "batched": Config("batched", [sys.executable, "-m", "service", "--log-level", "warning"],
+                          {**quiet, "CAMSERVE_MAX_BATCH_SIZE": "8"}, "/readyz"),
+        "unbatched": Config("unbatched", [sys.executable, "-m", "service", "--log-level", "warning"],
+                            {**quiet, "CAMSERVE_MAX_BATCH_SIZE": "1"}, "/readyz"),
+        "baseline": Config("baseline", [sys.executable, "-m", "loadtests.bench_serving", "--serve-baseline"],
+                           {}, "/healthz"),
+    }
+    chosen = [configs[name] for name in args.only.split(",")]
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"camserve-bench-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"bench: {len(chosen)} servers, {args.duration:.0f} s each at concurrency {args.concurrency}; "
+          f"server logs in {workdir}", flush=True)
+    outcomes = [bench(config, args.concurrency, args.duration, workdir) for config in chosen]
+    report(outcomes, args.concurrency)
+    print("\nstages in this process (median ms, one cat photo 451x300):")
+    for stage, ms in stage_costs().items():
+        print(f"  {stage:<42} {ms:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
