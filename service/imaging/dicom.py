@@ -1,8 +1,9 @@
 """DICOM Part 10 files to displayable 8-bit RGB frames, through pydicom.
 
 Greyscale frames go through the modality transform (rescale slope and intercept), then the
-file's own VOI window (window centre and width) when it has one, else the full range of
-the frame; MONOCHROME1 is inverted so that higher values are always brighter. Colour
+file's own VOI window (window centre and width) or VOI lookup table when it has one, else
+the full range of the frame; MONOCHROME1 is inverted so that higher values are always
+brighter (and a presentation LUT shape of INVERSE flips that once more). Colour
 frames (RGB, YBR converted by pydicom, palette colour) are scaled to 8 bits.
 
 The declared frame count and size are checked before any pixel is decoded, and a
@@ -22,7 +23,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, iter_pixels
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, iter_pixels
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.errors import PayloadTooLarge, UnsupportedMedia
@@ -144,8 +145,15 @@ def _to_rgb(pixels: np.ndarray, ds: Dataset, photometric: str, index: int) -> Im
             raise UnsupportedMedia(f"greyscale DICOM frame {index} has shape {pixels.shape}")
         values = _modality(pixels, ds, index)
         window = _window(ds, index)
-        grey = window_to_uint8(values, *window) if window else window_to_uint8(values)
-        if photometric == "MONOCHROME1":
+        if window:
+            grey = window_to_uint8(values, *window)
+        elif "VOILUTSequence" in ds:
+            # A lookup table instead of a window: apply it, then show its output range.
+            grey = window_to_uint8(apply_voi(values, ds, index))
+        else:
+            grey = window_to_uint8(values)
+        inverse = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
+        if (photometric == "MONOCHROME1") != inverse:
             grey = 255 - grey
         return grey_to_rgb(grey)
     if photometric == "PALETTE COLOR":

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from service.errors import PayloadTooLarge, UnsupportedMedia
@@ -158,3 +159,19 @@ def test_a_data_set_without_preamble_or_file_meta_still_decodes() -> None:
 def test_bare_bytes_that_only_look_like_dicom_are_415() -> None:
     with pytest.raises(UnsupportedMedia):
         decode_image(b"\x08\x00" + b"\x00" * 40, LIMITS)
+
+
+def test_a_voi_lookup_table_is_applied_when_there_is_no_window() -> None:
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 8]  # 4 entries, first stored value 0, 8-bit output
+    lut.LUTData = [0, 255, 255, 255]  # 0 -> dark, 1 and above -> bright
+    lut["LUTData"].VR = "US"
+    data = grey(np.array([[0, 1, 2, 3, 500]], dtype=np.uint16), VOILUTSequence=[lut])
+    (pixels,) = frames(data)
+    assert pixels[0, :, 0].tolist() == [0, 255, 255, 255, 255]
+
+
+def test_presentation_lut_shape_inverse_flips_monochrome2() -> None:
+    (plain,) = frames(grey(RAMP))
+    (flipped,) = frames(grey(RAMP, PresentationLUTShape="INVERSE"))
+    assert np.array_equal(flipped, 255 - plain)
