@@ -327,9 +327,11 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
     panels = [p for p in panels if p[2]]
     styles = {50: "-", 90: "--", 95: "-.", 99: ":"}
     methods = list(dict.fromkeys(r.method for r in rows))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colours = {m: palette(i % palette.N) for i, m in enumerate(methods)}
 
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.8), squeeze=False)
+    width = 6.5 * max(1, len(panels)) + 2.2  # the legend sits right of the panels
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(width, 4.8), squeeze=False)
     for ax, (mode, label, chosen) in zip(axes[0], panels, strict=False):
         levels: set[float] = set()
         for method in methods:
@@ -350,16 +352,19 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
         ax.set_yscale("log")
         plain = FuncFormatter(lambda value, _: f"{value:g}")
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize="x-small")
+        low, high = ax.get_ylim()
+        if high / max(low, 1e-9) < 30:  # within about a decade minor labels help, beyond they crowd
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize="x-small")
         ax.set_xlabel(label)
         ax.set_ylabel("latency (ms)")
         ax.set_title("fixed concurrency" if mode == "closed" else "fixed request rate (open loop)")
         ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=colours[m], marker="o", label=m) for m in methods]
     handles += [Line2D([], [], color="black", linestyle=s, label=f"p{p}") for p, s in styles.items()]
-    axes[0][-1].legend(handles=handles, loc="best", fontsize="small")
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - 2.1 / width, 0.5),
+               fontsize="small" if len(handles) <= 16 else "x-small", frameon=False)
     fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / width, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
