@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(3, ge=0, le=9, description="zlib level for returned PNGs")
     api_key: str | None = Field(None, description="Bearer token required on non-public endpoints")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = number of cores")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads per CPU worker; 0 = cores - 1 (at least 1)"
+    )
     warmup: bool = Field(
         True, description="run a forward and a CAM pass per model and batch size before ready"
     )
