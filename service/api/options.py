@@ -79,6 +79,16 @@ class ExplainForm(PredictForm):
         False, description="first-principal-component smoothing of the weighted activations",
         examples=[False],
     )
+    evaluate: bool = Field(
+        False, description="add `faithfulness` to each explanation: deletion and insertion AUC, "
+        "average drop, increase in confidence (service.quality.faithfulness). Costs "
+        "2 * eval_steps + 2 extra forward passes per map, batched, no backward",
+        examples=[False],
+    )
+    eval_steps: int = Field(
+        16, ge=1, le=256, description="deletion/insertion steps when `evaluate` is true: the pixels "
+        "change 1/eval_steps of the image at a time", examples=[16],
+    )
     method_params: str | None = Field(
         None, description="JSON object of per-method parameters, keyed by method name (the names, "
         "types and ranges are listed by GET /methods), e.g. the Score-CAM family's "

@@ -94,6 +94,7 @@ def explain_items(
             eigen_smooth=plan.form.eigen_smooth,
             aug_smooth=plan.form.aug_smooth,
             method_params=plan.method_params,
+            evaluate_steps=plan.form.eval_steps if plan.form.evaluate else None,
         )
         items.append(_item(plan.model, upload, plan.form.topk, spec, deadline))
     return items

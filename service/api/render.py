@@ -99,6 +99,8 @@ def _explanation(
         "overlay_png": None,
         "heatmap_png": None,
     }
+    if item.faithfulness is not None:
+        body["faithfulness"] = item.faithfulness
     if "mask" in plan.outputs:
         mask = np.ascontiguousarray(item.mask, dtype=np.float32)
         body["mask"] = {

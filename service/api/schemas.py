@@ -56,6 +56,27 @@ class Mask(_Schema):
     )
 
 
+class Faithfulness(_Schema):
+    deletion_auc: float = Field(
+        description="area under the class probability as the map's top pixels are replaced by the "
+        "baseline (the normalised mean), 1/steps at a time; lower is more faithful", examples=[0.11],
+    )
+    insertion_auc: float = Field(
+        description="area under the class probability as the map's top pixels are revealed on the "
+        "baseline; higher is more faithful", examples=[0.62],
+    )
+    average_drop: float = Field(
+        description="max(0, Y - O) / Y, Y the class probability on the image, O on the image "
+        "multiplied by the map (Grad-CAM++); lower is better, averaged over images in the paper",
+        examples=[0.02],
+    )
+    increase_in_confidence: bool = Field(
+        description="whether O > Y (Grad-CAM++); its share over images is the paper's score",
+        examples=[False],
+    )
+    steps: int = Field(description="deletion/insertion steps used (eval_steps)", examples=[16])
+
+
 class Explanation(_Schema):
     method: str = Field(description="CAM method name", examples=["gradcam"])
     target_layer: str = Field(
@@ -77,6 +98,12 @@ class Explanation(_Schema):
     heatmap_png: str | None = Field(
         description="base64 RGBA PNG: the coloured map with alpha = map value, at the overlay's size",
         examples=[None],
+    )
+    faithfulness: Faithfulness | None = Field(
+        None, description="present when the request set `evaluate`: how far the model's "
+        "confidence follows the map",
+        examples=[{"deletion_auc": 0.11, "insertion_auc": 0.62, "average_drop": 0.02,
+                   "increase_in_confidence": False, "steps": 16}],
     )
 
 

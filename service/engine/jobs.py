@@ -24,6 +24,8 @@ class ExplainSpec:
     aug_smooth: bool = False  # maps averaged over flips and rescalings of the input
     # Per method, its non-default parameters as sorted (name, value) pairs (hashable).
     method_params: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    # Faithfulness scores with this many deletion/insertion steps (service.quality); None: none.
+    evaluate_steps: int | None = None
 
     def options_key(self) -> tuple[object, ...]:
         """What besides methods and layers decides whether two items can share a pass."""
@@ -57,6 +59,7 @@ class MapResult:
     score: float
     mask: np.ndarray  # float32 in [0, 1] at the requested mask size
     display: np.ndarray | None  # float32 in [0, 1] at the display size
+    faithfulness: dict[str, float | bool | int] | None = None  # when the item asked for them
 
 
 @dataclass

@@ -20,6 +20,7 @@ from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
+from service.quality.serving import add_faithfulness
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ class Worker:
                 for sample in per_sample_maps[row]
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
+        if any(item.explain is not None and item.explain.evaluate_steps for item in items):
+            add_faithfulness(loaded.module, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - started) * 1000

@@ -141,3 +141,24 @@ def test_kernels_of_a_non_convolution_name_the_convolutions(client: TestClient) 
     assert unknown.status_code == 422 and "unknown" in unknown.json()["error"]["message"]
     assert client.get("/models/nope/kernels", params={"layer": "features.0.0"}).status_code == 404
     assert client.get("/models/mobilenet_v2/kernels").status_code == 400
+
+
+def test_explain_with_evaluate_scores_each_map(client: TestClient, cat_png: bytes) -> None:
+    files = {"file": ("cat.png", cat_png, "image/png")}
+    form = {"methods": "gradcam,random", "outputs": "mask", "mask_size": "feature",
+            "evaluate": "true", "eval_steps": "4"}
+    response = client.post("/explain", files=files, data=form)
+    assert response.status_code == 200, response.text
+    gradcam, random = response.json()["results"][0]["explanations"]
+    assert set(gradcam["faithfulness"]) == {
+        "deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "steps"
+    }
+    assert gradcam["faithfulness"]["steps"] == 4
+    good, floor = gradcam["faithfulness"], random["faithfulness"]
+    assert good["insertion_auc"] > good["deletion_auc"]
+    assert good["insertion_auc"] - good["deletion_auc"] > floor["insertion_auc"] - floor["deletion_auc"]
+    assert 0.0 <= good["average_drop"] <= 1.0 and isinstance(good["increase_in_confidence"], bool)
+    plain = client.post("/explain", files=files, data={"outputs": "mask", "mask_size": "feature"})
+    assert "faithfulness" not in plain.json()["results"][0]["explanations"][0]
+    bad = client.post("/explain", files=files, data={"evaluate": "true", "eval_steps": "0"})
+    assert bad.status_code == 422
