@@ -88,6 +88,8 @@ class CAMMethod:
     own_autograd: ClassVar[bool] = False
     # Ignores the target layers: one map per sample from the whole network (FullGrad).
     layer_free: ClassVar[bool] = False
+    # Its map lies on the input's grid (one value per input pixel), not on a layer's grid.
+    input_resolution: ClassVar[bool] = False
     # Needs global average pooling followed by one linear layer after the target layer (CAM).
     needs_linear_head: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward + 1 backward (shared)"
@@ -98,6 +100,8 @@ class CAMMethod:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.layer_free:
+            cls.input_resolution = True
         if cls.name:
             if cls.name in CAMMethod.registry:
                 raise ValueError(f"CAM method {cls.name!r} is defined twice")

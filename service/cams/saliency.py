@@ -134,6 +134,7 @@ class GuidedGradCAM(CAMMethod):
     family = "gradient"
     paper = "Selvaraju et al. 2017, arXiv 1610.02391"
     own_autograd = True
+    input_resolution = True
     passes = "1 forward + 1 backward (shared) + 1 forward and backward through guided ReLUs"
 
     def saliency(self, context: LayerContext) -> Tensor:

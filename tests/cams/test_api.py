@@ -45,8 +45,8 @@ def test_every_method_is_served(client: TestClient, cat_png: bytes, name: str) -
     assert explanation["method"] == name
     assert explanation["class_idx"] == EGYPTIAN_CAT
     mask = feature_mask(body)
-    # Layer-free methods (FullGrad) ignore the layer: their maps are on the input's grid.
-    assert mask.shape == ((224, 224) if CAMMethod.registry[name].layer_free else (7, 7))
+    # FullGrad and the saliency family map the input's grid, not the layer's.
+    assert mask.shape == ((224, 224) if CAMMethod.registry[name].input_resolution else (7, 7))
     assert np.isfinite(mask).all() and mask.min() == 0.0 and mask.max() == pytest.approx(1.0)
 
 
