@@ -4,8 +4,9 @@ Each channel ``A_k`` becomes a mask ``up(norm(A_k))`` (normalised to [0, 1] on t
 then upsampled bilinearly to the input, as TorchCAM does); the masked input's class score
 ``Y_c(X * mask)`` is the channel's evidence, and ``w = softmax_k(Y_c(M_k) - Y_c(X))``.
 
-Cost is one forward pass per channel (per noise draw or step), batched ``batch_size`` at a time.
-Two savings keep the map exact:
+Cost is one forward pass per channel (per noise draw or step), batched ``batch_size`` at a time,
+through the model's folded, channels-last twin (:mod:`service.cams.twin`). Two savings keep the
+map exact:
 
 - a channel that is zero everywhere contributes ``w_k * 0`` to the map; its score only enters
   the softmax's denominator, a positive factor common to all channels that min-max
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
+from service.cams.twin import twin_forward
 
 
 def channel_masks(activations: Tensor, eps: float = 1e-8) -> Tensor:
@@ -100,9 +102,7 @@ class ScoreCAM(CAMMethod):
                     up = F.interpolate(masks[b, chunk][:, None], size=size, mode="bilinear",
                                        align_corners=False)
                     masked = self.vary(up, draw, generator) * context.inputs[b]
-                    # NHWC convolutions run about 1.5x faster on CPU (oneDNN) for these batches.
-                    masked = masked.contiguous(memory_format=torch.channels_last)
-                    logits = context.probe.forward(masked)
+                    logits = twin_forward(context.probe.model, masked)
                     total[start:start + chunk.numel()] += logits[:, context.classes[b]] - baseline[b]
             scores[b, indices] = total / self.draws()
         return torch.softmax(scores, dim=1).nan_to_num(0.0)
