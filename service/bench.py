@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     print("Score-CAM family and Ablation-CAM: timed once at batch 1; SS-CAM and IS-CAM with "
           "top_k_channels=32 and their default num_samples. Medians of "
           f"{args.repeats} runs otherwise. The model is in PyTorch's default (NCHW) memory format for "
-          "all three; this service's Score-CAM feeds its masked batches as NHWC.")
+          "all three; this service's Score-CAM family runs its masked batches through a folded "
+          "(conv + batch norm), channels-last twin of it.")
 
 
 if __name__ == "__main__":
