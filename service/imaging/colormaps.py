@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -31,7 +31,22 @@ def lookup_table(name: str) -> np.ndarray:
     return table
 
 
+@lru_cache(maxsize=64)
+def scaled_table(name: str, factor: float) -> np.ndarray:
+    """(256, 3) float32 table: the colour map's RGB values times ``factor``, in float32."""
+    table = lookup_table(name).astype(np.float32) * np.float32(factor)
+    table.flags.writeable = False
+    return table
+
+
+def to_indices(mask: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as uint8 table indices: ``round(value * 255)`` clipped to [0, 255]."""
+    scaled = np.multiply(mask, np.float32(255.0), dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
+
+
 def apply_colormap(mask: np.ndarray, name: str) -> np.ndarray:
     """Map values in [0, 1] of an (H, W) array to an (H, W, 3) uint8 image."""
-    indices = np.clip(np.rint(mask * 255.0), 0, 255).astype(np.uint8)
-    return lookup_table(name)[indices]
+    return lookup_table(name)[to_indices(mask)]

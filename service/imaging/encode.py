@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
 
-from service.imaging.colormaps import apply_colormap
+from service.imaging.colormaps import lookup_table, scaled_table, to_indices
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (grey, grey+alpha, RGB, RGBA)
 
 
 def display_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -34,27 +39,64 @@ def mask_from_base64(data: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(shape)
 
 
+def png_bytes(pixels: np.ndarray, compress_level: int = 3) -> bytes:
+    """An (H, W), (H, W, 1|2|3|4) uint8 array as an 8-bit PNG file.
+
+    Every row uses PNG's Sub filter (the byte minus the same channel of the pixel to its left),
+    computed with one numpy subtraction, and the rows are deflated with zlib's run-length
+    strategy. ``compress_level`` 0 stores the rows unfiltered and uncompressed. Other arrays
+    go through Pillow.
+    """
+    array = np.ascontiguousarray(pixels)
+    channels = 1 if array.ndim == 2 else array.shape[-1] if array.ndim == 3 else 0
+    if array.dtype != np.uint8 or channels not in _COLOUR_TYPES or 0 in array.shape:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+        return buffer.getvalue()
+    height, width = array.shape[:2]
+    rows = array.reshape(height, width * channels)
+    scanlines = np.empty((height, width * channels + 1), dtype=np.uint8)
+    if compress_level == 0:
+        scanlines[:, 0] = 0  # filter None
+        scanlines[:, 1:] = rows
+    else:
+        scanlines[:, 0] = 1  # filter Sub; uint8 arithmetic wraps modulo 256 as PNG requires
+        scanlines[:, 1:1 + channels] = rows[:, :channels]
+        np.subtract(rows[:, channels:], rows[:, :-channels], out=scanlines[:, 1 + channels:])
+    compressor = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = compressor.compress(scanlines.data) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPES[channels], 0, 0, 0)
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
 def png_base64(pixels: np.ndarray, compress_level: int = 3) -> str:
-    """Encode an (H, W, 3|4) uint8 array as base64 PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    """Encode an (H, W[, C]) uint8 array as base64 PNG (see :func:`png_bytes`)."""
+    return base64.b64encode(png_bytes(pixels, compress_level)).decode("ascii")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def overlay(image: Image.Image, mask: np.ndarray, colormap: str, alpha: float) -> np.ndarray:
-    """Blend the coloured map over the image; ``mask`` must already have the image's size."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """Blend the coloured map over the image; ``mask`` must already have the image's size.
+
+    Each pixel is ``round((1 - alpha) * image + alpha * colour)``, in float32.
+    """
+    base = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     _check_same_size(base, mask)
-    colour = apply_colormap(mask, colormap).astype(np.float32)
-    blended = (1.0 - alpha) * base + alpha * colour
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    blended = base.astype(np.float32)
+    blended *= np.float32(1.0 - alpha)
+    blended += scaled_table(colormap, float(alpha))[to_indices(mask)]
+    np.rint(blended, out=blended)
+    np.clip(blended, 0, 255, out=blended)
+    return blended.astype(np.uint8)
 
 
 def heatmap_rgba(mask: np.ndarray, colormap: str) -> np.ndarray:
     """The coloured map with alpha = map value, for blending on the client."""
-    colour = apply_colormap(mask, colormap)
-    alpha = np.clip(np.rint(mask * 255.0), 0, 255).astype(np.uint8)
-    return np.dstack([colour, alpha])
+    indices = to_indices(mask)
+    return np.dstack([lookup_table(colormap)[indices], indices])
 
 
 def _check_same_size(image: np.ndarray, mask: np.ndarray) -> None:
