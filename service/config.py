@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         True, description="run a forward and a CAM pass per model and batch size before ready"
     )
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    fold_batch_norm: bool = Field(
+        True, description="compute through a copy of each model with batch norm folded into its convolutions"
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="on SIGTERM, how long queued and running work may take to finish"
     )

@@ -83,7 +83,8 @@ class Engine:
         # One core is left to decoding, PNG and JSON: with every core given to torch, its
         # OpenMP threads and the HTTP threads fight, and a 2-core box served 6x fewer requests.
         threads = self.settings.torch_threads or max(1, available_cores() - 1)
-        return Worker(device, threads, channels_last=self.settings.channels_last)
+        return Worker(device, threads, channels_last=self.settings.channels_last,
+                      fold_batch_norm=self.settings.fold_batch_norm)
 
     # lifecycle -------------------------------------------------------------------------
 

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from service.cams import get_method
-from service.cams.extractor import SampleMap, explain_batch, resize_map
+from service.cams import CAMMethod, get_method, normalize
+from service.cams.extractor import SampleMap, explain_batch
+from service.engine.fusion import Folded, fold_batch_norms
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
 from service.models.loader import LoadedModel, load_model
@@ -69,13 +72,24 @@ def warm_batch_sizes(max_batch_size: int, device: torch.device | None = None) ->
 
 class Worker:
     """Owns the models of one device. ``threads`` sets torch's intra-op threads (0: the cores);
-    ``channels_last`` stores conv weights and inputs NHWC, which is faster for conv nets."""
+    ``channels_last`` stores conv weights and inputs NHWC, which is faster for conv nets;
+    ``fold_batch_norm`` computes through a copy of each model with batch norm folded into the
+    convolutions before it (:mod:`service.engine.fusion`) whenever a request's methods and
+    layers see the same values there as in the model itself."""
 
-    def __init__(self, device: torch.device, threads: int = 0, channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        threads: int = 0,
+        channels_last: bool = True,
+        fold_batch_norm: bool = True,
+    ) -> None:
         self.device = device
         self.threads = threads
         self.channels_last = channels_last
+        self.fold_batch_norm = fold_batch_norm
         self.models: dict[str, LoadedModel] = {}
+        self.folded: dict[str, Folded] = {}
 
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
         if self.device.type == "cpu":
@@ -83,9 +97,14 @@ class Worker:
         for spec in specs:
             started = time.perf_counter()
             loaded = load_model(spec, self.device)
+            folded = fold_batch_norms(loaded.module) if self.fold_batch_norm else None
             if self.channels_last:
                 loaded.module.to(memory_format=torch.channels_last)
+                if folded is not None:
+                    folded.module.to(memory_format=torch.channels_last)
             self.models[spec.name] = loaded
+            if folded is not None:
+                self.folded[spec.name] = folded
             log.info(
                 "model loaded",
                 extra={"model": spec.name, "device": str(self.device),
@@ -97,14 +116,13 @@ class Worker:
         """A forward and a Grad-CAM pass per model and batch size, so no request pays set-up."""
         for loaded in self.models.values():
             height, width = loaded.spec.input_size
+            gradcam = get_method("gradcam")
+            module, modules = self._network(loaded, (loaded.default_layer,), [gradcam])
             for size in batch_sizes:
                 inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
                 with torch.inference_mode():
-                    loaded.module(inputs)
-                explain_batch(
-                    loaded.module, loaded.modules, inputs, [loaded.default_layer],
-                    [get_method("gradcam")], [None] * size,
-                )
+                    module(inputs)
+                explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -115,33 +133,44 @@ class Worker:
         inputs = self._to_tensor(loaded, [item.pixels for item in items])
         spec = items[0].explain
         if spec is None:
+            module, _ = self._network(loaded, (), [])
             with torch.inference_mode():
-                logits = loaded.module(inputs)
+                logits = module(inputs)
             per_sample_maps: list[list[SampleMap]] = [[] for _ in items]
         else:
             params = dict(spec.method_params)
+            methods = [get_method(name, dict(params.get(name, ()))) for name in spec.methods]
+            module, modules = self._network(loaded, spec.layers, methods)
             output = explain_batch(
-                loaded.module, loaded.modules, inputs, spec.layers,
-                [get_method(name, dict(params.get(name, ()))) for name in spec.methods],
+                module, modules, inputs, spec.layers, methods,
                 [item.explain.classes if item.explain else None for item in items],
                 eigen_smooth=spec.eigen_smooth,
                 aug_smooth=spec.aug_smooth,
             )
             logits, per_sample_maps = output.logits, output.maps
-        probabilities = logits.float().softmax(dim=1)
+        probabilities = logits.detach().float().softmax(dim=1)
+        top = torch.topk(probabilities, k=min(max(item.topk for item in items), probabilities.shape[1]))
+        top_indices, top_values = top.indices.tolist(), top.values.tolist()
+        scores = probabilities.cpu().numpy()
+        maps = self._finish_maps(items, per_sample_maps)
         results = []
         for row, item in enumerate(items):
-            probs = probabilities[row]
-            top = torch.topk(probs, k=min(item.topk, probs.numel()))
-            predictions = list(zip(top.indices.tolist(), top.values.tolist(), strict=False))
+            predictions = list(zip(top_indices[row][:item.topk], top_values[row][:item.topk], strict=True))
+            layers = item.explain.layers if item.explain is not None else ()
             explanations = [
-                self._finish_map(item, sample.method, sample.class_idx,
-                                 float(probs[sample.class_idx]), sample.grid)
-                for sample in per_sample_maps[row]
+                MapResult(
+                    method=sample.method,
+                    layers=layers,
+                    class_idx=sample.class_idx,
+                    score=float(scores[row, sample.class_idx]),
+                    mask=mask,
+                    display=display,
+                )
+                for sample, (mask, display) in zip(per_sample_maps[row], maps[row], strict=True)
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
-            add_faithfulness(loaded.module, inputs, items, per_sample_maps, results)
+            add_faithfulness(module, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - started) * 1000
@@ -149,21 +178,51 @@ class Worker:
             result.compute_ms = compute_ms
         return results
 
-    def _finish_map(
-        self, item: WorkItem, method: str, class_idx: int, score: float, grid: torch.Tensor
-    ) -> MapResult:
-        spec = item.explain
-        assert spec is not None
-        mask = grid if spec.mask_size is None else resize_map(grid, spec.mask_size)
-        display = None if spec.display_size is None else resize_map(grid, spec.display_size)
-        return MapResult(
-            method=method,
-            layers=spec.layers,
-            class_idx=class_idx,
-            score=score,
-            mask=mask.float().cpu().numpy(),
-            display=None if display is None else display.float().cpu().numpy(),
-        )
+    def _network(
+        self, loaded: LoadedModel, layers: Sequence[str], methods: Sequence[CAMMethod]
+    ) -> tuple[nn.Module, dict[str, nn.Module]]:
+        """The folded copy of the model when it gives these methods on these layers the same
+        values as the model itself, else the model.
+
+        Methods that run their own autograd or work on the input (guided backprop, FullGrad,
+        saliency) read the model's modules and biases; they get the model itself.
+        """
+        folded = self.folded.get(loaded.spec.name)
+        if (
+            folded is None
+            or folded.changed.intersection(layers)
+            or any(method.own_autograd or method.layer_free for method in methods)
+        ):
+            return loaded.module, loaded.modules
+        return folded.module, folded.modules
+
+    def _finish_maps(
+        self, items: Sequence[WorkItem], per_sample_maps: Sequence[Sequence[SampleMap]]
+    ) -> list[list[tuple[np.ndarray, np.ndarray | None]]]:
+        """Every sample's map at its mask size and display size, as float32 numpy arrays.
+
+        Maps with the same grid and target size are resized in one call and copied to the
+        host together.
+        """
+        wanted: list[tuple[torch.Tensor, tuple[int, int] | None]] = []
+        for item, samples in zip(items, per_sample_maps, strict=True):
+            spec = item.explain
+            for sample in samples:
+                assert spec is not None
+                wanted.append((sample.grid, spec.mask_size or _size(sample.grid)))
+                wanted.append((sample.grid, spec.display_size))
+        arrays = _resize_all(wanted)
+        out: list[list[tuple[np.ndarray, np.ndarray | None]]] = []
+        at = 0
+        for samples in per_sample_maps:
+            row: list[tuple[np.ndarray, np.ndarray | None]] = []
+            for _ in samples:
+                mask, display = arrays[at], arrays[at + 1]
+                assert mask is not None
+                row.append((mask, display))
+                at += 2
+            out.append(row)
+        return out
 
     def _to_tensor(self, loaded: LoadedModel, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
@@ -174,3 +233,29 @@ class Worker:
         if self.channels_last:
             return normalised.contiguous(memory_format=torch.channels_last)
         return normalised
+
+
+def _resize_all(
+    wanted: Sequence[tuple[torch.Tensor, tuple[int, int] | None]],
+) -> list[np.ndarray | None]:
+    """Each (h, w) map brought to its size (None: no map, the map's own size: unchanged),
+    bilinearly and re-normalised to span [0, 1] exactly, as float32 numpy arrays."""
+    groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
+    for index, (grid, size) in enumerate(wanted):
+        if size is not None:
+            groups.setdefault((tuple(grid.shape), size), []).append(index)
+    out: list[np.ndarray | None] = [None] * len(wanted)
+    for (shape, size), indices in groups.items():
+        stacked = torch.stack([wanted[i][0] for i in indices])
+        if shape != size:
+            resized = F.interpolate(stacked[:, None], size=size, mode="bilinear", align_corners=False)
+            stacked = normalize(resized[:, 0])
+        host = stacked.float().cpu().numpy()
+        for row, index in enumerate(indices):
+            out[index] = host[row]
+    return out
+
+
+def _size(grid: torch.Tensor) -> tuple[int, int]:
+    height, width = grid.shape[-2:]
+    return int(height), int(width)

@@ -1,0 +1,96 @@
+"""Batch norm folded into the convolution before it, for a model that is only evaluated.
+
+In eval mode ``BatchNorm2d(Conv2d(x))`` is one convolution with rescaled weights and a new
+bias. :func:`fold_batch_norms` returns a copy of the model where every such pair is folded:
+the convolution carries the batch norm's affine map and the batch norm becomes
+``nn.Identity``. Module names and nesting stay the same, so forward hooks on any module see
+the same output as in the original model, except on a folded convolution, whose output is
+now the batch norm's; those names are returned so callers can avoid hooking them.
+
+Pairs are found on the ``torch.fx`` graph: a convolution whose only user is a batch norm,
+each module called exactly once. A model that cannot be traced is not folded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A folded copy of a model and what differs from the original."""
+
+    module: nn.Module
+    modules: dict[str, nn.Module] = field(repr=False)
+    changed: frozenset[str]  # convolutions whose output is now their batch norm's output
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(convolution, batch norm) module names where the batch norm is all the convolution feeds."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing fails on data-dependent control flow
+        log.info("batch norm not folded: the model cannot be traced", extra={"reason": str(exc)})
+        return []
+    modules = dict(model.named_modules())
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        conv, user = modules.get(str(node.target)), next(iter(node.users))
+        if not isinstance(conv, nn.Conv2d) or user.op != "call_module" or user.args[:1] != (node,):
+            continue
+        norm = modules.get(str(user.target))
+        if (
+            isinstance(norm, nn.BatchNorm2d)
+            and norm.track_running_stats
+            and norm.running_mean is not None
+            and norm.num_features == conv.out_channels
+            and calls[str(node.target)] == 1
+            and calls[str(user.target)] == 1
+        ):
+            pairs.append((str(node.target), str(user.target)))
+    return pairs
+
+
+def fold_batch_norms(model: nn.Module) -> Folded | None:
+    """A copy of an eval-mode ``model`` with its conv + batch norm pairs folded; None if none."""
+    if model.training:
+        raise ValueError("batch norm can only be folded in eval mode")
+    pairs = conv_bn_pairs(model)
+    if not pairs:
+        return None
+    folded = copy.deepcopy(model)
+    modules = dict(folded.named_modules())
+    with torch.no_grad():
+        for conv_name, norm_name in pairs:
+            conv, norm = modules[conv_name], modules[norm_name]
+            assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+            assert norm.running_mean is not None and norm.running_var is not None
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+            if conv.bias is not None:
+                shift = shift + conv.bias * scale
+            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+            _replace(folded, norm_name, nn.Identity())
+    return Folded(folded, dict(folded.named_modules()), frozenset(name for name, _ in pairs))
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
