@@ -1,7 +1,9 @@
 """Running CAM methods on a batch: hooks, one shared forward/backward, fusion.
 
 Activations are captured by forward hooks that swap the layer's output for a fresh leaf
-tensor requiring grad (the model's parameters never require grad). ``torch.autograd.grad`` of
+tensor requiring grad (the model's parameters never require grad). Methods see each layer's
+output, and its gradient, as (B, K, H, W): channels-last outputs and ViT's class and patch
+tokens are reshaped to that grid (:mod:`service.cams.layout`). ``torch.autograd.grad`` of
 the target scores with respect to those leaves then runs backward only from the target layer
 up, and never touches any parameter's ``.grad``. Every method requested on the same layers
 shares that single forward and backward pass. Hooks are removed in ``finally``.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext, normalize
+from service.cams.layout import Layout, layout_of, to_grid
 from service.cams.probe import Probe
 
 
@@ -34,22 +37,42 @@ class BatchOutput:
     maps: list[list[SampleMap]]  # per sample, in (class, method) order
 
 
+@dataclass
+class Captured:
+    """One layer's output as the model produced it, and how it maps onto a grid."""
+
+    output: Tensor  # native layout; a leaf requiring grad when captured with gradients
+    layout: Layout
+    size: tuple[int, int]  # the model input's (height, width)
+
+    def grid(self, tensor: Tensor | None = None) -> Tensor:
+        """``tensor`` (the output by default, or its gradient) as (B, C, H, W)."""
+        return to_grid(self.output if tensor is None else tensor, self.layout, self.size)
+
+
 @contextmanager
 def capture(
-    modules: dict[str, nn.Module], layers: Sequence[str], with_grad: bool
-) -> Iterator[dict[str, Tensor]]:
-    """Record each layer's output; with ``with_grad`` as a leaf that gradients can reach."""
-    store: dict[str, Tensor] = {}
+    modules: dict[str, nn.Module], layers: Sequence[str], with_grad: bool, size: tuple[int, int]
+) -> Iterator[dict[str, Captured]]:
+    """Record each layer's output; with ``with_grad`` as a leaf that gradients can reach.
+
+    ``size`` is the model input's (height, width), which tells the output's layout
+    (:mod:`service.cams.layout`): (B, C, H, W), channels last, or a class token and patches.
+    """
+    store: dict[str, Captured] = {}
     handles = []
 
     def hook_for(name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                raise TypeError(f"layer {name!r} does not produce a 4-D tensor")
+            layout = layout_of(output.shape, size) if isinstance(output, Tensor) else None
+            if not isinstance(output, Tensor) or layout is None:
+                raise TypeError(
+                    f"layer {name!r} does not produce a 4-D tensor or a grid of patch tokens"
+                )
             # When an earlier hooked layer already started the graph, this layer stays inside
             # it; a fresh leaf here would cut that earlier layer off from the scores.
             captured = output if output.requires_grad else output.detach().requires_grad_(with_grad)
-            store[name] = captured
+            store[name] = Captured(captured, layout, size)
             # Downstream in-place ops (ReLU(inplace), +=) must act on a copy, not the capture.
             return captured.clone()
 
@@ -132,7 +155,8 @@ def explain_once(
     layer_methods = [m for m in methods if not m.layer_free]
     with_grad = any(m.uses_gradients for m in layer_methods)
     hooked = layers if layer_methods else []
-    with capture(modules, hooked, with_grad) as store, _grad_mode(methods):
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    with capture(modules, hooked, with_grad, size) as store, _grad_mode(methods):
         logits = model(inputs)
     top1 = logits.detach().argmax(dim=1).tolist()
     classes = [list(t) if t else [int(i)] for t, i in zip(targets, top1, strict=True)]
@@ -147,14 +171,22 @@ def explain_once(
         if with_grad:
             scores = logits[index, class_tensor]
             found = torch.autograd.grad(
-                scores.sum(), [store[name] for name in hooked], retain_graph=round_ < rounds - 1
+                scores.sum(), [store[name].output for name in hooked],
+                retain_graph=round_ < rounds - 1,
             )
-            gradients = [g[index] for g in found]
-        probe = Probe(model, modules, inputs[index])
+            gradients = [store[name].grid(g)[index] for name, g in zip(hooked, found, strict=True)]
+        probe = Probe(
+            model, modules, inputs[index],
+            layouts={name: store[name].layout for name in hooked},
+            class_tokens={
+                name: store[name].output.detach()[index, :1]
+                for name in hooked if store[name].layout == "tokens"
+            },
+        )
         contexts = [
             LayerContext(
                 layer=name,
-                activations=store[name].detach()[index],
+                activations=store[name].grid().detach()[index],
                 gradients=gradient,
                 inputs=inputs[index],
                 classes=class_tensor,

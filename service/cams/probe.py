@@ -6,16 +6,23 @@ images), from a target layer on with replaced activations (Ablation-CAM's ablate
 the cheap tail of :mod:`service.cams.tail`), and gradients at a layer for other inputs (Smooth
 Grad-CAM++'s noisy copies). Every hook it registers is removed in ``finally``; gradients are
 taken with ``torch.autograd.grad``, so the model's parameters never receive a ``.grad``.
+
+Methods see every layer as (N, K, H, W); a layer whose output has another layout (channels
+last, or a class token and patch tokens, see :mod:`service.cams.layout`) gets activations put
+back into that layout before the model runs on from it, the class token being the sample's own
+from the shared forward pass, and has its activations and gradients brought to the grid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from service.cams.layout import Layout, layout_of, to_grid, to_native
 from service.cams.tail import tail_of
 
 
@@ -33,16 +40,38 @@ def replaced_output(module: nn.Module, replacement: Tensor) -> Iterator[None]:
         handle.remove()
 
 
+def differentiable_attention() -> AbstractContextManager[object]:
+    """Attention kernels that autograd can differentiate twice, while gradients are on.
+
+    The fused CPU attention kernels have no double backward, which Shapley-CAM's
+    Hessian-vector product through a transformer needs; the plain math kernel has one.
+    """
+    if not torch.is_grad_enabled():
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def gather_scores(logits: Tensor, classes: Tensor) -> Tensor:
     """Each row's score for its own class: (N, C), (N,) -> (N,)."""
     return logits.gather(1, classes.view(-1, 1)).squeeze(1)
 
 
 class Probe:
-    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], inputs: Tensor) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Mapping[str, nn.Module],
+        inputs: Tensor,
+        layouts: Mapping[str, Layout] | None = None,
+        class_tokens: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """``layouts`` names each target layer's output layout (``nchw`` where absent);
+        ``class_tokens`` holds, for ``tokens`` layers, each sample's class token (B, 1, C)."""
         self.model = model
         self.modules = modules
         self.inputs = inputs
+        self.layouts: Mapping[str, Layout] = layouts or {}
+        self.class_tokens: Mapping[str, Tensor] = class_tokens or {}
 
     def forward(self, inputs: Tensor, batch_size: int = 0) -> Tensor:
         """Logits for ``inputs``, in chunks of ``batch_size`` rows (all at once when 0)."""
@@ -56,12 +85,18 @@ class Probe:
         ``rows`` (N,) names the sample each row belongs to; without a tail the whole model
         runs on those samples' inputs with the layer's output replaced.
         """
+        class_tokens = self.class_tokens.get(layer)
+        activations = to_native(
+            activations, self.layouts.get(layer, "nchw"),
+            None if class_tokens is None else class_tokens[rows],
+        )
         tail = tail_of(self.model, layer)
-        if tail is not None:
-            output: Tensor = tail(activations)
-            return output
-        with replaced_output(self.modules[layer], activations):
-            return self.model(self.inputs[rows])
+        with differentiable_attention():
+            if tail is not None:
+                output: Tensor = tail(activations)
+                return output
+            with replaced_output(self.modules[layer], activations):
+                return self.model(self.inputs[rows])
 
     def from_layer_chunked(
         self, layer: str, activations: Tensor, rows: Tensor, batch_size: int
@@ -75,7 +110,10 @@ class Probe:
     def layer_gradients(
         self, inputs: Tensor, layer: str, objective: Callable[[Tensor], Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """Activations at ``layer`` for ``inputs`` and the gradient of ``objective(logits)``."""
+        """Activations at ``layer`` for ``inputs`` and the gradient of ``objective(logits)``.
+
+        Both (N, K, H, W), whatever the layer's own layout.
+        """
         captured: list[Tensor] = []
 
         def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
@@ -90,4 +128,6 @@ class Probe:
                 (gradient,) = torch.autograd.grad(objective(logits), [captured[-1]])
         finally:
             handle.remove()
-        return captured[-1].detach(), gradient
+        size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+        layout = layout_of(captured[-1].shape, size) or "nchw"
+        return to_grid(captured[-1].detach(), layout, size), to_grid(gradient, layout, size)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from service.cams.head import find_linear_head
+from service.cams.head import LinearHead, find_linear_head
 from service.models.catalog import LayerInfo, ModelInfo
 from service.models.layers import inspect_layers
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
@@ -39,10 +39,19 @@ class LoadedModel:
 
     def info(self) -> ModelInfo:
         spec = self.spec
-        head = find_linear_head(
-            self.module, self.modules, [layer.name for layer in self.layers], self.default_layer,
-            spec.input_size, self.device,
+        layout = next(
+            (layer.layout for layer in self.layers if layer.name == self.default_layer), "nchw"
         )
+        if layout == "nchw":
+            head = find_linear_head(
+                self.module, self.modules, [layer.name for layer in self.layers],
+                self.default_layer, spec.input_size, self.device,
+            )
+        else:
+            head = LinearHead(
+                None, (), f"the default layer {self.default_layer!r} holds its grid as {layout}, "
+                "not as (N, C, H, W) under global average pooling",
+            )
         return ModelInfo(
             name=spec.name,
             display_name=spec.display_name or spec.name,
@@ -112,30 +121,50 @@ def read_labels(spec: ModelSpec) -> list[str]:
 
 
 def build_module(spec: ModelSpec) -> nn.Module:
-    """The architecture with the declared weights; never downloads anything."""
+    """The architecture with the declared weights, or initialised from the spec's seed when it
+    declares none; never downloads anything."""
     if spec.architecture not in classification_architectures():
         raise ModelLoadError(
             f"model {spec.name!r}: unknown architecture {spec.architecture!r}; "
             "use a torchvision classification model name such as resnet18 or mobilenet_v2"
         )
+    if spec.weights is None:
+        return _initialised(spec)
     module: nn.Module = torchvision.models.get_model(
         spec.architecture, weights=None, num_classes=spec.num_classes
     )
-    if spec.weights is not None:
-        verify_weights(spec)
-        state = torch.load(spec.weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict):
-            for key in ("state_dict", "model"):
-                if isinstance(state.get(key), dict):
-                    state = state[key]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelLoadError(
-                f"model {spec.name!r}: weights do not fit {spec.architecture} "
-                f"with {spec.num_classes} classes: {exc}"
-            ) from exc
+    verify_weights(spec)
+    state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"model {spec.name!r}: weights do not fit {spec.architecture} "
+            f"with {spec.num_classes} classes: {exc}"
+        ) from exc
+    return module
+
+
+def _initialised(spec: ModelSpec) -> nn.Module:
+    """The architecture untrained, the same for the same seed (see :mod:`service.models.spec`).
+
+    The global random state is restored afterwards, so loading a model never changes what
+    other code draws.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        module: nn.Module = torchvision.models.get_model(
+            spec.architecture, weights=None, num_classes=spec.num_classes
+        )
+        with torch.no_grad():
+            for parameter in module.parameters():
+                if parameter.dim() >= 2 and not parameter.any():
+                    parameter.normal_(0.0, 0.02)
     return module
 
 
@@ -150,7 +179,8 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     chosen = spec.default_layer or found
     if chosen is None or chosen not in names:
         raise ModelLoadError(
-            f"model {spec.name!r}: default layer {chosen!r} has no 4-D output; "
+            f"model {spec.name!r}: default layer {chosen!r} has no grid output "
+            "(N, C, H, W), (N, H, W, C) or class and patch tokens; "
             f"candidates end with {', '.join(sorted(names)[-5:])}"
         )
     return LoadedModel(

