@@ -11,6 +11,7 @@ from service.cams import ablation  # noqa: F401
 from service.cams import secondorder  # noqa: F401
 from service.cams import fullgrad  # noqa: F401
 from service.cams import saliency  # noqa: F401
+from service.cams import legrad  # noqa: F401
 # isort: on
 from service.cams.base import CAMMethod, MethodParam, get_method, method_names, normalize
 

@@ -92,6 +92,8 @@ class CAMMethod:
     input_resolution: ClassVar[bool] = False
     # Needs global average pooling followed by one linear layer after the target layer (CAM).
     needs_linear_head: ClassVar[bool] = False
+    # Needs a vision transformer's attention blocks (LeGrad); other models get a ValueError.
+    needs_transformer: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward + 1 backward (shared)"
     apply_relu: ClassVar[bool] = True
     params: ClassVar[tuple[MethodParam, ...]] = ()

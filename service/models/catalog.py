@@ -32,6 +32,10 @@ class ModelInfo:
     linear_head: str | None = None
     linear_head_layers: tuple[str, ...] = ()
     linear_head_problem: str = "not checked"
+    # LeGrad's encoder blocks with nn.MultiheadAttention (a torchvision ViT); 0 (and the reason
+    # in ``attention_problem``) when the model has none.
+    attention_blocks: int = 0
+    attention_problem: str = "not checked"
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]

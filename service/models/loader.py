@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from service.cams.head import LinearHead, find_linear_head
+from service.cams.legrad import transformer_parts
 from service.models.catalog import LayerInfo, ModelInfo
 from service.models.layers import inspect_layers
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
@@ -52,6 +53,10 @@ class LoadedModel:
                 None, (), f"the default layer {self.default_layer!r} holds its grid as {layout}, "
                 "not as (N, C, H, W) under global average pooling",
             )
+        try:
+            blocks, problem = len(transformer_parts(self.module).blocks), ""
+        except ValueError as exc:
+            blocks, problem = 0, str(exc)
         return ModelInfo(
             name=spec.name,
             display_name=spec.display_name or spec.name,
@@ -66,6 +71,8 @@ class LoadedModel:
             linear_head=head.name,
             linear_head_layers=head.layers,
             linear_head_problem=head.reason,
+            attention_blocks=blocks,
+            attention_problem=problem,
         )
 
 
