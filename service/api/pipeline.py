@@ -114,21 +114,58 @@ def _item(
 
 
 async def respond(
-    body: dict[str, Any], results: Sequence[ItemResult], started: float, encode_started: float
+    body: dict[str, Any],
+    results: Sequence[ItemResult],
+    started: float,
+    encode_started: float,
+    decode_ms: float | None = None,
 ) -> Response:
-    payload = await run_in_threadpool(_serialize, body, results, started, encode_started)
-    return Response(payload, media_type="application/json")
+    """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in and a
+    ``Server-Timing`` header naming each stage (decode when ``decode_ms`` is given, queue,
+    compute, render: masks and PNGs, json: the serialisation itself, total)."""
+    payload, stages = await run_in_threadpool(_serialize, body, results, started, encode_started)
+    if decode_ms is not None:
+        stages = {"decode": round(decode_ms, 2), **stages}
+    return Response(payload, media_type="application/json",
+                    headers={"Server-Timing": server_timing(stages)})
+
+
+def server_timing(stages: dict[str, float]) -> str:
+    """``name;dur=ms`` entries as the ``Server-Timing`` header writes them."""
+    return ", ".join(f"{name};dur={ms:g}" for name, ms in stages.items())
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """The stages of a ``Server-Timing`` header written by :func:`server_timing`."""
+    stages: dict[str, float] = {}
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                stages[name] = float(value)
+    return stages
 
 
 def _serialize(
     body: dict[str, Any], results: Sequence[ItemResult], started: float, encode_started: float
-) -> bytes:
+) -> tuple[bytes, dict[str, float]]:
     # Timings are filled last so "encode" covers the rendering that came before.
     now = time.perf_counter()
-    body["timing_ms"] = {
+    timing = {
         "queue": round(max((r.queue_ms for r in results), default=0.0), 2),
         "compute": round(max((r.compute_ms for r in results), default=0.0), 2),
         "encode": round((now - encode_started) * 1000, 2),
         "total": round((now - started) * 1000, 2),
     }
-    return dumps(body)
+    body["timing_ms"] = timing
+    payload = dumps(body)
+    done = time.perf_counter()
+    stages = {
+        "queue": timing["queue"],
+        "compute": timing["compute"],
+        "render": timing["encode"],
+        "json": round((done - now) * 1000, 2),
+        "total": round((done - started) * 1000, 2),
+    }
+    return payload, stages

@@ -41,7 +41,9 @@ async def predict(
 ) -> Response:
     started = time.perf_counter()
     model = resolve_model(form.model, engine.catalog, settings.default_model)
+    decode_started = time.perf_counter()
     uploads = await pipeline.decode_sources(await _read(form.file), settings, model)
+    decode_ms = (time.perf_counter() - decode_started) * 1000
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     results = await engine.submit(pipeline.predict_items(model, uploads, form.topk, deadline))
     encode_started = time.perf_counter()
@@ -50,7 +52,7 @@ async def predict(
         "model": model_ref(model),
         "results": predict_results(model, uploads, results),
     }
-    return await pipeline.respond(body, results, started, encode_started)
+    return await pipeline.respond(body, results, started, encode_started, decode_ms)
 
 
 @router.post(
@@ -73,7 +75,9 @@ async def explain(
 ) -> Response:
     started = time.perf_counter()
     plan = plan_explain(form, engine.catalog, settings.default_model)
+    decode_started = time.perf_counter()
     uploads = await pipeline.decode_sources(await _read(form.file), settings, plan.model)
+    decode_ms = (time.perf_counter() - decode_started) * 1000
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
     encode_started = time.perf_counter()
@@ -81,7 +85,7 @@ async def explain(
         explain_results, plan, uploads, results, settings.png_compress_level
     )
     body = {"request_id": request_id_of(request), "model": model_ref(plan.model), "results": rendered}
-    return await pipeline.respond(body, results, started, encode_started)
+    return await pipeline.respond(body, results, started, encode_started, decode_ms)
 
 
 async def _read(parts: Sequence[UploadFile]) -> list[pipeline.Source]:
