@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="Bearer token required on non-public endpoints")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     torch_threads: int = Field(
-        0, ge=0, description="intra-op threads per CPU worker; 0 = cores - 1 (at least 1)"
+        0, ge=0, description="intra-op threads per CPU worker; 0 = the cores the process may use"
     )
     warmup: bool = Field(
         True, description="run a forward and a CAM pass per model and batch size before ready"

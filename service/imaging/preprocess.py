@@ -14,5 +14,6 @@ from PIL import Image
 def resize_for_model(image: Image.Image, input_size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 array of the whole image at ``input_size`` = (height, width)."""
     height, width = input_size
-    resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    resized = rgb.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.uint8)
