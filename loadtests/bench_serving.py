@@ -1,6 +1,6 @@
 """``python -m loadtests.bench_serving``: throughput and latency of /explain, printed, never asserted.
 
-Runs, one after the other, each as its own server process on a free port:
+Runs each configuration as its own server process on a free port:
 
 - ``batched``: ``python -m service`` as configured (``CAMSERVE_MAX_BATCH_SIZE=8``, 5 ms window);
 - ``unbatched``: the same with ``CAMSERVE_MAX_BATCH_SIZE=1``;
@@ -8,11 +8,15 @@ Runs, one after the other, each as its own server process on a free port:
   under a lock, the same response content (top-5 predictions, the 224x224 mask as lists, the
   overlay PNG). Served by ``python -m loadtests.bench_serving --serve-baseline``.
 
-Each gets ``--concurrency`` clients (16) posting ``tests/data/chelsea.png`` with Grad-CAM for
-``--duration`` seconds after a warm-up round, and the report gives requests/s, p50/p99, the
-server's own split of each request (queue, compute, encode, the rest = decode and parsing),
-the mean batch size, and the ratios. A last table times the stages in this process (decode,
-overlay PNG, mask to lists and JSON), to say where the time goes.
+All servers are started first and measured in turns: ``--rounds`` rounds, each giving every
+server ``--duration / --rounds`` seconds of ``--concurrency`` clients (16) posting
+``tests/data/chelsea.png`` with Grad-CAM, after 5 s of unrecorded load per server. Measuring in
+turns spreads whatever else the machine is doing over every configuration alike. The report
+gives requests/s, p50/p99, the mean batch size and the ratios, then the server's own split of a
+request from its ``Server-Timing`` header (decode, queue, compute, render: overlay blend, PNG
+and mask arrays; json: serialising the body; other: multipart parsing and waiting for the event
+loop), then the client's share (the round trip minus the server's total: sending, receiving
+and parsing in httpx). A last table times the stages in this process.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fastapi import FastAPI, File, UploadFile  # module level: the baseline's an
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "tests" / "data" / "chelsea.png"
+WARM_UP_S = 5.0  # unrecorded load on each server before its first round
 FORM = {"methods": "gradcam", "outputs": "mask,overlay", "mask_size": "input", "mask_encoding": "list"}
 
 
@@ -111,7 +116,7 @@ class Config:
 class Outcome:
     name: str
     latencies: list[float] = field(default_factory=list)
-    timings: list[dict[str, float]] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)  # Server-Timing stages, ms
     errors: dict[int, int] = field(default_factory=dict)  # status (0: none) -> count
     elapsed: float = 0.0
     mean_batch: float | None = None
@@ -154,17 +159,19 @@ def wait_ready(server: subprocess.Popen[bytes], base: str, path: str, timeout_s:
     raise RuntimeError(f"{base}{path} was not ready within {timeout_s:.0f} s")
 
 
-def _timing(body: bytes) -> dict[str, float] | None:
-    """camserve's ``timing_ms`` (the last key of its body), without parsing the whole body."""
-    at = body.rfind(b'"timing_ms":')
-    if at < 0:
-        return None
-    end = body.index(b"}", at)
-    parsed: dict[str, float] = orjson.loads(body[at + len(b'"timing_ms":'):end + 1])
-    return parsed
+def _stages(response: httpx.Response) -> dict[str, float] | None:
+    """camserve's ``Server-Timing`` header as {stage: ms}; None where there is none."""
+    from service.api.pipeline import parse_server_timing  # not imported by the baseline's process
+
+    header = response.headers.get("server-timing")
+    return parse_server_timing(header) if header else None
 
 
-async def load(base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome) -> None:
+async def load(
+    base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome, warm_up_s: float = 0.0
+) -> None:
+    """``concurrency`` clients posting back to back for ``warm_up_s`` unrecorded, then for
+    ``duration_s``; results added to ``outcome``."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
 
@@ -184,20 +191,20 @@ async def load(base: str, image: bytes, concurrency: int, duration_s: float, out
                 outcome.errors[response.status_code] = outcome.errors.get(response.status_code, 0) + 1
                 return
             outcome.latencies.append(seconds)
-            timing = _timing(response.content)
-            if timing:
-                outcome.timings.append(timing)
+            stages = _stages(response)
+            if stages:
+                outcome.timings.append(stages)
 
-        await asyncio.gather(*(one(False) for _ in range(2 * concurrency)))  # warm-up round
-        stop_at = time.perf_counter() + duration_s
-
-        async def client_loop() -> None:
+        async def client_loop(stop_at: float, record: bool) -> None:
             while time.perf_counter() < stop_at:
-                await one(True)
+                await one(record)
 
+        if warm_up_s:
+            warm_until = time.perf_counter() + warm_up_s
+            await asyncio.gather(*(client_loop(warm_until, False) for _ in range(concurrency)))
         began = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        outcome.elapsed = time.perf_counter() - began
+        await asyncio.gather(*(client_loop(began + duration_s, True) for _ in range(concurrency)))
+        outcome.elapsed += time.perf_counter() - began
 
 
 def mean_batch_size(base: str) -> float | None:
@@ -217,44 +224,83 @@ def mean_batch_size(base: str) -> float | None:
     return totals["sum"] / totals["count"] if totals["count"] else None
 
 
-def bench(config: Config, concurrency: int, duration_s: float, workdir: Path) -> Outcome:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = start(config, port, workdir / f"{config.name}.log")
-    outcome = Outcome(config.name)
-    try:
-        began = time.perf_counter()
-        wait_ready(server, base, config.ready_path)
-        print(f"  {config.name}: ready in {time.perf_counter() - began:.1f} s; measuring {duration_s:.0f} s",
-              flush=True)
-        asyncio.run(load(base, IMAGE.read_bytes(), concurrency, duration_s, outcome))
-        outcome.mean_batch = mean_batch_size(base) if config.name != "baseline" else None
-    finally:
-        server.send_signal(signal.SIGTERM)
+@dataclass
+class Server:
+    config: Config
+    process: subprocess.Popen[bytes]
+    base: str
+    outcome: Outcome
+
+
+def launch(configs: list[Config], workdir: Path) -> list[Server]:
+    """Start every server, then wait until each is ready."""
+    servers = []
+    for config in configs:
+        port = free_port()
+        process = start(config, port, workdir / f"{config.name}.log")
+        servers.append(Server(config, process, f"http://127.0.0.1:{port}", Outcome(config.name)))
+    began = time.perf_counter()
+    for server in servers:
+        wait_ready(server.process, server.base, server.config.ready_path)
+        print(f"  {server.config.name}: ready after {time.perf_counter() - began:.1f} s", flush=True)
+    return servers
+
+
+def stop(servers: list[Server]) -> None:
+    for server in servers:
+        server.process.send_signal(signal.SIGTERM)
+    for server in servers:
         try:
-            server.wait(timeout=60)
+            server.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    return outcome
+            server.process.kill()
+            server.process.wait()
+
+
+def bench(
+    configs: list[Config], concurrency: int, duration_s: float, rounds: int, workdir: Path
+) -> list[Outcome]:
+    """Every config measured for ``duration_s`` in all, in ``rounds`` turns."""
+    image = IMAGE.read_bytes()
+    servers = launch(configs, workdir)
+    try:
+        for round_ in range(rounds):
+            for server in servers:
+                asyncio.run(load(server.base, image, concurrency, duration_s / rounds, server.outcome,
+                                 warm_up_s=WARM_UP_S if round_ == 0 else 0.0))
+            done = ", ".join(f"{s.config.name} {s.outcome.throughput:.2f}" for s in servers)
+            print(f"  round {round_ + 1}/{rounds}: req/s so far {done}", flush=True)
+        for server in servers:
+            if server.config.name != "baseline":
+                server.outcome.mean_batch = mean_batch_size(server.base)
+    finally:
+        stop(servers)
+    return [server.outcome for server in servers]
 
 
 # --- where the time goes, in this process ----------------------------------------------------
 
 
 def stage_costs(repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of the CPU stages around the model, for one cat photo."""
-    import numpy as np
+    """Median milliseconds of the CPU stages around the model, for one cat photo, in this process."""
+    import json
 
+    import numpy as np
+    from fastapi.encoders import jsonable_encoder
+    from PIL import Image
+
+    from service.api.render import dumps
     from service.imaging import encode
     from service.imaging.decode import DecodeLimits, decode_image
     from service.imaging.preprocess import resize_for_model
 
     data = IMAGE.read_bytes()
     frame = decode_image(data, DecodeLimits(50_000_000, 64), "chelsea.png")[0]
-    rng = np.random.default_rng(0)
-    display = rng.random((frame.height, frame.width), dtype=np.float32)
-    mask = rng.random((224, 224), dtype=np.float32)
+    ys, xs = np.mgrid[0:frame.height, 0:frame.width].astype(np.float32)
+    display = np.exp(-((ys - 150) ** 2 + (xs - 250) ** 2) / 8000).astype(np.float32)  # a CAM-like blob
+    mask = np.asarray(Image.fromarray(display).resize((224, 224)), dtype=np.float32)
+    blended = encode.overlay(frame.image, display, "jet", 0.5)
+    body = dumps({"mask": {"data": mask}, "overlay_png": encode.png_base64(blended, 3)})
 
     def timed(fn: Any) -> float:
         samples = []
@@ -264,39 +310,40 @@ def stage_costs(repeats: int = 20) -> dict[str, float]:
             samples.append((time.perf_counter() - began) * 1000)
         return statistics.median(samples)
 
+    def pillow_png() -> None:
+        buffer = io.BytesIO()
+        Image.fromarray(blended).save(buffer, format="PNG", compress_level=3)
+
     return {
         "decode + resize to 224": timed(lambda: resize_for_model(
             decode_image(data, DecodeLimits(50_000_000, 64), "x.png")[0].image, (224, 224))),
-        "overlay blend + PNG (level 3)": timed(
-            lambda: encode.png_base64(encode.overlay(frame.image, display, "jet", 0.5), 3)),
-        "overlay blend + PNG (level 1)": timed(
-            lambda: encode.png_base64(encode.overlay(frame.image, display, "jet", 0.5), 1)),
-        "mask 224x224 to JSON lists (orjson)": timed(
-            lambda: orjson.dumps({"data": mask}, option=orjson.OPT_SERIALIZE_NUMPY)),
-        "mask 224x224 .tolist() + json (baseline)": timed(
-            lambda: __import__("json").dumps({"data": mask.tolist()})),
+        "overlay blend 451x300": timed(lambda: encode.overlay(frame.image, display, "jet", 0.5)),
+        "overlay PNG (service encoder)": timed(lambda: encode.png_base64(blended, 3)),
+        "overlay PNG (Pillow, level 3)": timed(pillow_png),
+        "mask 224x224 to JSON (orjson, numpy)": timed(
+            lambda: dumps({"data": mask})),
+        "mask .tolist() + FastAPI encoder + json": timed(
+            lambda: json.dumps(jsonable_encoder({"data": mask.tolist()}))),
+        f"client: parse the {len(body) // 1024} KiB body (orjson)": timed(lambda: orjson.loads(body)),
+        "client: the same with json": timed(lambda: json.loads(body)),
     }
 
 
 # --- report ----------------------------------------------------------------------------------
 
 
+STAGES = ("decode", "queue", "compute", "render", "json")
+
+
 def report(outcomes: list[Outcome], concurrency: int) -> None:
     print(f"\n/explain, Grad-CAM, mask (lists) + overlay PNG, chelsea.png, concurrency {concurrency}")
     print(f"{'config':<10} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
-          f"{'batch':>6} | server mean ms: {'queue':>7} {'compute':>8} {'encode':>7} {'other':>6}")
+          f"{'batch':>6}")
     for o in outcomes:
         errors = ",".join(f"{k}:{v}" for k, v in sorted(o.errors.items())) or "0"
         batch = f"{o.mean_batch:.2f}" if o.mean_batch else "-"
-        split = ""
-        if o.timings:
-            means = {k: statistics.fmean(t.get(k, 0.0) for t in o.timings)
-                     for k in ("queue", "compute", "encode", "total")}
-            other = means["total"] - means["queue"] - means["compute"] - means["encode"]
-            split = (f"{means['queue']:>23.1f} {means['compute']:>8.1f} {means['encode']:>7.1f} "
-                     f"{other:>6.1f}")
         print(f"{o.name:<10} {len(o.latencies):>8} {o.throughput:>7.2f} {o.percentile(0.5) * 1000:>8.0f} "
-              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {batch:>6} | {split}")
+              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {batch:>6}")
     by_name = {o.name: o for o in outcomes}
 
     def ratio(a: str, b: str) -> None:
@@ -307,12 +354,26 @@ def report(outcomes: list[Outcome], concurrency: int) -> None:
     ratio("batched", "baseline")
     ratio("unbatched", "baseline")
 
+    timed = [o for o in outcomes if o.timings]
+    if not timed:
+        return
+    print("\nwhere a request's time goes, mean ms (server: Server-Timing; other = multipart parsing and "
+          "waiting for the event loop or a thread; client = round trip minus server total)")
+    print(f"{'config':<10} " + " ".join(f"{s:>8}" for s in (*STAGES, "other", "server", "client", "latency")))
+    for o in timed:
+        means = {k: statistics.fmean(t.get(k, 0.0) for t in o.timings) for k in (*STAGES, "total")}
+        other = means["total"] - sum(means[k] for k in STAGES)
+        latency = statistics.fmean(o.latencies) * 1000
+        cells = [means[k] for k in STAGES] + [other, means["total"], latency - means["total"], latency]
+        print(f"{o.name:<10} " + " ".join(f"{c:>8.1f}" for c in cells))
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench_serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per config")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per config, in all")
+    parser.add_argument("--rounds", type=int, default=3, help="turns the configs are measured in")
     parser.add_argument("--only", default="batched,unbatched,baseline", help="comma-separated configs")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=8001, help=argparse.SUPPRESS)
@@ -335,13 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [configs[name] for name in args.only.split(",")]
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"camserve-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"bench: {len(chosen)} servers, {args.duration:.0f} s each at concurrency {args.concurrency}; "
-          f"server logs in {workdir}", flush=True)
-    outcomes = [bench(config, args.concurrency, args.duration, workdir) for config in chosen]
+    print(f"bench: {len(chosen)} servers, {args.duration:.0f} s each in {args.rounds} rounds at "
+          f"concurrency {args.concurrency}; server logs in {workdir}", flush=True)
+    outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir)
     report(outcomes, args.concurrency)
     print("\nstages in this process (median ms, one cat photo 451x300):")
     for stage, ms in stage_costs().items():
-        print(f"  {stage:<42} {ms:7.2f}")
+        print(f"  {stage:<44} {ms:7.2f}")
     return 0
 
 
