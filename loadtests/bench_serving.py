@@ -261,6 +261,10 @@ def bench(
     configs: list[Config], concurrency: int, duration_s: float, rounds: int, workdir: Path
 ) -> list[Outcome]:
     """Every config measured for ``duration_s`` in all, in ``rounds`` turns."""
+    # Imported here, not on the first response: importing the service (and torch) takes the
+    # client's event loop away for seconds, which would show as a stall of the first server.
+    import service.api.pipeline  # noqa: F401
+
     image = IMAGE.read_bytes()
     servers = launch(configs, workdir)
     try:
