@@ -152,6 +152,7 @@ def plan_explain(form: ExplainForm, catalog: dict[str, ModelInfo], default_model
             f"unknown colormap {form.colormap!r}; valid colour maps: {choices(available_colormaps())}"
         )
     _check_linear_head(methods, layers, model)
+    _check_architecture(methods, model)
     params = _parse_method_params(form.method_params, methods)
     return ExplainPlan(model, methods, layers, classes, outputs, form, params)
 
@@ -172,6 +173,20 @@ def _check_linear_head(methods: tuple[str, ...], layers: tuple[str, ...], model:
             raise InvalidOption(
                 f"method {name!r} only explains the layer its linear head {model.linear_head!r} "
                 f"pools, not {outside[0]!r}; valid layers: {choices(model.linear_head_layers)}"
+            )
+
+
+def _check_architecture(methods: tuple[str, ...], model: ModelInfo) -> None:
+    """Methods built for one kind of network: refuse them on another before any work is queued."""
+    for name in methods:
+        method = CAMMethod.registry[name]
+        if method.needs_transformer and not model.attention_blocks:
+            raise InvalidOption(f"method {name!r} cannot explain model {model.name!r}: "
+                                f"{model.attention_problem}")
+        if method.needs_rectifiers and not model.rectifiers:
+            raise InvalidOption(
+                f"method {name!r} guides gradients through ReLU or ReLU6 modules, and model "
+                f"{model.name!r} ({model.architecture}) has none; use saliency or gradcam"
             )
 
 

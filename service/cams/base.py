@@ -94,6 +94,8 @@ class CAMMethod:
     needs_linear_head: ClassVar[bool] = False
     # Needs a vision transformer's attention blocks (LeGrad); other models get a ValueError.
     needs_transformer: ClassVar[bool] = False
+    # Guided Backprop: needs nn.ReLU / nn.ReLU6 modules to guide.
+    needs_rectifiers: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward + 1 backward (shared)"
     apply_relu: ClassVar[bool] = True
     params: ClassVar[tuple[MethodParam, ...]] = ()

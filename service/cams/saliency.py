@@ -113,6 +113,7 @@ class GuidedBackprop(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    needs_rectifiers = True
     passes = "1 forward (shared) + 1 forward and backward through guided ReLUs"
 
     def saliency(self, context: LayerContext) -> Tensor:
@@ -135,6 +136,7 @@ class GuidedGradCAM(CAMMethod):
     paper = "Selvaraju et al. 2017, arXiv 1610.02391"
     own_autograd = True
     input_resolution = True
+    needs_rectifiers = True
     passes = "1 forward + 1 backward (shared) + 1 forward and backward through guided ReLUs"
 
     def saliency(self, context: LayerContext) -> Tensor:

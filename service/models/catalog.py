@@ -36,6 +36,8 @@ class ModelInfo:
     # in ``attention_problem``) when the model has none.
     attention_blocks: int = 0
     attention_problem: str = "not checked"
+    # nn.ReLU / nn.ReLU6 modules, through which Guided Backprop passes only positive gradients.
+    rectifiers: int = 0
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]

@@ -73,6 +73,7 @@ class LoadedModel:
             linear_head_problem=head.reason,
             attention_blocks=blocks,
             attention_problem=problem,
+            rectifiers=sum(isinstance(m, nn.ReLU | nn.ReLU6) for m in self.module.modules()),
         )
 
 

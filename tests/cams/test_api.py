@@ -125,3 +125,11 @@ def test_eigen_and_aug_smooth_are_served_and_change_the_map(client: TestClient, 
     # the principal component is a different map by design (r 0.54), signed to agree with the plain one.
     assert np.corrcoef(augmented.ravel(), plain.ravel())[0, 1] > 0.85
     assert np.corrcoef(eigen.ravel(), plain.ravel())[0, 1] > 0.3
+
+
+def test_legrad_on_a_convolutional_network_is_refused_naming_the_reason(client: TestClient,
+                                                                        cat_png: bytes) -> None:
+    body = explain(client, cat_png, 422, methods="gradcam,legrad")
+    message = body["error"]["message"]
+    assert "legrad" in message and "vision transformer" in message
+    assert client.get("/healthz").status_code == 200

@@ -231,3 +231,11 @@ def test_transformers_are_served_from_a_models_file(tmp_path: Path) -> None:
         assert response.status_code == 200, response.text
         explanations = response.json()["results"][0]["explanations"]
         assert [e["mask"]["shape"] for e in explanations] == [[14, 14], [14, 14]]
+        # Methods built for another kind of network are refused before any work is queued.
+        for method, reason in (("guided_backprop", "ReLU"), ("guided_gradcam", "ReLU")):
+            refused = client.post(
+                "/explain", files={"file": ("x.png", png(224, 224), "image/png")},
+                data={"model": "vit", "methods": method},
+            )
+            assert refused.status_code == 422, refused.text
+            assert reason in refused.json()["error"]["message"]
