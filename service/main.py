@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
     return app
 
