@@ -14,6 +14,13 @@ from service.models.loader import LoadedModel, load_model
 from service.models.spec import IMAGENET_MEAN, IMAGENET_STD, embedded_default
 
 DATA = Path(__file__).parent.parent / "data"
+# Cheap settings for the expensive methods, for tests of plumbing and state rather than exactness.
+CHEAP = {
+    "scorecam": {"top_k_channels": 8},
+    "sscam": {"top_k_channels": 4, "num_samples": 2},
+    "iscam": {"top_k_channels": 4, "num_samples": 2},
+    "smoothgradcampp": {"num_samples": 2},
+}
 
 
 class Tiny(nn.Module):

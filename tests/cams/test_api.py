@@ -12,15 +12,9 @@ from fastapi.testclient import TestClient
 from service.api.options import ExplainForm, plan_explain
 from service.cams import CAMMethod, method_names
 from service.errors import InvalidOption
+from tests.cams.conftest import CHEAP
 
 EGYPTIAN_CAT = 285
-# Cheap settings for the expensive methods: exactness is tested elsewhere, this is the plumbing.
-CHEAP = {
-    "scorecam": {"top_k_channels": 8},
-    "sscam": {"top_k_channels": 4, "num_samples": 2},
-    "iscam": {"top_k_channels": 4, "num_samples": 2},
-    "smoothgradcampp": {"num_samples": 2},
-}
 
 
 def explain(client: TestClient, image: bytes, status: int = 200, **form: str) -> dict:

@@ -20,18 +20,11 @@ from fastapi.testclient import TestClient
 from service.cams import CAMMethod, method_names
 from service.config import Settings
 from service.main import create_app
+from tests.cams.conftest import CHEAP
 from tests.conftest import ready_client
 from tests.custom_model import png, write_models_file
 
 REQUESTS = 300
-# The expensive methods run on a few channels: this is about state, not exactness.
-CHEAP = {
-    "scorecam": {"top_k_channels": 4},
-    "sscam": {"top_k_channels": 2, "num_samples": 2},
-    "iscam": {"top_k_channels": 2, "num_samples": 2},
-    "smoothgradcampp": {"num_samples": 2},
-    "ablationcam": {"batch_size": 64},
-}
 LAYERS = ["layer4", "layer3", "layer3,layer4", "layer4.1.conv2"]
 
 
