@@ -197,10 +197,15 @@ def pearson(a: Tensor, b: Tensor) -> float:
 
 def measure(bench: Bench, refs: References | None, log: Callable[[str], None]) -> tuple[list[Row], str]:
     rows: list[Row] = []
+    info = bench.loaded.info()
     for name in method_names():
         if name in EXPENSIVE_NAMES:
             continue
         method = get_method(name)
+        reason = method.unsuitable(info)
+        if reason:
+            log(f"  {name}: skipped, {reason}")
+            continue
         ms1 = bench.ours([method], 1, bench.repeats)
         ms8 = bench.ours([method], 8, max(1, bench.repeats // 2)) / 8
         row = Row(name, type(method).passes, ms1, ms8)

@@ -179,15 +179,9 @@ def _check_linear_head(methods: tuple[str, ...], layers: tuple[str, ...], model:
 def _check_architecture(methods: tuple[str, ...], model: ModelInfo) -> None:
     """Methods built for one kind of network: refuse them on another before any work is queued."""
     for name in methods:
-        method = CAMMethod.registry[name]
-        if method.needs_transformer and not model.attention_blocks:
-            raise InvalidOption(f"method {name!r} cannot explain model {model.name!r}: "
-                                f"{model.attention_problem}")
-        if method.needs_rectifiers and not model.rectifiers:
-            raise InvalidOption(
-                f"method {name!r} guides gradients through ReLU or ReLU6 modules, and model "
-                f"{model.name!r} ({model.architecture}) has none; use saliency or gradcam"
-            )
+        reason = CAMMethod.registry[name].unsuitable(model)
+        if reason:
+            raise InvalidOption(f"method {name!r} cannot explain model {model.name!r}: {reason}")
 
 
 def _parse_method_params(

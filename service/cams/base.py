@@ -27,6 +27,7 @@ from service.cams.linalg import first_component
 
 if TYPE_CHECKING:
     from service.cams.probe import Probe
+    from service.models.catalog import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,16 @@ class CAMMethod:
             if cls.name in CAMMethod.registry:
                 raise ValueError(f"CAM method {cls.name!r} is defined twice")
             CAMMethod.registry[cls.name] = cls
+
+    @classmethod
+    def unsuitable(cls, model: ModelInfo) -> str | None:
+        """Why this method cannot explain ``model`` at all, or None when it can."""
+        if cls.needs_transformer and not model.attention_blocks:
+            return model.attention_problem
+        if cls.needs_rectifiers and not model.rectifiers:
+            return (f"it guides gradients through ReLU or ReLU6 modules, and {model.architecture} "
+                    "has none; use saliency or gradcam")
+        return None
 
     def __init__(self, **options: Any) -> None:
         declared = {p.name: p for p in self.params}
