@@ -195,11 +195,13 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
-def measure(bench: Bench, refs: References | None, log: Callable[[str], None]) -> tuple[list[Row], str]:
+def measure(bench: Bench, refs: References | None, log: Callable[[str], None],
+            only: set[str] | None = None) -> tuple[list[Row], str]:
+    """Rows of every method (or of ``only``), the shared-pass group and the expensive ones."""
     rows: list[Row] = []
     info = bench.loaded.info()
     for name in method_names():
-        if name in EXPENSIVE_NAMES:
+        if name in EXPENSIVE_NAMES or (only is not None and name not in only):
             continue
         method = get_method(name)
         reason = method.unsuitable(info)
@@ -216,13 +218,16 @@ def measure(bench: Bench, refs: References | None, log: Callable[[str], None]) -
             }
         rows.append(row)
         log(f"  {name}: {ms1:.1f} ms")
-    group = [get_method(name) for name in GROUP]
-    rows.append(Row(" + ".join(GROUP), "1 forward + 1 backward (shared)",
-                    bench.ours(group, 1, bench.repeats),
-                    bench.ours(group, 8, max(1, bench.repeats // 2)) / 8))
+    if only is None or set(GROUP) <= only:
+        group = [get_method(name) for name in GROUP]
+        rows.append(Row(" + ".join(GROUP), "1 forward + 1 backward (shared)",
+                        bench.ours(group, 1, bench.repeats),
+                        bench.ours(group, 8, max(1, bench.repeats // 2)) / 8))
     exact_grid = None
     note = ""
     for name, options in EXPENSIVE:
+        if only is not None and name not in only:
+            continue
         method = get_method(name, options)
         ms1 = bench.ours([method], 1, 1, warm=False)
         label = " ".join([name, *(f"{k}={v}" for k, v in options.items())])
@@ -269,7 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="skip the libraries' exact Score-CAM and Ablation-CAM")
     parser.add_argument("--no-references", action="store_true", help="time this service only")
+    parser.add_argument("--methods", help="comma-separated methods to time (default: all)")
     args = parser.parse_args(argv)
+    only = {m.strip() for m in args.methods.split(",") if m.strip()} if args.methods else None
+    unknown = sorted((only or set()) - set(method_names()))
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; known: {', '.join(method_names())}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     loaded = load_model(embedded_default(), device)
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"camserve CAM benchmark: {loaded.spec.name}, layer {loaded.default_layer}, "
         f"{device}, {args.threads} threads, torch {torch.__version__}")
     log(f"forward pass: {forward1:.1f} ms at batch 1, {forward8 / 8:.1f} ms/image at batch 8")
-    rows, note = measure(bench, refs, log)
+    rows, note = measure(bench, refs, log, only)
     print()
     print(render(rows, forward1, forward8, refs is not None))
     print()
