@@ -11,8 +11,9 @@ the same arithmetic in fewer steps:
   run fastest, fed channels-last inputs.
 
 The twin's logits equal the model's up to float rounding (about 1e-5 on mobilenet_v2's logits).
-A model that ``torch.fx`` cannot trace (data-dependent control flow) gets no twin: the model
-itself is used. Twins are built once per model object, under a lock, and live as long as it.
+A model that ``torch.fx`` cannot trace (data-dependent control flow), or one already folded and
+channels-last (the worker's copy, :mod:`service.engine.fusion`), gets no twin: the model itself
+is used. Twins are built once per model object, under a lock, and live as long as it.
 The served model is never modified.
 """
 
@@ -33,8 +34,22 @@ _twins: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDiction
 _lock = threading.Lock()
 
 
+def already_lean(model: nn.Module) -> bool:
+    """No batch norm left to fold and convolution weights already channels-last (the worker's
+    folded copy under ``CAMSERVE_CHANNELS_LAST``): a twin would only be a second copy."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return (
+        not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        and bool(convs)
+        and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    )
+
+
 def build_twin(model: nn.Module) -> nn.Module:
-    """A folded, channels-last copy of ``model`` in eval mode, or ``model`` if it cannot trace."""
+    """A folded, channels-last copy of ``model`` in eval mode; ``model`` itself when it cannot
+    trace or is already folded and channels-last."""
+    if already_lean(model):
+        return model
     source = copy.deepcopy(model).eval()
     # Hooks copied along with the modules must not fire in the twin's passes.
     for module in source.modules():

@@ -73,3 +73,16 @@ def test_a_model_that_cannot_be_traced_is_used_as_it_is() -> None:
     inputs = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(twin_forward(model, inputs), model(inputs))
+
+
+def test_a_model_already_folded_and_channels_last_is_its_own_twin(mobilenet: LoadedModel) -> None:
+    from service.engine.fusion import fold_batch_norms
+
+    folded = fold_batch_norms(mobilenet.module)
+    assert folded is not None
+    lean = folded.module.to(memory_format=torch.channels_last)
+    assert build_twin(lean) is lean
+    # Folded but not channels-last still gets a copy in the faster layout.
+    again = fold_batch_norms(mobilenet.module)
+    assert again is not None
+    assert build_twin(again.module) is not again.module
