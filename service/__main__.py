@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+import service.openmp  # noqa: F401  (before torch loads: see its docstring)
 from service.config import get_settings
 from service.logs import configure_logging
 from service.main import create_app
