@@ -6,9 +6,16 @@ import base64
 import io
 import struct
 import zlib
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
+
+_fast_deflate: ModuleType | None
+try:  # Intel ISA-L's deflate: the same PNGs at about four times zlib's speed on x86
+    from isal import isal_zlib as _fast_deflate
+except ImportError:  # pragma: no cover - isal ships wheels for the platforms torch runs on
+    _fast_deflate = None
 
 from service.imaging.colormaps import lookup_table, scaled_table, to_indices
 
@@ -43,9 +50,9 @@ def png_bytes(pixels: np.ndarray, compress_level: int = 3) -> bytes:
     """An (H, W), (H, W, 1|2|3|4) uint8 array as an 8-bit PNG file.
 
     Every row uses PNG's Sub filter (the byte minus the same channel of the pixel to its left),
-    computed with one numpy subtraction, and the rows are deflated with zlib's run-length
-    strategy. ``compress_level`` 0 stores the rows unfiltered and uncompressed. Other arrays
-    go through Pillow.
+    computed with one numpy subtraction, and the rows are deflated (:func:`deflate`).
+    ``compress_level`` 0 stores the rows unfiltered and uncompressed. Other arrays go through
+    Pillow.
     """
     array = np.ascontiguousarray(pixels)
     channels = 1 if array.ndim == 2 else array.shape[-1] if array.ndim == 3 else 0
@@ -63,10 +70,24 @@ def png_bytes(pixels: np.ndarray, compress_level: int = 3) -> bytes:
         scanlines[:, 0] = 1  # filter Sub; uint8 arithmetic wraps modulo 256 as PNG requires
         scanlines[:, 1:1 + channels] = rows[:, :channels]
         np.subtract(rows[:, channels:], rows[:, :-channels], out=scanlines[:, 1 + channels:])
-    compressor = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = compressor.compress(scanlines.data) + compressor.flush()
+    data = deflate(scanlines.data, compress_level)
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPES[channels], 0, 0, 0)
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def deflate(data: memoryview | bytes, compress_level: int) -> bytes:
+    """A zlib stream of ``data`` (zlib levels: 0 stores, 1-9 compress harder and slower).
+
+    With ISA-L installed, levels 1-3, 4-6 and 7-9 become its levels 1, 2 and 3; otherwise
+    zlib's run-length strategy, which suits Sub-filtered rows as well as its default does
+    and is several times faster.
+    """
+    if compress_level == 0:
+        return zlib.compress(data, 0)
+    if _fast_deflate is not None:
+        return bytes(_fast_deflate.compress(data, (compress_level + 2) // 3))
+    compressor = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return compressor.compress(data) + compressor.flush()
 
 
 def png_base64(pixels: np.ndarray, compress_level: int = 3) -> str:

@@ -144,3 +144,13 @@ def test_mask_as_json_lists_round_trips_float32_exactly() -> None:
 def test_mask_base64_round_trips() -> None:
     mask = smooth_map(7, 9)
     assert np.array_equal(encode.mask_from_base64(encode.mask_to_base64(mask), mask.shape), mask)
+
+
+@pytest.mark.parametrize("level", [1, 5, 9])
+def test_png_without_isal_falls_back_to_zlib(monkeypatch: pytest.MonkeyPatch, level: int) -> None:
+    pixels = np.random.default_rng(level).integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    with_isal = encode.png_bytes(pixels, level)
+    monkeypatch.setattr(encode, "_fast_deflate", None)
+    with_zlib = encode.png_bytes(pixels, level)
+    assert with_zlib != with_isal  # another deflate wrote it ...
+    assert np.array_equal(decoded(with_zlib)[1], pixels)  # ... and it decodes to the same pixels
