@@ -1,0 +1,56 @@
+"""The serving benchmark's baselines and report (the benchmark itself runs by hand)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from loadtests import bench_serving
+
+
+@pytest.fixture(scope="module")
+def bodies() -> dict[bool, bytes]:
+    image = bench_serving.IMAGE.read_bytes()
+    out = {}
+    for typed in (False, True):
+        with TestClient(bench_serving.baseline_app(typed=typed)) as client:
+            response = client.post("/explain", files={"file": ("chelsea.png", image, "image/png")})
+            assert response.status_code == 200
+            out[typed] = response.content
+    return out
+
+
+def test_baseline_answers_what_camserve_answers(bodies: dict[bool, bytes]) -> None:
+    import orjson
+
+    body = orjson.loads(bodies[False])
+    assert body["predictions"][0]["label"] == "Egyptian cat"
+    assert len(body["predictions"]) == 5
+    (explanation,) = body["explanations"]
+    mask = explanation["mask"]
+    assert len(mask) == 224 and {len(row) for row in mask} == {224}
+    assert min(map(min, mask)) >= 0.0 and max(map(max, mask)) <= 1.0
+    overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.size == (451, 300)
+
+
+def test_typed_baseline_sends_the_same_bytes(bodies: dict[bool, bytes]) -> None:
+    """Only how FastAPI serialises differs, never what the client receives."""
+    assert bodies[True] == bodies[False]
+
+
+def test_report_gives_ratios_against_both_baselines(capsys: pytest.CaptureFixture[str]) -> None:
+    def outcome(name: str, requests: int) -> bench_serving.Outcome:
+        return bench_serving.Outcome(name, latencies=[0.5] * requests, elapsed=10.0)
+
+    bench_serving.report([outcome("batched", 300), outcome("unbatched", 200),
+                          outcome("baseline", 50), outcome("baseline-typed", 100)], 16)
+    printed = capsys.readouterr().out
+    assert "batched / unbatched: 1.50x" in printed
+    assert "batched / baseline: 6.00x" in printed
+    assert "batched / baseline-typed: 3.00x" in printed
+    assert "unbatched / baseline-typed: 2.00x" in printed
