@@ -1,4 +1,4 @@
-"""``python -m service`` sets OpenMP's wait policy before torch loads, and keeps the user's."""
+"""``python -m service`` sets OpenMP's waiting before torch loads, and keeps the user's values."""
 
 from __future__ import annotations
 
@@ -19,19 +19,23 @@ seen = {}
 class Watch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and not seen:
-            seen["policy"] = os.environ.get("OMP_WAIT_POLICY", "<unset>")
+            names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+            seen["env"] = ",".join(os.environ.get(k, "<unset>") for k in names)
 
 sys.meta_path.insert(0, Watch())
 import service.__main__
-print(seen.get("policy", "<torch never imported>"))
+print(seen.get("env", "<torch never imported>"))
 """
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_wait_policy_is_set_before_torch_loads(given: str | None, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, "PASSIVE,10000"),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE,10000"),
+    ({"GOMP_SPINCOUNT": "300000"}, "PASSIVE,300000"),
+])
+def test_openmp_waiting_is_set_before_torch_loads(given: dict[str, str], expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.strip() == expected
