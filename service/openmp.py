@@ -1,5 +1,7 @@
 """OpenMP settings that must be in place before torch loads; ``python -m service`` imports
-this module before anything that imports torch. Values already in the environment are kept.
+this module before anything that imports torch. Where ``OMP_WAIT_POLICY`` is already set,
+nothing is changed; otherwise both of these are set (a ``GOMP_SPINCOUNT`` given is kept).
+``uvicorn service.main:app`` and the Ray Serve deployments do not import it.
 
 - ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP threads sleep when they run out of work
   instead of spinning. A serving process shares its cores with decoding, PNG encoding and
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
-
-for _name, _value in DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
+if "OMP_WAIT_POLICY" not in os.environ:
+    # A policy the user chose is theirs whole: GOMP_SPINCOUNT would override its spinning.
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
