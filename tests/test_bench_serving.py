@@ -38,6 +38,16 @@ def test_baseline_answers_what_camserve_answers(bodies: dict[bool, bytes]) -> No
     assert overlay.format == "PNG" and overlay.size == (451, 300)
 
 
+@pytest.mark.parametrize("typed", [False, True])
+def test_only_the_typed_baseline_declares_a_response_model(typed: bool) -> None:
+    """The plain one is serialised by jsonable_encoder, the typed one by pydantic-core."""
+    from fastapi.routing import APIRoute
+
+    (route,) = [r for r in bench_serving.baseline_app(typed=typed).routes
+                if isinstance(r, APIRoute) and r.path == "/explain"]
+    assert (route.response_field is not None) is typed
+
+
 def test_typed_baseline_sends_the_same_bytes(bodies: dict[bool, bytes]) -> None:
     """Only how FastAPI serialises differs, never what the client receives."""
     assert bodies[True] == bodies[False]

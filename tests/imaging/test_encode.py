@@ -149,6 +149,7 @@ def test_mask_base64_round_trips() -> None:
 @pytest.mark.parametrize("level", [1, 5, 9])
 def test_png_without_isal_falls_back_to_zlib(monkeypatch: pytest.MonkeyPatch, level: int) -> None:
     pixels = np.random.default_rng(level).integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    assert encode._fast_deflate is not None, "isal, a dependency, is not installed"
     with_isal = encode.png_bytes(pixels, level)
     monkeypatch.setattr(encode, "_fast_deflate", None)
     with_zlib = encode.png_bytes(pixels, level)
