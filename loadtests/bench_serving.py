@@ -19,11 +19,12 @@ All servers are started first and measured in turns: ``--rounds`` rounds, each g
 server ``--duration / --rounds`` seconds of ``--concurrency`` clients (16) posting
 ``tests/data/chelsea.png`` with Grad-CAM, after 5 s of unrecorded load per server. Measuring in
 turns spreads whatever else the machine is doing over every configuration alike. The report
-gives requests/s, p50/p99, the mean batch size and the ratios, then the server's own split of a
-request from its ``Server-Timing`` header (decode, queue, compute, render: overlay blend, PNG
-and mask arrays; json: serialising the body; other: multipart parsing and waiting for the event
-loop), then the client's share (the round trip minus the server's total: sending, receiving
-and parsing in httpx). A last table times the stages in this process.
+gives requests/s, p50/p99, the mean batch size, the CPU milliseconds per request of the
+server process and of the load client (from /proc and getrusage) and the ratios, then the
+server's own split of a request from its ``Server-Timing`` header (decode, queue, compute,
+render: overlay blend, PNG and mask arrays; json: serialising the body; other: multipart
+parsing and waiting for the event loop), then the client's share (the round trip minus the
+server's total: sending, receiving and parsing in httpx). A last table times the stages in this process.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import asyncio
 import io
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -130,6 +132,12 @@ class Outcome:
     errors: dict[int, int] = field(default_factory=dict)  # status (0: none) -> count
     elapsed: float = 0.0
     mean_batch: float | None = None
+    server_cpu_s: float | None = None  # CPU seconds of the server process while measured
+    client_cpu_s: float = 0.0  # CPU seconds of this (the load client's) process while measured
+
+    def cpu_ms(self, seconds: float | None) -> float | None:
+        """CPU milliseconds per answered request."""
+        return seconds * 1000 / len(self.latencies) if seconds is not None and self.latencies else None
 
     @property
     def throughput(self) -> float:
@@ -177,11 +185,27 @@ def _stages(response: httpx.Response) -> dict[str, float] | None:
     return parse_server_timing(header) if header else None
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def load(
-    base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome, warm_up_s: float = 0.0
+    base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome, warm_up_s: float = 0.0,
+    server_pid: int | None = None,
 ) -> None:
     """``concurrency`` clients posting back to back for ``warm_up_s`` unrecorded, then for
-    ``duration_s``; results added to ``outcome``."""
+    ``duration_s``; results added to ``outcome``, with the CPU time the server process
+    ``server_pid`` and this process spent meanwhile."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
 
@@ -212,9 +236,15 @@ async def load(
         if warm_up_s:
             warm_until = time.perf_counter() + warm_up_s
             await asyncio.gather(*(client_loop(warm_until, False) for _ in range(concurrency)))
+        server_before = process_cpu_s(server_pid) if server_pid else None
+        client_before = own_cpu_s()
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(began + duration_s, True) for _ in range(concurrency)))
         outcome.elapsed += time.perf_counter() - began
+        outcome.client_cpu_s += own_cpu_s() - client_before
+        server_after = process_cpu_s(server_pid) if server_pid else None
+        if server_before is not None and server_after is not None:
+            outcome.server_cpu_s = (outcome.server_cpu_s or 0.0) + server_after - server_before
 
 
 def mean_batch_size(base: str) -> float | None:
@@ -281,7 +311,7 @@ def bench(
         for round_ in range(rounds):
             for server in servers:
                 asyncio.run(load(server.base, image, concurrency, duration_s / rounds, server.outcome,
-                                 warm_up_s=WARM_UP_S if round_ == 0 else 0.0))
+                                 warm_up_s=WARM_UP_S if round_ == 0 else 0.0, server_pid=server.process.pid))
             done = ", ".join(f"{s.config.name} {s.outcome.throughput:.2f}" for s in servers)
             print(f"  round {round_ + 1}/{rounds}: req/s so far {done}", flush=True)
         for server in servers:
@@ -351,13 +381,19 @@ STAGES = ("decode", "queue", "compute", "render", "json")
 
 def report(outcomes: list[Outcome], concurrency: int) -> None:
     print(f"\n/explain, Grad-CAM, mask (lists) + overlay PNG, chelsea.png, concurrency {concurrency}")
+    print("(cpu: CPU ms per answered request, of the server process and of the load client)")
     print(f"{'config':<14} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
-          f"{'batch':>6}")
+          f"{'batch':>6} {'cpu srv':>8} {'cpu cli':>8}")
+
+    def cell(value: float | None) -> str:
+        return f"{value:.1f}" if value is not None else "-"
+
     for o in outcomes:
         errors = ",".join(f"{k}:{v}" for k, v in sorted(o.errors.items())) or "0"
         batch = f"{o.mean_batch:.2f}" if o.mean_batch else "-"
         print(f"{o.name:<14} {len(o.latencies):>8} {o.throughput:>7.2f} {o.percentile(0.5) * 1000:>8.0f} "
-              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {batch:>6}")
+              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {batch:>6} "
+              f"{cell(o.cpu_ms(o.server_cpu_s)):>8} {cell(o.cpu_ms(o.client_cpu_s)):>8}")
     by_name = {o.name: o for o in outcomes}
 
     def ratio(a: str, b: str) -> None:

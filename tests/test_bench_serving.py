@@ -55,7 +55,8 @@ def test_typed_baseline_sends_the_same_bytes(bodies: dict[bool, bytes]) -> None:
 
 def test_report_gives_ratios_against_both_baselines(capsys: pytest.CaptureFixture[str]) -> None:
     def outcome(name: str, requests: int) -> bench_serving.Outcome:
-        return bench_serving.Outcome(name, latencies=[0.5] * requests, elapsed=10.0)
+        return bench_serving.Outcome(name, latencies=[0.5] * requests, elapsed=10.0,
+                                     server_cpu_s=requests * 0.02, client_cpu_s=requests * 0.005)
 
     bench_serving.report([outcome("batched", 300), outcome("unbatched", 200),
                           outcome("baseline", 50), outcome("baseline-typed", 100)], 16)
@@ -64,3 +65,19 @@ def test_report_gives_ratios_against_both_baselines(capsys: pytest.CaptureFixtur
     assert "batched / baseline: 6.00x" in printed
     assert "batched / baseline-typed: 3.00x" in printed
     assert "unbatched / baseline-typed: 2.00x" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("batched "))
+    assert row.split()[-2:] == ["20.0", "5.0"]  # CPU ms per request: server, client
+
+
+def test_process_cpu_time_is_read_from_proc() -> None:
+    import os
+    import time
+
+    before = bench_serving.process_cpu_s(os.getpid())
+    assert before is not None
+    spin_until = time.process_time() + 0.2
+    while time.process_time() < spin_until:
+        pass
+    after = bench_serving.process_cpu_s(os.getpid())
+    assert after is not None and after - before >= 0.15
+    assert bench_serving.process_cpu_s(2**22 + 12345) is None  # no such process
