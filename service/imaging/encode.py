@@ -85,7 +85,7 @@ def deflate(data: memoryview | bytes, compress_level: int) -> bytes:
     if compress_level == 0:
         return zlib.compress(data, 0)
     if _fast_deflate is not None:
-        return bytes(_fast_deflate.compress(data, (compress_level + 2) // 3))
+        return _fast_deflate.compress(data, (compress_level + 2) // 3)
     compressor = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     return compressor.compress(data) + compressor.flush()
 
