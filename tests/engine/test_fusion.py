@@ -81,13 +81,17 @@ def test_hooked_outputs_other_than_folded_convolutions_are_unchanged() -> None:
         torch.testing.assert_close(changed[name], original[name], rtol=1e-4, atol=1e-4)
 
 
-def test_a_convolution_feeding_more_than_its_batch_norm_is_not_folded() -> None:
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.norm = nn.BatchNorm2d(4)
+class ConvNorm(nn.Module):
+    """A convolution and a batch norm; subclasses say how forward uses them."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+
+
+def test_a_convolution_feeding_more_than_its_batch_norm_is_not_folded() -> None:
+    class Branchy(ConvNorm):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.conv(x)
             return self.norm(y) + y
@@ -97,12 +101,7 @@ def test_a_convolution_feeding_more_than_its_batch_norm_is_not_folded() -> None:
 
 
 def test_an_untraceable_model_is_not_folded() -> None:
-    class DataDependent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.norm = nn.BatchNorm2d(4)
-
+    class DataDependent(ConvNorm):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.sum() > 0:
                 return self.norm(self.conv(x))
