@@ -24,7 +24,9 @@ server process and of the load client (from /proc and getrusage) and the ratios,
 server's own split of a request from its ``Server-Timing`` header (decode, queue, compute,
 render: overlay blend, PNG and mask arrays; json: serialising the body; other: multipart
 parsing and waiting for the event loop), then the client's share (the round trip minus the
-server's total: sending, receiving and parsing in httpx). A last table times the stages in this process.
+server's total: sending, receiving and parsing in httpx). A last table times the stages in this process,
+and mobilenet_v2's forward pass (as torchvision builds it, and with batch norm folded as the
+worker runs it) alone and per image in a batch of 8: the machine's own speed.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ FORM = {"methods": "gradcam", "outputs": "mask,overlay", "mask_size": "input", "
 # --- the baseline service ---------------------------------------------------------------------
 
 
+def embedded_mobilenet() -> Any:
+    """torchvision's mobilenet_v2 with the embedded ImageNet weights, in eval mode."""
+    import torch
+    import torchvision
+
+    from service.models.spec import embedded_weights_path
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    model.load_state_dict(torch.load(embedded_weights_path(), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def baseline_app(typed: bool = False) -> FastAPI:
     """FastAPI, one global model, TorchCAM Grad-CAM under a lock: how such a service is usually
     written. Same content as camserve's /explain: top-5, the 224x224 mask as lists, overlay PNG.
@@ -72,11 +86,7 @@ def baseline_app(typed: bool = False) -> FastAPI:
     from torchcam.utils import overlay_mask
     from torchvision.transforms.functional import normalize, resize, to_pil_image, to_tensor
 
-    from service.models.spec import embedded_weights_path
-
-    model = torchvision.models.mobilenet_v2(weights=None)
-    model.load_state_dict(torch.load(embedded_weights_path(), map_location="cpu", weights_only=True))
-    model.eval()
+    model = embedded_mobilenet()
     labels = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
     extractor = GradCAM(model, target_layer="features.18")
     lock = threading.Lock()
@@ -373,6 +383,29 @@ def stage_costs(repeats: int = 20) -> dict[str, float]:
     }
 
 
+def model_costs(model: Any, name: str, repeats: int = 10) -> dict[str, float]:
+    """Median milliseconds of ``model``'s forward pass in this process, channels-last, with
+    torch's default threads: one image alone, and per image in a batch of 8. Run on
+    mobilenet_v2, this is the model's speed on this machine, which is what numbers taken on
+    other machines differ by."""
+    import torch
+
+    model = model.eval().to(memory_format=torch.channels_last)
+
+    def forward_ms(batch: int) -> float:
+        inputs = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        samples = []
+        with torch.inference_mode():
+            for index in range(repeats + 2):
+                began = time.perf_counter()
+                model(inputs)
+                if index >= 2:  # the first passes choose kernels
+                    samples.append((time.perf_counter() - began) * 1000)
+        return statistics.median(samples)
+
+    return {f"{name}, 1 image": forward_ms(1), f"{name}, per image in a batch of 8": forward_ms(8) / 8}
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -457,8 +490,15 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir)
     report(outcomes, args.concurrency)
     print("\nstages in this process (median ms, one cat photo 451x300):")
-    for stage, ms in stage_costs().items():
-        print(f"  {stage:<44} {ms:7.2f}")
+    from service.engine.fusion import fold_batch_norms
+
+    model = embedded_mobilenet()
+    folded = fold_batch_norms(model)
+    assert folded is not None
+    costs = {**stage_costs(), **model_costs(model, "forward pass"),
+             **model_costs(folded.module, "forward pass, batch norm folded")}
+    for stage, ms in costs.items():
+        print(f"  {stage:<58} {ms:7.2f}")
     return 0
 
 

@@ -81,3 +81,32 @@ def test_process_cpu_time_is_read_from_proc() -> None:
     after = bench_serving.process_cpu_s(os.getpid())
     assert after is not None and after - before >= 0.15
     assert bench_serving.process_cpu_s(2**22 + 12345) is None  # no such process
+
+
+def test_model_costs_time_one_image_and_a_batch_of_eight_per_image() -> None:
+    import time
+
+    import torch
+    from torch import nn
+
+    class Sleepy(nn.Module):
+        """2 ms per image, and records the batch sizes and layouts it is given."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[int, bool]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
+            time.sleep(0.002 * x.shape[0])
+            return x.mean(dim=(1, 2, 3))
+
+    model = Sleepy()
+    costs = bench_serving.model_costs(model, "sleepy", repeats=3)
+    assert list(costs) == ["sleepy, 1 image", "sleepy, per image in a batch of 8"]
+    alone, per_image = costs.values()
+    assert alone >= 2.0
+    assert 2.0 <= per_image < 16.0  # the batch's time divided by its 8 images
+    assert {size for size, _ in model.seen} == {1, 8}
+    assert all(channels_last for size, channels_last in model.seen if size == 8)
+    assert len(model.seen) == 2 * (3 + 2)  # two unmeasured passes per batch size
