@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.api import pipeline
 from service.logs import JsonFormatter
 from service.main import create_app
 from tests.engine.fakes import Script, settings
@@ -182,3 +184,31 @@ def test_logs_are_json_with_request_id_model_batch_and_timings_and_no_image(
         assert batch["model"] == "mobilenet_v2" and "compute_ms" in batch
         for line in lines:  # never image content: every line stays short
             assert len(json.dumps(line)) < 2000
+
+
+def test_healthz_answers_while_a_response_is_being_serialised(
+    script: Script, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JSON serialisation runs on a thread: while it is held, the event loop still answers
+    /healthz. Were it on the loop, /healthz would wait, the hold would time out and the
+    predict fail."""
+    entered, release = threading.Event(), threading.Event()
+    real = pipeline.dumps
+
+    def held(body: dict) -> bytes:  # type: ignore[type-arg]
+        entered.set()
+        if not release.wait(20):
+            raise TimeoutError("the event loop did not answer /healthz while a body was serialised")
+        return real(body)
+
+    monkeypatch.setattr(pipeline, "dumps", held)
+    with serving(script) as (_app, client), ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(predict, client, 7)
+        try:
+            assert entered.wait(20), "the predict never reached serialisation"
+            assert client.get("/healthz").status_code == 200
+        finally:
+            release.set()
+        response = pending.result(20)
+    assert response.status_code == 200
+    assert response.json()["results"][0]["predictions"][0]["class_idx"] == 7
