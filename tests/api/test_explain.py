@@ -178,31 +178,19 @@ def test_healthz_answers_while_an_overlay_png_is_being_encoded(
 ) -> None:
     """PNG encoding runs on a thread: while it is held, the event loop still answers /healthz.
     Were it on the loop, /healthz would wait, the hold would time out and the explain fail."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from service.imaging import encode
+    from tests.holding import held
 
-    entered, release = threading.Event(), threading.Event()
-    real = encode.png_base64
-
-    def held(*args: object, **kwargs: object) -> str:
-        entered.set()
-        if not release.wait(20):
-            raise TimeoutError("the event loop did not answer /healthz while a PNG was encoded")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(encode, "png_base64", held)
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(
-            client.post, "/explain", files={"file": ("cat.png", cat_png, "image/png")},
-            data={"methods": "gradcam", "outputs": "overlay"},
-        )
-        try:
+        with held(monkeypatch, encode, "png_base64") as entered:
+            pending = pool.submit(
+                client.post, "/explain", files={"file": ("cat.png", cat_png, "image/png")},
+                data={"methods": "gradcam", "outputs": "overlay"},
+            )
             assert entered.wait(60), "the explain never reached PNG encoding"
             assert client.get("/healthz").status_code == 200
-        finally:
-            release.set()
         response = pending.result(60)
     assert response.status_code == 200
     assert response.json()["results"][0]["explanations"][0]["overlay_png"]

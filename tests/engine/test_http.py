@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from service.api import pipeline
 from service.logs import JsonFormatter
 from service.main import create_app
 from tests.engine.fakes import Script, settings
+from tests.holding import held
 
 
 def png(tag: int) -> bytes:
@@ -192,23 +192,11 @@ def test_healthz_answers_while_a_response_is_being_serialised(
     """JSON serialisation runs on a thread: while it is held, the event loop still answers
     /healthz. Were it on the loop, /healthz would wait, the hold would time out and the
     predict fail."""
-    entered, release = threading.Event(), threading.Event()
-    real = pipeline.dumps
-
-    def held(body: dict) -> bytes:  # type: ignore[type-arg]
-        entered.set()
-        if not release.wait(20):
-            raise TimeoutError("the event loop did not answer /healthz while a body was serialised")
-        return real(body)
-
-    monkeypatch.setattr(pipeline, "dumps", held)
     with serving(script) as (_app, client), ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(predict, client, 7)
-        try:
+        with held(monkeypatch, pipeline, "dumps") as entered:
+            pending = pool.submit(predict, client, 7)
             assert entered.wait(20), "the predict never reached serialisation"
             assert client.get("/healthz").status_code == 200
-        finally:
-            release.set()
         response = pending.result(20)
     assert response.status_code == 200
     assert response.json()["results"][0]["predictions"][0]["class_idx"] == 7
