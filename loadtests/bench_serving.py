@@ -344,6 +344,7 @@ def stage_costs(repeats: int = 20) -> dict[str, float]:
     from PIL import Image
 
     from service.api.render import dumps
+    from service.bench import timed as median_ms
     from service.imaging import encode
     from service.imaging.decode import DecodeLimits, decode_image
     from service.imaging.preprocess import resize_for_model
@@ -357,12 +358,7 @@ def stage_costs(repeats: int = 20) -> dict[str, float]:
     body = dumps({"mask": {"data": mask}, "overlay_png": encode.png_base64(blended, 3)})
 
     def timed(fn: Any) -> float:
-        samples = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - began) * 1000)
-        return statistics.median(samples)
+        return median_ms(fn, repeats, lambda: None)
 
     def pillow_png() -> None:
         buffer = io.BytesIO()
@@ -390,18 +386,16 @@ def model_costs(model: Any, name: str, repeats: int = 10) -> dict[str, float]:
     other machines differ by."""
     import torch
 
+    from service.bench import timed
+
     model = model.eval().to(memory_format=torch.channels_last)
 
     def forward_ms(batch: int) -> float:
         inputs = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-        samples = []
         with torch.inference_mode():
-            for index in range(repeats + 2):
-                began = time.perf_counter()
+            for _ in range(2):  # the first passes choose kernels
                 model(inputs)
-                if index >= 2:  # the first passes choose kernels
-                    samples.append((time.perf_counter() - began) * 1000)
-        return statistics.median(samples)
+            return timed(lambda: model(inputs), repeats, lambda: None)
 
     return {f"{name}, 1 image": forward_ms(1), f"{name}, per image in a batch of 8": forward_ms(8) / 8}
 
