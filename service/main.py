@@ -20,7 +20,7 @@ from service.api.deps import require_api_key
 from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import catalog, health, inference, introspection, kserve, ui
+from service.api.routes import catalog, docs, health, inference, introspection, kserve, ui
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -66,6 +66,9 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
         summary="Image classification with Class Activation Map explanations",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from the installed package instead of a CDN: service.api.routes.docs
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=docs.OAUTH_REDIRECT_URL,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -77,6 +80,8 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
     app.include_router(introspection.router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(ui.router)
+    app.include_router(docs.router)
+    docs.with_file_pickers(app)
     app.add_middleware(DisconnectMiddleware)  # cancels the handler when its client has gone
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response
