@@ -74,7 +74,7 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
         swagger_ui_parameters=SWAGGER_PARAMETERS,
     )
-    return HTMLResponse(_without_prefilled_examples(page.body.decode()), headers=_PAGE_HEADERS)
+    return HTMLResponse(_without_prefilled_examples(bytes(page.body).decode()), headers=_PAGE_HEADERS)
 
 
 @router.get(OAUTH_REDIRECT_URL)
