@@ -28,6 +28,16 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1)
+    # The heavy lane (service.engine.turns, service.cams.passes): long explanations run in
+    # chunks of about pass_budget_ms, light work going first between any two of them.
+    pass_budget_ms: float = Field(150.0, ge=5, le=10_000, description="target duration of one chunk")
+    heavy_concurrency: int = Field(4, ge=1, le=64, description="heavy explanations in progress per device")
+    max_request_passes: int = Field(
+        50_000, ge=1, description="forward-pass equivalents one request may cost (else 422)"
+    )
+    max_queued_passes: int = Field(
+        200_000, ge=1, description="heavy passes waiting or running before new heavy work gets 503"
+    )
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_upload_mb: float = Field(32.0, gt=0)
     max_image_pixels: int = Field(50_000_000, ge=1)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
+from service.cams.passes import chunked
 from service.cams.probe import gather_scores
 
 
@@ -28,9 +29,14 @@ class AblationCAM(CAMMethod):
     paper = "Desai and Ramaswamy 2020, WACV"
     uses_gradients = False
     passes = "1 forward (shared) + 1 tail forward per non-zero channel (batched)"
+    # A tail pass runs only the layers after the target: far cheaper than a whole forward.
+    extra_pass_cost = 0.25
     params = (
         MethodParam("batch_size", "int", 64, "ablated copies per pass (1..1024)", 1, 1024),
     )
+
+    def extra_passes(self, channels: int) -> float:
+        return channels * self.extra_pass_cost
 
     def weights(self, context: LayerContext) -> Tensor:
         acts = context.activations
@@ -42,7 +48,8 @@ class AblationCAM(CAMMethod):
         live = acts.flatten(2).ne(0).any(dim=2)
         for b in range(acts.shape[0]):
             indices = live[b].nonzero().flatten()
-            for chunk in indices.split(batch_size):
+            for start, stop in chunked(indices.numel(), batch_size, key="ablated"):
+                chunk = indices[start:stop]
                 ablated = acts[b].expand(chunk.numel(), *acts.shape[1:]).clone()
                 ablated[torch.arange(chunk.numel()), chunk] = 0
                 rows = torch.full((chunk.numel(),), b, dtype=torch.long, device=acts.device)

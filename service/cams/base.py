@@ -98,6 +98,9 @@ class CAMMethod:
     # Guided Backprop: needs nn.ReLU / nn.ReLU6 modules to guide.
     needs_rectifiers: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward + 1 backward (shared)"
+    # What ``passes`` says, as a number: forward-pass equivalents per image and class beyond
+    # the shared pass, for a layer of ``channels`` channels (see :meth:`extra_passes`).
+    extra_pass_cost: ClassVar[float] = 0.0
     apply_relu: ClassVar[bool] = True
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
@@ -131,6 +134,11 @@ class CAMMethod:
             name: param.check(options[name]) if name in options else param.default
             for name, param in declared.items()
         }
+
+    def extra_passes(self, channels: int) -> float:
+        """Forward passes (or their equivalent in time) this method adds per image and class,
+        on a layer of ``channels`` channels; the scheduler and the request budget read it."""
+        return self.extra_pass_cost
 
     def weights(self, context: LayerContext) -> Tensor:
         """Channel weights (B, K)."""

@@ -54,6 +54,7 @@ class FullGrad(CAMMethod):
     own_autograd = True
     layer_free = True
     passes = "1 forward (shared) + 1 forward and backward with input and bias gradients"
+    extra_pass_cost = 2.0
 
     def saliency(self, context: LayerContext) -> Tensor:
         model, modules = context.probe.model, context.probe.modules

@@ -97,6 +97,7 @@ class LeGrad(CAMMethod):
     own_autograd = True
     needs_transformer = True
     passes = "1 forward (shared) + 1 forward recording attention + 1 short backward per block"
+    extra_pass_cost = 2.0
     params = (
         MethodParam("blocks", "int", 0, "only the last k encoder blocks; 0 means all (0..1000)",
                     0, 1000),

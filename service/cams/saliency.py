@@ -90,6 +90,7 @@ class Saliency(CAMMethod):
     own_autograd = True
     layer_free = True
     passes = "1 forward (shared) + 1 forward and backward to the input"
+    extra_pass_cost = 2.0
 
     def saliency(self, context: LayerContext) -> Tensor:
         return channel_max(input_gradient(context))
@@ -115,6 +116,7 @@ class GuidedBackprop(CAMMethod):
     layer_free = True
     needs_rectifiers = True
     passes = "1 forward (shared) + 1 forward and backward through guided ReLUs"
+    extra_pass_cost = 2.0
 
     def saliency(self, context: LayerContext) -> Tensor:
         return channel_max(input_gradient(context, guided=True))
@@ -138,6 +140,7 @@ class GuidedGradCAM(CAMMethod):
     input_resolution = True
     needs_rectifiers = True
     passes = "1 forward + 1 backward (shared) + 1 forward and backward through guided ReLUs"
+    extra_pass_cost = 2.0
 
     def saliency(self, context: LayerContext) -> Tensor:
         if context.gradients is None:

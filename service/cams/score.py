@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
+from service.cams.passes import chunked
 from service.cams.twin import twin_forward
 
 
@@ -65,6 +66,10 @@ class ScoreCAM(CAMMethod):
         """How many masked passes each channel gets (noise samples, integration steps)."""
         return 1
 
+    def extra_passes(self, channels: int) -> float:
+        top_k = int(self.options["top_k_channels"])
+        return float(min(top_k, channels) if top_k else channels) * self.draws()
+
     def vary(self, masks: Tensor, draw: int, generator: torch.Generator) -> Tensor:
         """The ``draw``-th variant of a chunk of masks (n, 1, H, W)."""
         return masks
@@ -97,13 +102,13 @@ class ScoreCAM(CAMMethod):
             for draw in range(self.draws()):
                 # One generator per sample and draw: a map never depends on its batch neighbours.
                 generator = torch.Generator().manual_seed(int(self.options.get("seed", 0)) + draw)
-                for start in range(0, indices.numel(), batch_size):
-                    chunk = indices[start:start + batch_size]
+                for start, stop in chunked(indices.numel(), batch_size, key="masked"):
+                    chunk = indices[start:stop]
                     up = F.interpolate(masks[b, chunk][:, None], size=size, mode="bilinear",
                                        align_corners=False)
                     masked = self.vary(up, draw, generator) * context.inputs[b]
                     logits = twin_forward(context.probe.model, masked)
-                    total[start:start + chunk.numel()] += logits[:, context.classes[b]] - baseline[b]
+                    total[start:stop] += logits[:, context.classes[b]] - baseline[b]
             scores[b, indices] = total / self.draws()
         return torch.softmax(scores, dim=1).nan_to_num(0.0)
 

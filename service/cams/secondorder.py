@@ -12,6 +12,7 @@ from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
 from service.cams.gradient import plusplus_weights
+from service.cams.passes import chunked
 from service.cams.probe import gather_scores
 
 
@@ -32,6 +33,7 @@ class ShapleyCAM(CAMMethod):
     uses_gradients = False
     own_autograd = True
     passes = "1 forward (shared) + tail forward, backward and double backward"
+    extra_pass_cost = 3.0
 
     def weights(self, context: LayerContext) -> Tensor:
         rows = torch.arange(context.activations.shape[0], device=context.activations.device)
@@ -67,6 +69,7 @@ class FinerCAM(CAMMethod):
     uses_gradients = False
     own_autograd = True
     passes = "1 forward (shared) + tail forward and backward"
+    extra_pass_cost = 2.0
     params = (
         MethodParam("alpha", "float", 1.0, "weight of the similar classes' scores (0..10)", 0.0, 10.0),
         MethodParam("comparisons", "int", 3, "how many nearest classes to compare with (1..20)", 1, 20),
@@ -115,6 +118,9 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         MethodParam("seed", "int", 0, "seed of the noise (0..2^31-1)", 0, 2**31 - 1),
     )
 
+    def extra_passes(self, channels: int) -> float:
+        return 2.0 * int(self.options["num_samples"])  # a forward and a backward per copy
+
     def weights(self, context: LayerContext) -> Tensor:
         inputs = context.inputs
         count, std = int(self.options["num_samples"]), float(self.options["std"])
@@ -125,10 +131,16 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         ], dim=1).to(inputs.device, inputs.dtype)  # (N, B, C, H, W)
         noisy = (inputs[None] + std * noise).flatten(0, 1)
         classes = context.classes.repeat(count)
-        _, grads = context.probe.layer_gradients(
-            noisy, context.layer, lambda logits: gather_scores(logits, classes).sum()
-        )
-        grads = grads.view(count, *context.activations.shape)
+        found = []
+        for start, stop in chunked(noisy.shape[0], noisy.shape[0], key="noisy"):
+            chosen = classes[start:stop]
+
+            def score(logits: Tensor, chosen: Tensor = chosen) -> Tensor:
+                return gather_scores(logits, chosen).sum()
+
+            _, part = context.probe.layer_gradients(noisy[start:stop], context.layer, score)
+            found.append(part)
+        grads = torch.cat(found).view(count, *context.activations.shape)
         return plusplus_weights(
             context.activations, grads.mean(0), grads.pow(2).mean(0), grads.pow(3).mean(0)
         )

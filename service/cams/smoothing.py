@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, normalize
 from service.cams.extractor import BatchOutput, SampleMap, explain_once
+from service.cams.passes import boundary
 
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
     (flip, scale) for flip in (False, True) for scale in (1.0, 1.1, 0.9)
@@ -54,6 +55,7 @@ def augmented(
     chosen = [list(dict.fromkeys(m.class_idx for m in sample)) for sample in base.maps]
     sums = [[m.grid.clone() for m in sample] for sample in base.maps]
     for flip, scale in AUGMENTATIONS[1:]:
+        boundary()  # each variant is a pass of its own, and a point where others may run
         variant = explain_once(
             model, modules, augment(inputs, flip, scale), layers, methods, chosen,
             eigen_smooth=eigen_smooth,

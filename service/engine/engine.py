@@ -8,6 +8,17 @@ from the oldest image's arrival. Incompatible images keep their place for the ne
 a request's images may be spread over several batches; each has its own future, so the
 request reassembles them in upload order.
 
+Light and heavy work run in two lanes on the same devices. An item whose methods add many
+passes (:mod:`service.engine.cost`: the Score-CAM family, Ablation-CAM, faithfulness curves,
+...) is heavy: it runs on a thread of its own, in chunks of about ``CAMSERVE_PASS_BUDGET_MS``
+(:mod:`service.cams.passes`), and between any two chunks the device goes to waiting light
+batches first, then to the other heavy items in turn (:mod:`service.engine.turns`). Up to
+``CAMSERVE_HEAVY_CONCURRENCY`` heavy items progress together per device, oldest first; the
+rest wait. A heavy item whose client has gone or whose deadline has passed stops at its next
+chunk boundary. Before anything is queued, a request whose passes exceed
+``CAMSERVE_MAX_REQUEST_PASSES``, or could not finish before its deadline at the pass rate
+measured on this device, is refused with 422.
+
 Faults stay with their input: a failing batch is retried image by image, a CUDA out-of-memory
 error splits the batch in halves, and a worker whose thread dies is rebuilt. Expired or
 abandoned images are dropped before they are computed.
@@ -30,11 +41,13 @@ from typing import Any
 
 import torch
 
+from service.cams.passes import PassesCancelled, PassRun
 from service.config import Settings
+from service.engine import cost
 from service.engine.jobs import ItemResult, WorkItem
 from service.engine.pool import WorkerDied, WorkerFactory, WorkerLike, WorkerSlot, is_out_of_memory
 from service.engine.worker import Worker, available_cores, resolve_devices, warm_batch_sizes
-from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable
+from service.errors import DeadlineExceeded, InvalidOption, QueueFull, ServiceError, ServiceUnavailable
 from service.logs import request_state
 from service.metrics import Metrics
 from service.models.catalog import ModelInfo
@@ -78,6 +91,16 @@ class Engine:
         self._runners: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._seconds_per_image = 0.05  # running estimate, for Retry-After
+        # The heavy lane: items waiting for a place, the places taken per slot, the tasks.
+        self._heavy_pending: deque[WorkItem] = deque()
+        self._heavy_arrived = asyncio.Event()
+        self._heavy_freed = asyncio.Event()
+        self._heavy_running: dict[int, int] = {}
+        self._heavy_tasks: set[asyncio.Task[None]] = set()
+        self._running_heavy: dict[int, WorkItem] = {}  # by id of its task
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._dead_slots: set[int] = set()  # slots whose worker could not be replaced
+        self._seconds_per_pass = 0.02  # one image's forward pass; measured, for the budget
 
     def _real_worker(self, device: torch.device) -> WorkerLike:
         # Every core goes to torch: a batch of 8 splits well over the cores, while decoding,
@@ -102,9 +125,11 @@ class Engine:
             self._ready.set()
             return
         self._catalog = catalogs[0]
+        self._seconds_per_pass = max(slot.seconds_per_pass for slot in self.slots)
         self._runners = [
             asyncio.create_task(self._run(slot), name=f"camserve-runner-{slot.index}") for slot in self.slots
         ]
+        self._dispatcher = asyncio.create_task(self._dispatch_heavy(), name="camserve-heavy")
         self.state = "ready"
         self._ready.set()
         log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
@@ -141,16 +166,26 @@ class Engine:
                 log.warning("drain timed out", extra={"queue_depth": self.queue_depth,
                                                       "in_flight": self._in_flight})
         self.state = "stopped"
-        for task in self._runners:
+        stopping = [*self._runners, *([self._dispatcher] if self._dispatcher else [])]
+        for task in stopping:
             task.cancel()
-        await asyncio.gather(*self._runners, return_exceptions=True)
+        await asyncio.gather(*stopping, return_exceptions=True)
         while self._pending:
             _fail(self._pending.popleft(), ServiceUnavailable("the service stopped before computing"))
+        while self._heavy_pending:
+            _fail(self._heavy_pending.popleft(), ServiceUnavailable("the service stopped before computing"))
+        # Heavy items still running stop at their next chunk boundary, answered 503.
+        for task in list(self._heavy_tasks):
+            task.cancel()
+        if self._heavy_tasks:
+            await asyncio.wait(list(self._heavy_tasks), timeout=5.0)
         for slot in self.slots:  # a computation still running after a timed-out drain is abandoned
             slot.close(timeout_s=5.0 if drained else 0.0)
 
     def _busy(self) -> bool:
-        return self._in_flight > 0 or any(not item.future.done() for item in self._pending)
+        return self._in_flight > 0 or any(
+            not item.future.done() for item in (*self._pending, *self._heavy_pending)
+        )
 
     @property
     def catalog(self) -> dict[str, ModelInfo]:
@@ -162,7 +197,12 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._heavy_pending)
+
+    @property
+    def seconds_per_pass(self) -> float:
+        """One image's forward pass on the slowest device, as last measured."""
+        return self._seconds_per_pass
 
     @property
     def in_flight(self) -> int:
@@ -206,16 +246,30 @@ class Engine:
         if self.state != "ready":
             reason = self.failure if self.state == "failed" else f"the service is {self.state}"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
-        if len(self._pending) + len(items) > self.settings.max_queue:
+        self._price(items)
+        light = [item for item in items if not item.heavy]
+        heavy = [item for item in items if item.heavy]
+        if len(self._pending) + len(light) > self.settings.max_queue:
             self._purge_abandoned()
-        if len(self._pending) + len(items) > self.settings.max_queue:
+        if len(self._pending) + len(light) > self.settings.max_queue:
             raise QueueFull(
                 f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
                 "waiting); retry shortly",
                 retry_after_s=self._retry_after(),
             )
-        self._pending.extend(items)
-        self._arrived.set()
+        queued = self.heavy_passes_left
+        if heavy and queued + sum(item.passes for item in heavy) > self.settings.max_queued_passes:
+            raise QueueFull(
+                f"the heavy lane is full ({queued} passes of long explanations waiting or running, "
+                f"at most {self.settings.max_queued_passes}); retry later",
+                retry_after_s=max(1, math.ceil(queued * self._seconds_per_pass / max(1, len(self.slots)))),
+            )
+        self._pending.extend(light)
+        self._heavy_pending.extend(heavy)
+        if light:
+            self._arrived.set()
+        if heavy:
+            self._heavy_arrived.set()
         if self.metrics:
             self.metrics.images_accepted.labels(items[0].model).inc(len(items))
         results = asyncio.gather(*(item.future for item in items))
@@ -246,6 +300,46 @@ class Engine:
             results.add_done_callback(_retrieve)  # so asyncio does not warn about a failed image
             self._changed.set()
 
+    def _price(self, items: Sequence[WorkItem]) -> None:
+        """Set each item's passes and lane; refuse (422) what is over budget or too slow."""
+        for item in items:
+            model = self._catalog.get(item.model)
+            item.passes = cost.item_passes(item.explain, model) if model is not None else 1
+            item.heavy = model is not None and cost.is_heavy(item.explain, model)
+        total = sum(item.passes for item in items)
+        limit = self.settings.max_request_passes
+        advice = ("ask for fewer images, classes or methods, lower top_k_channels, num_samples "
+                  "or eval_steps")
+        if total > limit:
+            raise InvalidOption(
+                f"this request would cost about {total} forward passes; at most {limit} are "
+                f"allowed per request (CAMSERVE_MAX_REQUEST_PASSES): {advice}"
+            )
+        if not any(item.heavy for item in items):
+            return
+        needed = total * self._seconds_per_pass
+        left = min(item.deadline for item in items) - time.monotonic()
+        if needed > left:
+            raise InvalidOption(
+                f"this request needs about {total} forward passes, about {needed:.1f} s at the "
+                f"{1 / self._seconds_per_pass:.0f} passes/s measured on this device, more than "
+                f"the {max(left, 0):.1f} s left before its deadline: raise X-Request-Timeout or "
+                f"{advice}"
+            )
+
+    @property
+    def heavy_passes_left(self) -> int:
+        """Passes of heavy items still to run, queued or running."""
+        left = sum(item.passes for item in self._heavy_pending if not item.future.done())
+        for task_item in self._heavy_items():
+            run = task_item.run
+            done = run.done if isinstance(run, PassRun) else 0
+            left += max(0, task_item.passes - done)
+        return left
+
+    def _heavy_items(self) -> list[WorkItem]:
+        return [item for item in self._running_heavy.values()]
+
     def _purge_abandoned(self) -> None:
         live = [item for item in self._pending if not item.future.done()]
         if len(live) != len(self._pending):
@@ -271,6 +365,7 @@ class Engine:
                 raise
             except WorkerDied as exc:  # a replacement could not be loaded
                 self.failure = f"worker on {slot.device} could not be replaced: {exc}"
+                self._dead_slots.add(slot.index)
                 for item in batch:
                     _fail(item, ServiceUnavailable("the worker failed; retry shortly"))
                 self._runners = [t for t in self._runners if t is not asyncio.current_task()]
@@ -381,6 +476,101 @@ class Engine:
             await slot.replace()
         except Exception as exc:
             raise WorkerDied(str(exc)) from exc
+
+    # the heavy lane ----------------------------------------------------------------------
+
+    async def _dispatch_heavy(self) -> None:
+        """Start the oldest heavy item wherever a device has room for one more."""
+        while True:
+            slot = await self._heavy_place()
+            item = await self._next_heavy()
+            self._heavy_running[slot.index] = self._heavy_running.get(slot.index, 0) + 1
+            self._in_flight += 1
+            task = asyncio.create_task(self._compute_heavy(slot, item), name="camserve-heavy-item")
+            self._heavy_tasks.add(task)
+            self._running_heavy[id(task)] = item
+            task.add_done_callback(self._heavy_done)
+
+    def _heavy_done(self, task: asyncio.Task[None]) -> None:
+        self._heavy_tasks.discard(task)
+        self._running_heavy.pop(id(task), None)
+
+    async def _heavy_place(self) -> WorkerSlot:
+        limit = self.settings.heavy_concurrency
+        while True:
+            free = [s for s in self.slots if s.worker is not None and s.index not in self._dead_slots
+                    and self._heavy_running.get(s.index, 0) < limit]
+            if free:
+                return min(free, key=lambda s: self._heavy_running.get(s.index, 0))
+            self._heavy_freed.clear()
+            await self._heavy_freed.wait()
+
+    async def _next_heavy(self) -> WorkItem:
+        while True:
+            while self._heavy_pending:
+                item = self._heavy_pending.popleft()
+                self._changed.set()
+                if self._live(item):
+                    return item
+            self._heavy_arrived.clear()
+            await self._heavy_arrived.wait()
+
+    async def _compute_heavy(self, slot: WorkerSlot, item: WorkItem) -> None:
+        run = PassRun(
+            deadline=item.deadline, total=item.passes,
+            budget_s=self.settings.pass_budget_ms / 1000.0, seconds_per_pass=self._seconds_per_pass,
+        )
+        item.run = run
+        if item.on_progress is not None:
+            loop, report = asyncio.get_running_loop(), item.on_progress
+
+            def progressed(r: PassRun) -> None:  # on the heavy item's thread
+                loop.call_soon_threadsafe(report, r.done, r.total)
+
+            run.on_progress = progressed
+        # However the item's answer comes (a result, 504, the client gone), no pass runs after.
+        item.future.add_done_callback(lambda _future: run.cancelled.set())
+        started = time.monotonic()
+        item.started = started
+        try:
+            result = await slot.compute_heavy(item, run)
+        except asyncio.CancelledError:  # the engine stopped: answer, and stop at the next boundary
+            _fail(item, ServiceUnavailable("the service stopped before this explanation finished"))
+            run.cancelled.set()
+            raise
+        except PassesCancelled as exc:
+            if exc.reason == "deadline":
+                _fail(item, DeadlineExceeded(
+                    "the request's deadline passed while it was computed; raise X-Request-Timeout"
+                ))
+            _fail(item, ServiceUnavailable("the explanation was stopped before it finished"))
+            log.info("heavy explanation stopped", extra={
+                "worker": slot.name, "reason": exc.reason, "passes_done": exc.done,
+                "passes_total": run.total, "request_ids": [item.request_id],
+            })
+        except WorkerDied as exc:
+            log.error("heavy explanation's worker died", extra={"worker": slot.name, "reason": str(exc)})
+            _fail(item, ServiceUnavailable("the worker failed; retry shortly"))
+        except Exception:
+            log.exception("heavy explanation failed", extra={"worker": slot.name, "model": item.model})
+            _fail(item, ServiceError(
+                "the explanation failed inside the service; the service keeps serving, please retry"
+            ))
+        else:
+            run.total = run.done  # the estimate gives way to what was run
+            self._learn_pass_rate(run)
+            self._finish(slot, [item], [result], started)
+        finally:
+            self._heavy_running[slot.index] -= 1
+            self._in_flight -= 1
+            self._heavy_freed.set()
+            self._changed.set()
+
+    def _learn_pass_rate(self, run: PassRun) -> None:
+        """Keep the device's measured seconds per full forward pass for later estimates."""
+        measured = run.rate_of("masked") or run.rate_of("faithfulness")
+        if measured:
+            self._seconds_per_pass = 0.7 * self._seconds_per_pass + 0.3 * measured
 
     def _finish(
         self, slot: WorkerSlot, items: list[WorkItem], results: list[ItemResult], started: float

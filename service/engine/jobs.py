@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,13 @@ class WorkItem:
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
     request_id: str = ""  # for logs only
+    # Set by the engine on submission: forward-pass equivalents (service.engine.cost), whether
+    # it runs in the heavy lane, and, once it runs there, its service.cams.passes.PassRun.
+    passes: int = 1
+    heavy: bool = False
+    run: object | None = None
+    # Called on the event loop with (passes done, passes expected) as a heavy item advances.
+    on_progress: Callable[[int, int], None] | None = None
 
     def batch_key(self) -> tuple[object, ...]:
         """Items with equal keys share a forward (and backward) pass."""

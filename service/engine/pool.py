@@ -21,7 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
+from service.cams import passes
 from service.engine.jobs import ItemResult, WorkItem
+from service.engine.turns import DeviceTurns
 from service.models.catalog import ModelInfo
 from service.models.spec import ModelSpec
 
@@ -56,9 +58,11 @@ _Call = tuple[Callable[..., Any], tuple[Any, ...], "concurrent.futures.Future[An
 
 
 class WorkerThread:
-    """A thread that runs the calls it is given in order, one at a time."""
+    """A thread that runs the calls it is given in order, one at a time, each holding the
+    device's light turn (:mod:`service.engine.turns`) while it runs."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, turns: DeviceTurns | None = None) -> None:
+        self._turns = turns or DeviceTurns()
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -73,7 +77,8 @@ class WorkerThread:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = fn(*args)
+                with self._turns.light():
+                    result = fn(*args)
             except Exception as exc:
                 future.set_exception(exc)
             except BaseException as exc:
@@ -104,6 +109,8 @@ class WorkerSlot:
         self.device = device
         self.factory = factory
         self.restarts = 0
+        self.turns = DeviceTurns()  # shared by the worker thread and the heavy explanations
+        self.seconds_per_pass = 0.02  # one image's forward pass; measured in warm-up and heavy runs
         self._thread: WorkerThread | None = None
         self._worker: WorkerLike | None = None
         self._specs: list[ModelSpec] = []
@@ -121,12 +128,15 @@ class WorkerSlot:
     async def start(self, specs: Sequence[ModelSpec], warm_sizes: Sequence[int]) -> dict[str, ModelInfo]:
         """Build the worker on its own thread, load every model, warm up at ``warm_sizes``."""
         self._specs, self._warm_sizes = list(specs), list(warm_sizes)
-        self._thread = WorkerThread(self.name)
+        self._thread = WorkerThread(self.name, self.turns)
         started = time.perf_counter()
         self._worker = await self._thread.call(self.factory, self.device)
         catalog: dict[str, ModelInfo] = await self._thread.call(self._worker.load, self._specs)
         if self._warm_sizes:
             await self._thread.call(self._worker.warm_up, self._warm_sizes)
+        measured = getattr(self._worker, "seconds_per_pass", None)
+        if isinstance(measured, float) and measured > 0:
+            self.seconds_per_pass = measured
         log.info("worker ready", extra={
             "worker": self.name, "device": str(self.device), "models": sorted(catalog),
             "warm_batch_sizes": self._warm_sizes, "ms": round((time.perf_counter() - started) * 1000, 1),
@@ -138,6 +148,32 @@ class WorkerSlot:
             raise WorkerDied(f"{self.name} has no worker")
         results: list[ItemResult] = await self._thread.call(self._worker.compute, items)
         return results
+
+    async def compute_heavy(self, item: WorkItem, run: passes.PassRun) -> ItemResult:
+        """One heavy item on a thread of its own, holding the device's turn between its pass
+        boundaries (see :mod:`service.cams.passes`); raises ``PassesCancelled`` when stopped."""
+        worker = self._worker
+        if self._thread is None or worker is None:
+            raise WorkerDied(f"{self.name} has no worker")
+        run.turn = self.turns
+        future: concurrent.futures.Future[ItemResult] = concurrent.futures.Future()
+
+        def explain() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                with self.turns.heavy(run), passes.active(run):
+                    results = worker.compute([item])
+            except Exception as exc:
+                future.set_exception(exc)
+            except BaseException as exc:
+                future.set_exception(WorkerDied(f"a heavy explanation's thread ended: {exc!r}"))
+                raise
+            else:
+                future.set_result(results[0])
+
+        threading.Thread(target=explain, name=f"{self.name}-heavy", daemon=True).start()
+        return await asyncio.wrap_future(future)
 
     async def replace(self) -> None:
         """A fresh thread and worker with the same models; raises when they cannot be loaded."""

@@ -90,6 +90,8 @@ class Worker:
         self.fold_batch_norm = fold_batch_norm
         self.models: dict[str, LoadedModel] = {}
         self.folded: dict[str, Folded] = {}
+        # One image's forward pass in seconds, measured in warm-up (the slowest model's).
+        self.seconds_per_pass: float | None = None
 
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
         if self.device.type == "cpu":
@@ -122,7 +124,17 @@ class Worker:
                 inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
                 with torch.inference_mode():
                     module(inputs)
+                    if size == max(batch_sizes):  # warm now: what one image's pass costs here
+                        self._synchronize()
+                        began = time.perf_counter()
+                        module(inputs)
+                        self._synchronize()
+                        per_image = (time.perf_counter() - began) / size
+                        self.seconds_per_pass = max(self.seconds_per_pass or 0.0, per_image)
                 explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
+        self._synchronize()
+
+    def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from service.cams.passes import chunked
+
 Model = Callable[[Tensor], Tensor]
 Baseline = Tensor | float
 
@@ -168,12 +170,15 @@ def class_probability(
 ) -> Tensor:
     """Softmax probability of each sample's class (B,), ``chunk_size`` samples per pass."""
     classes = classes.to(inputs.device)
-    out = []
-    for start in range(0, inputs.shape[0], chunk_size):
-        logits = model(inputs[start:start + chunk_size]).float()
-        probs = logits.softmax(dim=1)
-        out.append(probs.gather(1, classes[start:start + chunk_size, None])[:, 0])
-    return torch.cat(out)
+    return torch.cat([
+        _probability(model, inputs[start:stop], classes[start:stop])
+        for start, stop in chunked(inputs.shape[0], chunk_size, key="faithfulness")
+    ])
+
+
+def _probability(model: Model, inputs: Tensor, classes: Tensor) -> Tensor:
+    """One pass: the softmax probability of each row's class."""
+    return model(inputs).float().softmax(dim=1).gather(1, classes[:, None])[:, 0]
 
 
 @torch.no_grad()
@@ -200,8 +205,8 @@ def _curves(
         curves[c, :, clean_k] = clean.to(inputs.device)
         jobs += [(c, b, k) for b in range(batch) for k in range(steps + 1) if k != clean_k]
     inserts = torch.tensor(kinds, device=inputs.device)
-    for start in range(0, len(jobs), chunk_size):
-        chunk = torch.tensor(jobs[start:start + chunk_size], device=inputs.device)
+    for start, stop in chunked(len(jobs), chunk_size, key="faithfulness"):
+        chunk = torch.tensor(jobs[start:stop], device=inputs.device)
         which, rows, ks = chunk.unbind(dim=1)
         chosen = (ranks[rows] < counts[ks][:, None]).view(len(chunk), 1, *inputs.shape[-2:])
         sample = inputs[rows]
@@ -209,7 +214,7 @@ def _curves(
         # Deletion: the chosen pixels become the baseline; insertion: only they are shown.
         shown = torch.where(inserts[which].view(-1, 1, 1, 1), chosen, ~chosen)
         perturbed = torch.where(shown, sample, filler)
-        curves[which, rows, ks] = class_probability(model, perturbed, classes[rows], chunk_size)
+        curves[which, rows, ks] = _probability(model, perturbed, classes[rows])
     return list(curves.unbind(0))
 
 
