@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     max_request_passes: int = Field(
         50_000, ge=1, description="forward-pass equivalents one request may cost (else 422)"
     )
+    # Jobs (POST /jobs): long explanations followed by polling or server-sent events.
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job is kept")
+    max_jobs: int = Field(100, ge=1, description="jobs held at once, queued, running or finished")
+    job_store_mb: float = Field(512.0, gt=0, description="memory for finished jobs' results")
+    job_timeout_s: float = Field(3600.0, gt=0, le=86_400, description="a job's deadline")
     max_queued_passes: int = Field(
         200_000, ge=1, description="heavy passes waiting or running before new heavy work gets 503"
     )

@@ -19,8 +19,9 @@ from service import __version__
 from service.api.deps import require_api_key
 from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
+from service.api.jobstore import Job, JobStore
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import catalog, docs, health, inference, introspection, kserve, ui
+from service.api.routes import catalog, docs, health, inference, introspection, jobs, kserve, ui
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -43,6 +44,14 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
     settings = settings or get_settings()
     metrics = Metrics(settings.max_batch_size)
 
+    def job_finished(job: Job, seconds: float) -> None:
+        for method in job.methods:
+            metrics.job_duration.labels(method, job.status).observe(seconds)
+        for status, count in store.counts().items():
+            metrics.jobs.labels(status).set(count)
+
+    store = JobStore(settings, on_finish=job_finished)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         specs = list(registered_specs(settings.models_file).values())
@@ -53,12 +62,15 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
         engine = Engine(settings, specs, worker_factory, metrics)
         metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
         app.state.engine = engine
+        app.state.jobs = store
         loading = asyncio.create_task(engine.start(), name="camserve-load")
         try:
             yield
         finally:
             await loading
-            await engine.stop()
+            store.stop_accepting()
+            await engine.stop()  # drains: running jobs may finish within the drain timeout
+            await store.close()  # the rest are marked cancelled
 
     app = FastAPI(
         title="camserve",
@@ -76,6 +88,7 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
     protected = [Depends(require_api_key)]
     app.include_router(inference.router, dependencies=protected)
     app.include_router(catalog.router, dependencies=protected)
+    app.include_router(jobs.router, dependencies=protected)
     app.include_router(kserve.router, dependencies=protected)
     app.include_router(introspection.router, dependencies=protected)
     app.include_router(health.router)

@@ -65,6 +65,14 @@ class Metrics:
             registry=r)
         self.worker_restarts = Counter(
             "camserve_worker_restarts_total", "workers rebuilt after their thread died", registry=r)
+        self.jobs = Gauge("camserve_jobs", "jobs held, by status", ["status"], registry=r)
+        self.job_duration = Histogram(
+            "camserve_job_duration_seconds", "time from a job's creation to its end, by CAM method "
+            "(a job of several methods counts once for each) and final status",
+            ["cam_method", "status"], buckets=(*_LATENCY, 120.0, 300.0, 600.0, 1800.0, 3600.0), registry=r)
+        self.passes = Counter(
+            "camserve_heavy_passes_total", "forward-pass equivalents run by heavy explanations; "
+            "its rate is the passes per second", registry=r)
 
     def bind_engine(self, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
         self.queue_depth.set_function(queue_depth)

@@ -123,9 +123,24 @@ async def respond(
     """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in and a
     ``Server-Timing`` header naming each stage (decode when ``decode_ms`` is given, queue,
     compute, render: masks and PNGs, json: the serialisation itself, total)."""
+    return json_response(*await serialize(body, results, started, encode_started, decode_ms))
+
+
+async def serialize(
+    body: dict[str, Any],
+    results: Sequence[ItemResult],
+    started: float,
+    encode_started: float,
+    decode_ms: float | None = None,
+) -> tuple[bytes, dict[str, float]]:
+    """What :func:`respond` sends: the JSON bytes and the Server-Timing stages."""
     payload, stages = await run_in_threadpool(_serialize, body, results, started, encode_started)
     if decode_ms is not None:
         stages = {"decode": round(decode_ms, 2), **stages}
+    return payload, stages
+
+
+def json_response(payload: bytes, stages: dict[str, float]) -> Response:
     return Response(payload, media_type="application/json",
                     headers={"Server-Timing": server_timing(stages)})
 

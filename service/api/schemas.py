@@ -194,3 +194,29 @@ class HealthResponse(_Schema):
     status: str = Field(description="`ok`, `ready`, or the reason it is not ready", examples=["ok"])
     state: str = Field(description="engine state", examples=["ready"])
     queue_depth: int = Field(description="images waiting", examples=[0])
+
+
+class JobProgress(_Schema):
+    done: int = Field(description="passes the scheduler has run for the job (never decreases)",
+                      examples=[412])
+    total: int = Field(description="passes the job needs (estimated until it ends; equals done once "
+                       "it has succeeded)", examples=[1222])
+    fraction: float = Field(description="done / total", examples=[0.337])
+
+
+class JobOut(_Schema):
+    job_id: str = Field(description="the job's id", examples=["9a1c0e5d2b7f4a3c8e6d1f0a2b3c4d5e"])
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="where the job is", examples=["running"])
+    created_at: str = Field(description="when it was submitted (UTC, ISO 8601)",
+                            examples=["2026-12-01T15:03:30.120Z"])
+    started_at: str | None = Field(description="when its first pass started", examples=[None])
+    finished_at: str | None = Field(description="when it ended", examples=[None])
+    progress: JobProgress = Field(description="passes done and to do")
+    eta_s: float | None = Field(description="seconds left at the rate its passes have run so far; "
+                                "null before the first pass", examples=[11.8])
+    methods: list[str] = Field(description="the CAM methods it computes", examples=[["scorecam"]])
+    result: ExplainResponse | None = Field(
+        description="exactly the POST /explain response body, once the job has succeeded",
+        examples=[None])
+    error: ErrorDetail | None = Field(description="why it failed or was cancelled", examples=[None])

@@ -246,7 +246,7 @@ class Engine:
         if self.state != "ready":
             reason = self.failure if self.state == "failed" else f"the service is {self.state}"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
-        self._price(items)
+        self.price(items)
         light = [item for item in items if not item.heavy]
         heavy = [item for item in items if item.heavy]
         if len(self._pending) + len(light) > self.settings.max_queue:
@@ -300,12 +300,13 @@ class Engine:
             results.add_done_callback(_retrieve)  # so asyncio does not warn about a failed image
             self._changed.set()
 
-    def _price(self, items: Sequence[WorkItem]) -> None:
-        """Set each item's passes and lane; refuse (422) what is over budget or too slow."""
+    def price(self, items: Sequence[WorkItem]) -> int:
+        """Set each item's passes and lane (an item already marked heavy, a job's, stays
+        heavy); refuse (422) what is over budget or too slow. Returns the passes in all."""
         for item in items:
             model = self._catalog.get(item.model)
             item.passes = cost.item_passes(item.explain, model) if model is not None else 1
-            item.heavy = model is not None and cost.is_heavy(item.explain, model)
+            item.heavy = item.heavy or (model is not None and cost.is_heavy(item.explain, model))
         total = sum(item.passes for item in items)
         limit = self.settings.max_request_passes
         advice = ("ask for fewer images, classes or methods, lower top_k_channels, num_samples "
@@ -313,19 +314,20 @@ class Engine:
         if total > limit:
             raise InvalidOption(
                 f"this request would cost about {total} forward passes; at most {limit} are "
-                f"allowed per request (CAMSERVE_MAX_REQUEST_PASSES): {advice}"
+                f"allowed per request and job (CAMSERVE_MAX_REQUEST_PASSES): {advice}"
             )
         if not any(item.heavy for item in items):
-            return
+            return total
         needed = total * self._seconds_per_pass
         left = min(item.deadline for item in items) - time.monotonic()
         if needed > left:
             raise InvalidOption(
                 f"this request needs about {total} forward passes, about {needed:.1f} s at the "
                 f"{1 / self._seconds_per_pass:.0f} passes/s measured on this device, more than "
-                f"the {max(left, 0):.1f} s left before its deadline: raise X-Request-Timeout or "
-                f"{advice}"
+                f"the {max(left, 0):.1f} s left before its deadline: submit it as a job "
+                f"(POST /jobs, which shows its progress), raise X-Request-Timeout, or {advice}"
             )
+        return total
 
     @property
     def heavy_passes_left(self) -> int:
@@ -522,6 +524,7 @@ class Engine:
         )
         item.run = run
         if item.on_progress is not None:
+            item.on_progress(0, run.total)  # started
             loop, report = asyncio.get_running_loop(), item.on_progress
 
             def progressed(r: PassRun) -> None:  # on the heavy item's thread
@@ -557,10 +560,14 @@ class Engine:
                 "the explanation failed inside the service; the service keeps serving, please retry"
             ))
         else:
-            run.total = run.done  # the estimate gives way to what was run
+            run.total = run.done = max(run.done, 1)  # the estimate gives way to what was run
+            if item.on_progress is not None:
+                item.on_progress(run.done, run.total)
             self._learn_pass_rate(run)
             self._finish(slot, [item], [result], started)
         finally:
+            if self.metrics:
+                self.metrics.passes.inc(run.done)
             self._heavy_running[slot.index] -= 1
             self._in_flight -= 1
             self._heavy_freed.set()

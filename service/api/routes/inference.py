@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -12,9 +13,14 @@ from starlette.concurrency import run_in_threadpool
 from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
-from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
-from service.api.render import explain_results, model_ref, predict_results
+from service.api.options import ExplainForm, ExplainPlan, PredictForm, plan_explain, resolve_model
+from service.api.render import Upload, explain_results, model_ref, predict_results
 from service.api.schemas import ExplainResponse, PredictResponse
+from service.config import Settings
+from service.engine.jobs import ItemResult, WorkItem
+
+if TYPE_CHECKING:
+    from service.engine.engine import Engine
 
 router = APIRouter(tags=["inference"])
 
@@ -73,19 +79,48 @@ async def explain(
     form: Annotated[ExplainForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
+    deadline = pipeline.deadline_from(x_request_timeout, settings)
+    prepared = await prepare_explain(form, engine, settings, deadline)
+    results = await engine.submit(prepared.items)
+    payload, stages = await finish_explain(prepared, results, request_id_of(request), settings)
+    return pipeline.json_response(payload, stages)
+
+
+@dataclass
+class PreparedExplain:
+    """An /explain request checked and decoded, its work items built, nothing queued yet."""
+
+    plan: ExplainPlan
+    uploads: list[Upload]
+    items: list[WorkItem]
+    started: float
+    decode_ms: float
+
+
+async def prepare_explain(
+    form: ExplainForm, engine: Engine, settings: Settings, deadline: float
+) -> PreparedExplain:
+    """Validate (4xx before any work), decode under the limits and build the work items: the
+    part of ``POST /explain`` that ``POST /jobs`` shares."""
     started = time.perf_counter()
     plan = plan_explain(form, engine.catalog, settings.default_model)
     decode_started = time.perf_counter()
     uploads = await pipeline.decode_sources(await _read(form.file), settings, plan.model)
     decode_ms = (time.perf_counter() - decode_started) * 1000
-    deadline = pipeline.deadline_from(x_request_timeout, settings)
-    results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
+    items = pipeline.explain_items(plan, uploads, settings, deadline)
+    return PreparedExplain(plan, uploads, items, started, decode_ms)
+
+
+async def finish_explain(
+    prepared: PreparedExplain, results: Sequence[ItemResult], request_id: str, settings: Settings
+) -> tuple[bytes, dict[str, float]]:
+    """The ``POST /explain`` response body as JSON bytes, and its Server-Timing stages."""
     encode_started = time.perf_counter()
     rendered = await run_in_threadpool(
-        explain_results, plan, uploads, results, settings.png_compress_level
+        explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level
     )
-    body = {"request_id": request_id_of(request), "model": model_ref(plan.model), "results": rendered}
-    return await pipeline.respond(body, results, started, encode_started, decode_ms)
+    body = {"request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered}
+    return await pipeline.serialize(body, results, prepared.started, encode_started, prepared.decode_ms)
 
 
 async def _read(parts: Sequence[UploadFile]) -> list[pipeline.Source]:
