@@ -193,6 +193,21 @@ class Engine:
 
     # submission ------------------------------------------------------------------------
 
+    def admit(self, images: int) -> None:
+        """Raise what :meth:`submit` would for a request of ``images`` images (not ready,
+        draining, queue full), so a route can refuse before paying for its decode."""
+        if self.state != "ready":
+            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
+            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        if len(self._pending) + images > self.settings.max_queue:
+            self._purge_abandoned()
+        if len(self._pending) + images > self.settings.max_queue:
+            raise QueueFull(
+                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
+                "waiting); retry shortly",
+                retry_after_s=self._retry_after(),
+            )
+
     async def submit(
         self, items: Sequence[WorkItem], disconnected: Awaitable[object] | None = None
     ) -> list[ItemResult]:
@@ -203,17 +218,7 @@ class Engine:
         """
         state = request_state.get()
         _note_request(state, items)
-        if self.state != "ready":
-            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
-            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
-        if len(self._pending) + len(items) > self.settings.max_queue:
-            self._purge_abandoned()
-        if len(self._pending) + len(items) > self.settings.max_queue:
-            raise QueueFull(
-                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
-                "waiting); retry shortly",
-                retry_after_s=self._retry_after(),
-            )
+        self.admit(len(items))
         self._pending.extend(items)
         self._arrived.set()
         if self.metrics:
