@@ -8,8 +8,8 @@ checked between frames, so a slow file cannot outlive the request it belongs to.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from time import monotonic
 
 from service.errors import DeadlineExceeded, PayloadTooLarge, UnsupportedMedia
 
@@ -115,7 +115,7 @@ class DecodeLimits:
             self.request_bytes.spend(nbytes, label)
 
     def check_deadline(self, label: str) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if self.deadline is not None and monotonic() > self.deadline:
             raise DeadlineExceeded(
                 f"the request's deadline passed while decoding {label}; "
                 "raise X-Request-Timeout or send fewer frames"
