@@ -182,15 +182,21 @@ def test_decoding_runs_on_its_own_bounded_pool(
 
 # Admission before decoding (fake workers) --------------------------------------------------
 
-def test_a_full_queue_answers_503_before_paying_for_the_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    decoded: list[str] = []
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files decoding started on, in order."""
+    names: list[str] = []
     real = pipeline.iter_frames
 
     def recording(data: bytes, limits: Any, filename: str = "") -> Iterator[Any]:
-        decoded.append(filename)
+        names.append(filename)
         return real(data, limits, filename)
 
     monkeypatch.setattr(pipeline, "iter_frames", recording)
+    return names
+
+
+def test_a_full_queue_answers_503_before_paying_for_the_decode(decoded: list[str]) -> None:
     script = Script()
     pages = samples.tiff_pages(100_000)  # would be a 413 after its decode
     with serving(script, max_queue=1) as (app, client), ThreadPoolExecutor(2) as pool:
@@ -207,3 +213,13 @@ def test_a_full_queue_answers_503_before_paying_for_the_decode(monkeypatch: pyte
         assert blocker.result().status_code == 200
         assert queued.result().status_code == 200
         assert predict(client, 9).json()["results"][0]["predictions"][0]["class_idx"] == 9
+
+
+def test_a_draining_service_answers_503_before_paying_for_the_decode(decoded: list[str]) -> None:
+    with serving(Script()) as (app, client):
+        assert predict(client, 3).status_code == 200
+        assert decoded == ["x.png"]
+        assert client.portal.call(app.state.engine.drain, 1.0) is True
+        response = client.post("/explain", files={"file": ("pages.tif", samples.tiff_pages(100_000))})
+        assert_error(response, 503, "unavailable", "draining")
+        assert decoded == ["x.png"]
