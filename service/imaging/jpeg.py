@@ -21,6 +21,9 @@ _LOSSLESS = 0xC3
 _UNJUDGED = {0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # hierarchical, arithmetic
 # A marker ends a scan's entropy-coded data, except stuffed 0xFF00 and the restart markers.
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# Real files have tens of segments; past this many the walk (Python, per segment) stops and
+# leaves the file to Pillow, whose reduced decoding and the byte limits still bound it.
+_MAX_SEGMENTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ def _walk(data: bytes) -> Shortfall | None:
     components: dict[int, _Component] = {}
     scans = 0
     pos = 2
-    while pos + 4 <= len(data):
+    for _ in range(_MAX_SEGMENTS):
+        if pos + 4 > len(data):
+            break
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]

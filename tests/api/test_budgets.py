@@ -5,9 +5,11 @@ size, the server's memory growth and that a normal request is answered right aft
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,23 @@ def test_hostile_files_are_refused_from_their_headers(
     assert_error(response, status, code, fragment)
     assert len(response.content) < ERROR_BODY_BOUND
     assert growth < GROWTH_BOUND, f"{growth / MB:.0f} MB"
+    assert_still_serving(client, cat_png)
+
+
+def send_to(client: TestClient, route: str, data: bytes) -> httpx.Response:
+    if route.startswith("/v1/"):  # KServe V1: base64 instances in JSON
+        body = {"instances": [{"image": {"b64": base64.b64encode(data).decode()}}]}
+        return client.post(route, json=body)
+    return client.post(route, files={"file": ("x", data)})
+
+
+@pytest.mark.parametrize("route", ["/predict", "/v1/models/mobilenet_v2:predict",
+                                   "/v1/models/mobilenet_v2:explain"])
+def test_every_route_that_decodes_refuses_them(client: TestClient, cat_png: bytes, route: str) -> None:
+    for data, status in ((hostile.jpeg_declaring(), 415), (hostile.png16(), 413)):
+        response, growth = measured(partial(send_to, client, route, data))
+        assert response.status_code == status, response.text
+        assert growth < GROWTH_BOUND, f"{growth / MB:.0f} MB"
     assert_still_serving(client, cat_png)
 
 
