@@ -106,10 +106,11 @@ class DecodeLimits:
         """Refuse a frame by the bytes it decodes to, and charge them to the request."""
         nbytes = frame_bytes(width, height, bytes_per_pixel)
         if self.max_frame_bytes is not None and nbytes > self.max_frame_bytes:
+            as_rgb = " (as the 8-bit RGB frame it becomes)" if bytes_per_pixel < RGB_BYTES else ""
             raise PayloadTooLarge(
                 f"{label} is {width}x{height} at {max(bytes_per_pixel, RGB_BYTES)} bytes per pixel: "
-                f"{megabytes(nbytes)} decoded, over the limit of {megabytes(self.max_frame_bytes)} "
-                "per frame; send a smaller image"
+                f"{megabytes(nbytes)} decoded{as_rgb}, over the limit of "
+                f"{megabytes(self.max_frame_bytes)} per frame; send a smaller image"
             )
         if self.request_bytes is not None:
             self.request_bytes.spend(nbytes, label)
