@@ -49,6 +49,26 @@ class Settings(BaseSettings):
     max_frames: int = Field(64, ge=1)
     max_images_per_request: int = Field(16, ge=1)
     overlay_max_side: int = Field(1024, ge=16, le=16384)
+    mask_max_side: int | None = Field(
+        None, ge=16, le=16384,
+        description="longer side of mask_size=original masks; unset: overlay_max_side",
+    )
+    max_decoded_mb_per_frame: float = Field(
+        100.0, gt=0, description="decoded MB per frame: width x height x the larger of its "
+        "bytes per pixel (16-bit channels count 2) and the 3 of the RGB frame it becomes",
+    )
+    max_decoded_mb_per_request: float = Field(
+        512.0, gt=0, description="decoded MB per request, all files and frames together",
+    )
+    allow_truncated_images: bool = Field(
+        False, description="decode image files whose data ends early (the rest padded); off: 415"
+    )
+    decode_threads: int = Field(
+        0, ge=0, description="files decoded at once, across requests; 0 = the cores the process may use"
+    )
+    max_response_mb: float = Field(
+        128.0, gt=0, description="the largest /explain response, estimated before any work is queued"
+    )
     png_compress_level: int = Field(3, ge=0, le=9, description="zlib level for returned PNGs")
     api_key: str | None = Field(None, description="Bearer token required on non-public endpoints")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -91,6 +111,11 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def mask_side(self) -> int:
+        """The longer side of a mask_size=original mask."""
+        return self.mask_max_side or self.overlay_max_side
 
 
 @lru_cache(maxsize=1)

@@ -54,6 +54,12 @@ class Mask(_Schema):
     data: list[list[float]] | str = Field(
         description="values in [0, 1], min-max normalised per map", examples=[[[0.0, 0.1], [0.5, 1.0]]]
     )
+    scale: float | None = Field(
+        None, description="for mask_size=original: the mask's size over the image's (longer "
+        "side over longer side), 1.0 unless the longer side was capped at the server's limit "
+        "(CAMSERVE_MASK_MAX_SIDE, default the overlay cap); null for the other mask sizes",
+        examples=[1.0],
+    )
 
 
 class Faithfulness(_Schema):

@@ -233,6 +233,21 @@ class Engine:
 
     # submission ------------------------------------------------------------------------
 
+    def admit(self, images: int) -> None:
+        """Raise what :meth:`submit` would for a request of ``images`` images (not ready,
+        draining, queue full), so a route can refuse before paying for its decode."""
+        if self.state != "ready":
+            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
+            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        if len(self._pending) + images > self.settings.max_queue:
+            self._purge_abandoned()
+        if len(self._pending) + images > self.settings.max_queue:
+            raise QueueFull(
+                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
+                "waiting); retry shortly",
+                retry_after_s=self._retry_after(),
+            )
+
     async def submit(
         self, items: Sequence[WorkItem], disconnected: Awaitable[object] | None = None
     ) -> list[ItemResult]:
@@ -243,20 +258,10 @@ class Engine:
         """
         state = request_state.get()
         _note_request(state, items)
-        if self.state != "ready":
-            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
-            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
         self.price(items)
         light = [item for item in items if not item.heavy]
         heavy = [item for item in items if item.heavy]
-        if len(self._pending) + len(light) > self.settings.max_queue:
-            self._purge_abandoned()
-        if len(self._pending) + len(light) > self.settings.max_queue:
-            raise QueueFull(
-                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
-                "waiting); retry shortly",
-                retry_after_s=self._retry_after(),
-            )
+        self.admit(len(light))
         queued = self.heavy_passes_left
         if heavy and queued + sum(item.passes for item in heavy) > self.settings.max_queued_passes:
             raise QueueFull(

@@ -47,10 +47,12 @@ async def predict(
 ) -> Response:
     started = time.perf_counter()
     model = resolve_model(form.model, engine.catalog, settings.default_model)
-    decode_started = time.perf_counter()
-    uploads = await pipeline.decode_sources(await _read(form.file), settings, model)
-    decode_ms = (time.perf_counter() - decode_started) * 1000
     deadline = pipeline.deadline_from(x_request_timeout, settings)
+    decode_started = time.perf_counter()
+    uploads = await pipeline.decode_sources(
+        await _read(form.file), settings, model, deadline=deadline, admit=engine.admit, display=False
+    )
+    decode_ms = (time.perf_counter() - decode_started) * 1000
     results = await engine.submit(pipeline.predict_items(model, uploads, form.topk, deadline))
     encode_started = time.perf_counter()
     body = {
@@ -105,7 +107,9 @@ async def prepare_explain(
     started = time.perf_counter()
     plan = plan_explain(form, engine.catalog, settings.default_model)
     decode_started = time.perf_counter()
-    uploads = await pipeline.decode_sources(await _read(form.file), settings, plan.model)
+    uploads = await pipeline.decode_sources(
+        await _read(form.file), settings, plan.model, deadline=deadline, admit=engine.admit
+    )
     decode_ms = (time.perf_counter() - decode_started) * 1000
     items = pipeline.explain_items(plan, uploads, settings, deadline)
     return PreparedExplain(plan, uploads, items, started, decode_ms)

@@ -142,7 +142,7 @@ async def features(
             f"(modules with a 4-D output): {choices(model.layer_names())}"
         )
     sources = [(form.file.filename, await form.file.read())]
-    upload = (await pipeline.decode_sources(sources, settings, model))[0]
+    upload = (await pipeline.decode_sources(sources, settings, model, display=False))[0]
     maps: net.FeatureMaps = await engine.run(
         model.name, lambda loaded: net.feature_maps(loaded, upload.pixels, layer, form.max_channels)
     )

@@ -171,8 +171,11 @@ async def predict(
     options = body.parameters.model_dump() if body.parameters else {}
     # Already validated field by field against the form's own fields: safe to construct.
     form = PredictForm.model_construct(file=[], model=model, **options)
-    uploads = await pipeline.decode_sources(_sources(body.instances), settings, info, "instances")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
+    uploads = await pipeline.decode_sources(
+        _sources(body.instances), settings, info, "instances",
+        deadline=deadline, admit=engine.admit, display=False,
+    )
     results = await engine.submit(pipeline.predict_items(info, uploads, form.topk, deadline))
     encode_started = time.perf_counter()
     out = {
@@ -200,8 +203,11 @@ async def explain(
     options = body.parameters.model_dump() if body.parameters else {}
     form = ExplainForm.model_construct(file=[], model=model, **options)
     plan = plan_explain(form, engine.catalog, settings.default_model)
-    uploads = await pipeline.decode_sources(_sources(body.instances), settings, plan.model, "instances")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
+    uploads = await pipeline.decode_sources(
+        _sources(body.instances), settings, plan.model, "instances",
+        deadline=deadline, admit=engine.admit,
+    )
     results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
     encode_started = time.perf_counter()
     rendered = await run_in_threadpool(
