@@ -16,8 +16,9 @@ Blocks run in a scratch copy of the checkout (files copied, folders linked, ``.v
 the virtualenv running these tests) so what they write (``overlay.png``, ``build/lt``) lands
 there; the README's ``http://127.0.0.1:8000`` becomes the test server's address; ``PATH`` and
 the environment are a fresh shell's (no virtualenv on ``PATH``, no ``PYTHONPATH``, no
-``CAMSERVE_*``). A block passes when it exits 0, prints or writes something, and what it
-writes is well formed (JSON parses and is not an error, PNGs have the signature, CSVs rows).
+``CAMSERVE_*``). A block passes when it exits 0, prints or writes something, prints no error
+body of the service, and what it prints or writes is well formed (JSON parses, PNGs have the
+signature, CSVs have rows).
 """
 
 from __future__ import annotations
@@ -213,12 +214,18 @@ def check_written(path: Path) -> None:
         assert len(rows) >= 2, f"{path.name} has no rows under its header"
 
 
+# The service's error body, as curl prints it or as json.tool indents it.
+ERROR_BODY = re.compile(r'\{\s*"error"\s*:\s*\{')
+
+
 def check_printed(stdout: str) -> None:
-    try:
-        printed = json.loads(stdout)
-    except ValueError:
+    assert not ERROR_BODY.search(stdout), f"the service refused: {stdout[:2000]}"
+    if not stdout.lstrip().startswith(("{", "[")):
         return  # text, such as a table or the client's lines
-    assert not (isinstance(printed, dict) and "error" in printed), f"the service refused: {stdout[:2000]}"
+    # JSON, maybe several documents one after the other (curl adds no newline): all must parse.
+    decoder, at = json.JSONDecoder(), 0
+    while (at := len(stdout) - len(stdout[at:].lstrip())) < len(stdout):
+        _, at = decoder.raw_decode(stdout, at)
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=block_id)
