@@ -303,8 +303,7 @@ def test_server_blocks_start_the_service_as_this_test_does(tmp_path: Path) -> No
             if words[0] == "make":
                 assert words[1] == "run" and all(ASSIGNMENT.match(w) for w in words[2:]), line
                 # The test's own service is started from this same expansion (readme_service).
-                assert make_run_command(where, *words[2:])[:3] == [VENV_PYTHON, "-m", "service"], line
-                continue
+                words = make_run_command(where, *words[2:])
             assert words[:3] == [VENV_PYTHON, "-m", "service"], f"{line}: not a start of the service"
             env = fresh_env(assignments)
             options = subprocess.run([str(where / VENV_PYTHON), *words[1:], "--help"], cwd=where,
