@@ -1,5 +1,6 @@
 # make run   — create .venv when missing, install, start the service on 127.0.0.1:8000
-# make test  — install the dev extras, then lint, type check and the whole test suite
+# make test  — install the dev extras (and chromium, docker-compose with apt-get when missing:
+#              that needs root), then lint, type check and the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
