@@ -85,6 +85,7 @@ class ConnectionGuard:
     idle: dict[GuardedHttpToolsProtocol, None] = field(default_factory=dict)  # oldest first
     _limit_events: collections.Counter[str] = field(default_factory=collections.Counter)
     _report: asyncio.TimerHandle | None = None
+    _open = 0  # open connections at the latest limit event
 
     @property
     def min_window_bytes(self) -> int:
@@ -93,14 +94,14 @@ class ConnectionGuard:
     def note_limit(self, event: str, open_connections: int) -> None:
         """Count an eviction or a refusal; one summary line a second at most."""
         self._limit_events[event] += 1
+        self._open = open_connections
         if self._report is None:
-            loop = asyncio.get_running_loop()
-            self._report = loop.call_later(1.0, self._log_limit, open_connections)
+            self._report = asyncio.get_running_loop().call_later(1.0, self._log_limit)
 
-    def _log_limit(self, open_connections: int) -> None:
+    def _log_limit(self) -> None:
         events, self._limit_events, self._report = dict(self._limit_events), collections.Counter(), None
         log.warning("connection limit reached", extra={
-            "max_connections": self.max_connections, "open": open_connections,
+            "max_connections": self.max_connections, "open": self._open,
             "idle_closed": events.get("evicted", 0), "refused": events.get("refused", 0)})
 
     def protocol(self) -> type[GuardedHttpToolsProtocol]:
