@@ -8,7 +8,8 @@ subclass of uvicorn's httptools protocol adds, per connection, one timeout ``T``
 
 - **request head**: from the connection's start, or from the end of its previous response,
   the request line and headers must be in within ``T`` (an idle connection and a slow one
-  alike);
+  alike), and within :data:`MAX_HEAD_BYTES` (else a JSON 431; a head the parser cannot read
+  gets a JSON 400 rather than uvicorn's text);
 - **body**: each ``T`` window after the headers must bring :data:`MIN_BODY_RATE` x ``T``
   bytes, or the rest of the body; one byte a second is closed at the end of the first window.
   Time the service itself has stopped reading (the app has not consumed what is buffered) is
@@ -49,9 +50,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("service.connections")
 
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; httptools itself sets no bound
 MIN_BODY_RATE = 1024  # bytes a second a body must average over each window (a 8 kbit/s link)
 LINGER_UPLOADS = 4  # a lingering close discards at most this many upload limits ...
 LINGER_MIN_BYTES = 256 << 20  # ... and never less than this: discarding costs no memory
+_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 _RESERVED_FDS = 64  # descriptors kept for files, pipes and sockets the service opens itself
 
 
@@ -170,13 +174,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _refuse(self) -> None:
-        body = orjson.dumps({"error": {
-            "code": "unavailable", "request_id": "",
-            "message": f"too many open connections ({self.guard.max_connections}); retry shortly"}})
+        self._answer_and_close(503, "unavailable", f"too many open connections "
+                               f"({self.guard.max_connections}); retry shortly", b"retry-after: 1\r\n")
+
+    def _answer_and_close(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
+        """A JSON error written straight to the socket (no request cycle), then close."""
+        self.guard.idle.pop(self, None)
+        if self.transport.is_closing():
+            return
+        body = orjson.dumps({"error": {"code": code, "message": message, "request_id": ""}})
         self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            % (status, _REASONS[status]) + extra
+            + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         self.transport.close()
 
     def _drop(self) -> None:
@@ -188,11 +198,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.idle.pop(self, None)
         if self.transport.is_closing():
             return
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else None
+        client = self._client_name()
         level = logging.INFO if reason.startswith("idle") else logging.WARNING
         log.log(level, "closed a connection: %s", reason, extra={
             "reason": reason, "client": client, "timeout_s": self.guard.timeout_s, **details})
         self.transport.close()
+
+    def _client_name(self) -> str | None:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else None
 
     def _timer(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         return self.loop.call_later(delay, callback)
@@ -222,6 +235,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._window_bytes += len(data)
         super().data_received(data)
+        if self._head_timer is not None and self._received - self._armed_at_bytes > MAX_HEAD_BYTES:
+            self._head_timer.cancel()
+            self._head_timer = None
+            log.warning("refused a request head over the limit", extra={
+                "client": self._client_name(), "max_bytes": MAX_HEAD_BYTES})
+            self._answer_and_close(431, "bad_request", f"the request line and headers are over "
+                                   f"{MAX_HEAD_BYTES} bytes")
+
+    def send_400_response(self, msg: str) -> None:
+        # A request the parser cannot read still gets the contract's JSON error.
+        self._answer_and_close(400, "bad_request", f"malformed HTTP request: {msg}")
 
     def on_message_begin(self) -> None:
         self._body_done = False

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.connections import MAX_HEAD_BYTES
 from tests.server_process import Server, poll, running
 
 TIMEOUT_S = 1
@@ -186,3 +187,22 @@ def test_at_the_bound_with_no_idle_connection_a_new_one_gets_a_json_503(tmp_path
         finally:
             for sock in busy:
                 sock.close()
+
+
+def test_a_request_head_over_the_limit_is_a_json_431(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: " + b"b" * (MAX_HEAD_BYTES + 1))
+        head, body = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 431"), head
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    server.logged(lambda r: r.get("message") == "refused a request head over the limit",
+                  "the log line of the oversized head")
+    assert_still_serving(server)
+
+
+def test_a_malformed_request_gets_a_json_400(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        head, body = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["error"]["code"] == "bad_request"
