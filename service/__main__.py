@@ -71,11 +71,11 @@ class DrainingServer(uvicorn.Server):
             log.info("drained; shutting down",
                      extra={"queue_depth": engine.queue_depth, "in_flight": engine.in_flight})
         else:
-            cut_short = self.in_flight.requests()
+            self.in_flight.deadline_passed()
             queued, running = engine.queue_depth, engine.in_flight
             await engine.stop(drain_timeout_s=0)  # answers queued and running images with 503
             await self.in_flight.wait_idle(_ANSWERS_OUT_S)
-            self.cut_short = cut_short
+            cut_short = self.cut_short = self.in_flight.cut_short()
             # What is still running now gets the JSON 503 when uvicorn cancels it (InFlight).
             self.config.timeout_graceful_shutdown = int(_ANSWERS_OUT_S)
             log.warning("drain timed out: %d requests cut short (answered 503); shutting down",

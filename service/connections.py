@@ -284,7 +284,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer = None
         if self._body_done or self._lingering or self.transport.is_closing():
             return
-        if self.flow.read_paused:  # the service stopped reading, not the client
+        waiting = self.cycle is not None and self.cycle.waiting_for_100_continue
+        if self.flow.read_paused or waiting:  # the service is not reading yet, not the client's fault
             self._start_body_window()
         elif self._window_bytes < self.guard.min_window_bytes:
             self._close_slow("slow request body", bytes_in_window=self._window_bytes,

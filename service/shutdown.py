@@ -25,10 +25,22 @@ class InFlight:
         self.app = app
         self.paths: dict[int, str] = {}  # id(scope) -> path of each request being handled
         self._idle: asyncio.Event | None = None
+        self._cut: set[int] = set()  # requests in flight at the drain deadline, probes not counted
+        self._answered_503 = 0
 
     def requests(self) -> int:
         """Requests being handled, probes not counted."""
         return sum(path not in PROBES for path in self.paths.values())
+
+    def deadline_passed(self) -> None:
+        """Note the requests being handled now: those answered 503 from here on were cut short."""
+        self._cut = {key for key, path in self.paths.items() if path not in PROBES}
+        self._answered_503 = 0
+
+    def cut_short(self) -> int:
+        """Requests in flight at the deadline answered 503 since, or not answered yet (those
+        get the 503 when the shutdown cancels them)."""
+        return self._answered_503 + len(self._cut & set(self.paths))
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is being handled (True) or ``timeout_s`` passed (False)."""
@@ -52,6 +64,9 @@ class InFlight:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if message["status"] == 503 and key in self._cut:
+                    self._cut.discard(key)
+                    self._answered_503 += 1
             await send(message)
 
         try:
@@ -62,9 +77,13 @@ class InFlight:
             # Cancelled by the server's shutdown: answer, then end the task quietly.
             log.warning("request cut short by the shutdown", extra={
                 "request_id": scope.get("state", {}).get("request_id", "")})
+            if key in self._cut:
+                self._cut.discard(key)
+                self._answered_503 += 1
             await _send_unavailable(send, scope)
         finally:
             self.paths.pop(key, None)
+            self._cut.discard(key)  # answered otherwise (200, 504...): not cut short
             if not self.paths and self._idle is not None:
                 self._idle.set()
 
