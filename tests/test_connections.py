@@ -206,3 +206,14 @@ def test_a_malformed_request_gets_a_json_400(server: Server) -> None:
         head, body = read_response(sock)
     assert head.startswith(b"HTTP/1.1 400"), head
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+def test_a_client_that_stops_reading_is_closed_and_logged(server: Server) -> None:
+    with server.connect() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        port = sock.getsockname()[1]
+        # 200 pipelined requests for the schema (over 20 MB of answers), none of them read.
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n" * 200)
+        record = logged_close(server, "client not reading its response", port)
+    assert record["level"] == "warning"
+    assert_still_serving(server)
