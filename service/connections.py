@@ -258,9 +258,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None:
+        if cycle is None or cycle is previous:  # an upgrade: another protocol takes over
             return
         cycle.transport = _CycleTransport(self)  # type: ignore[assignment]
         original = cycle.send
