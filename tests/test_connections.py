@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,3 +218,22 @@ def test_a_client_that_stops_reading_is_closed_and_logged(server: Server) -> Non
         record = logged_close(server, "client not reading its response", port)
     assert record["level"] == "warning"
     assert_still_serving(server)
+
+
+def test_an_upload_slower_than_the_timeout_but_steady_is_served(server: Server) -> None:
+    """The body rule is a rate floor, not a deadline: an upload taking several timeouts at a
+    steady pace is answered."""
+    boundary = "st3ady"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cat.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + CAT + f"\r\n--{boundary}--\r\n".encode()
+    pieces = [body[i:i + 4096] for i in range(0, len(body), 4096)]
+    pace = threading.Event()
+    with server.connect() as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+                     f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode())
+        step = 3 * TIMEOUT_S / len(pieces)  # the whole body over three timeouts, 4 KiB a step
+        for piece in pieces:
+            sock.sendall(piece)
+            pace.wait(step)
+        head, answer = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 200"), head + answer[:300]
