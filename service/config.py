@@ -85,6 +85,17 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="on SIGTERM, how long queued and running work may take to finish"
     )
+    client_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="per connection: the request head within this, the body "
+        "at 1 KiB/s or more over each such window, idle keep-alive and unread responses closed after it"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections (python -m service); at the bound the longest-idle "
+        "one is closed for a new one, or the new one gets 503"
+    )
+    metrics_require_key: bool = Field(
+        False, description="with CAMSERVE_API_KEY set, /metrics needs the key too"
+    )
 
     @field_validator("device")
     @classmethod

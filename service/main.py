@@ -22,12 +22,13 @@ from service.api.errors import install_error_handlers
 from service.api.jobstore import Job, JobStore
 from service.api.middleware import RequestContextMiddleware
 from service.api.routes import catalog, docs, health, inference, introspection, jobs, kserve, ui
+from service.cams import method_names
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
 from service.metrics import Metrics, MetricsMiddleware
 from service.models.loader import verify_weights
-from service.models.spec import registered_specs
+from service.models.spec import ModelSpec, registered_specs
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,24 @@ Try it: open **POST /explain**, press *Try it out*, choose a photo and *Execute*
 """
 
 
-def create_app(settings: Settings | None = None, worker_factory: WorkerFactory | None = None) -> FastAPI:
-    """The app; ``worker_factory`` swaps the torch workers for fakes in tests."""
+def checked_specs(settings: Settings) -> list[ModelSpec]:
+    """The registered models, every weights file checked: raises ``ModelsFileError``,
+    ``ModelLoadError`` or ``RuntimeError`` with a one-line reason when start-up must stop."""
+    specs = list(registered_specs(settings.models_file).values())
+    for spec in specs:
+        verify_weights(spec)
+    if settings.default_model not in {spec.name for spec in specs}:
+        raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
+    return specs
+
+
+def create_app(
+    settings: Settings | None = None,
+    worker_factory: WorkerFactory | None = None,
+    specs: list[ModelSpec] | None = None,
+) -> FastAPI:
+    """The app; ``worker_factory`` swaps the torch workers for fakes in tests; ``specs``, from
+    :func:`checked_specs`, spares the lifespan checking the weights a second time."""
     settings = settings or get_settings()
     metrics = Metrics(settings.max_batch_size)
 
@@ -54,13 +71,10 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        specs = list(registered_specs(settings.models_file).values())
-        for spec in specs:
-            verify_weights(spec)
-        if settings.default_model not in {spec.name for spec in specs}:
-            raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
-        engine = Engine(settings, specs, worker_factory, metrics)
+        registered = specs if specs is not None else checked_specs(settings)
+        engine = Engine(settings, registered, worker_factory, metrics)
         metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
+        metrics.bind_names((spec.name for spec in registered), method_names())
         app.state.engine = engine
         app.state.jobs = store
         loading = asyncio.create_task(engine.start(), name="camserve-load")
@@ -69,7 +83,8 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
         finally:
             await loading
             store.stop_accepting()
-            await engine.stop()  # drains: running jobs may finish within the drain timeout
+            if engine.state != "stopped":  # a timed-out drain has stopped it already
+                await engine.stop()  # drains: running jobs may finish within the drain timeout
             await store.close()  # the rest are marked cancelled
 
     app = FastAPI(

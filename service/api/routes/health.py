@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import EngineDep
+from service.api.deps import EngineDep, require_api_key
 from service.api.errors import error_responses
 from service.api.schemas import HealthResponse
 
@@ -40,4 +41,10 @@ async def readyz(engine: EngineDep) -> Response:
                **error_responses(500)},
 )
 async def metrics(request: Request) -> Response:
+    settings = request.app.state.settings
+    if settings.metrics_require_key:
+        # Checked here rather than as a route dependency, so the public schema stays the same.
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+        require_api_key(settings, given if scheme.lower() == "bearer" else None)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
