@@ -190,6 +190,21 @@ class MethodOut(_Schema):
     passes: str = Field(description="passes it costs", examples=["1 forward + 1 backward (shared)"])
     paper: str = Field(description="reference", examples=["Selvaraju et al. 2017, arXiv 1610.02391"])
     parameters: list[MethodParamOut] = Field(description="tunable parameters")
+    cost: MethodCost | None = Field(
+        description="what it costs with its default parameters on the default model, here; null "
+        "while the models load", examples=[None])
+
+
+class MethodCost(_Schema):
+    model: str = Field(description="the model the cost is for (the default one)", examples=["mobilenet_v2"])
+    layer: str = Field(description="its default layer", examples=["features.18"])
+    passes: int = Field(description="forward-pass equivalents for one image and its top-1 class",
+                        examples=[1282])
+    seconds: float = Field(description="estimated seconds for one image at the pass rate measured on "
+                           "this device", examples=[23.1])
+    heavy: bool = Field(description="runs in the heavy lane in chunks; such requests are best sent "
+                        "to POST /jobs, which reports progress", examples=[True])
+    device: str = Field(description="the device the rate was measured on", examples=["cpu"])
 
 
 class MethodsResponse(_Schema):

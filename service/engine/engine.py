@@ -44,7 +44,7 @@ import torch
 from service.cams.passes import PassesCancelled, PassRun
 from service.config import Settings
 from service.engine import cost
-from service.engine.jobs import ItemResult, WorkItem
+from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
 from service.engine.pool import WorkerDied, WorkerFactory, WorkerLike, WorkerSlot, is_out_of_memory
 from service.engine.worker import Worker, available_cores, resolve_devices, warm_batch_sizes
 from service.errors import DeadlineExceeded, InvalidOption, QueueFull, ServiceError, ServiceUnavailable
@@ -333,6 +333,15 @@ class Engine:
                 f"(POST /jobs, which shows its progress), raise X-Request-Timeout, or {advice}"
             )
         return total
+
+    def method_cost(self, method: str, model: str) -> tuple[int, float, bool]:
+        """(passes, seconds at the measured rate, heavy) of ``method`` with its defaults, for
+        one image and its top-1 class on ``model``'s default layer."""
+        info = self._catalog[model]
+        spec = ExplainSpec(methods=(method,), layers=(info.default_layer,), classes=None,
+                           mask_size=None, display_size=None)
+        passes = cost.item_passes(spec, info)
+        return passes, passes * self._seconds_per_pass, cost.is_heavy(spec, info)
 
     @property
     def heavy_passes_left(self) -> int:
