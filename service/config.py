@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     max_request_passes: int = Field(
         50_000, ge=1, description="forward-pass equivalents one request may cost (else 422)"
     )
+    # The one PACS the service talks to over DICOMweb (service.api.pacs); no URL: no DICOMweb.
+    dicomweb_url: str | None = Field(None, description="DICOMweb root of the PACS")
+    dicomweb_token: str | None = Field(None, description="bearer token for the PACS")
+    dicomweb_user: str | None = Field(None, description="basic-auth user for the PACS")
+    dicomweb_password: str | None = Field(None, description="basic-auth password for the PACS")
+    dicomweb_timeout_s: float = Field(30.0, gt=0, le=600, description="one PACS call's time limit")
+    max_series_images: int = Field(256, ge=1, description="images one DICOMweb job may explain")
     # Jobs (POST /jobs): long explanations followed by polling or server-sent events.
     job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job is kept")
     max_jobs: int = Field(100, ge=1, description="jobs held at once, queued, running or finished")
@@ -110,6 +117,16 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _check_dicomweb_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"dicomweb_url must be an http:// or https:// URL, got {value!r}")
         return value
 
     @field_validator("models_file")

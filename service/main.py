@@ -21,7 +21,8 @@ from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
 from service.api.jobstore import Job, JobStore
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import catalog, docs, health, inference, introspection, jobs, kserve, ui
+from service.api.pacs import Pacs
+from service.api.routes import catalog, dicomweb, docs, health, inference, introspection, jobs, kserve, ui
 from service.cams import method_names
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
@@ -104,12 +105,15 @@ def create_app(
     app.include_router(inference.router, dependencies=protected)
     app.include_router(catalog.router, dependencies=protected)
     app.include_router(jobs.router, dependencies=protected)
+    app.include_router(dicomweb.router, dependencies=protected)
+    app.state.pacs = Pacs(settings) if settings.dicomweb_url else None
     app.include_router(kserve.router, dependencies=protected)
     app.include_router(introspection.router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(ui.router)
     app.include_router(docs.router)
     docs.with_file_pickers(app)
+    app.add_middleware(dicomweb.JsonJobs)  # POST /jobs with a JSON body: a DICOMweb job
     app.add_middleware(DisconnectMiddleware)  # cancels the handler when its client has gone
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response

@@ -215,6 +215,8 @@ class HealthResponse(_Schema):
     status: str = Field(description="`ok`, `ready`, or the reason it is not ready", examples=["ok"])
     state: str = Field(description="engine state", examples=["ready"])
     queue_depth: int = Field(description="images waiting", examples=[0])
+    pacs: str | None = Field(None, description="with DICOMweb configured: `reachable`, or why the PACS "
+                             "is not (readiness does not depend on it)", examples=["reachable"])
 
 
 class JobProgress(_Schema):

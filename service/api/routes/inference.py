@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -100,15 +100,18 @@ class PreparedExplain:
 
 
 async def prepare_explain(
-    form: ExplainForm, engine: Engine, settings: Settings, deadline: float
+    form: ExplainForm, engine: Engine, settings: Settings, deadline: float,
+    sources: Sequence[pipeline.Source] | None = None,
 ) -> PreparedExplain:
     """Validate (4xx before any work), decode under the limits and build the work items: the
-    part of ``POST /explain`` that ``POST /jobs`` shares."""
+    part of ``POST /explain`` that ``POST /jobs`` and ``POST /dicomweb/explain`` share.
+    ``sources`` stand for the form's files where the images come from elsewhere (a PACS)."""
     started = time.perf_counter()
     plan = plan_explain(form, engine.catalog, settings.default_model)
     decode_started = time.perf_counter()
+    files = list(sources) if sources is not None else await _read(form.file)
     uploads = await pipeline.decode_sources(
-        await _read(form.file), settings, plan.model, deadline=deadline, admit=engine.admit
+        files, settings, plan.model, deadline=deadline, admit=engine.admit
     )
     decode_ms = (time.perf_counter() - decode_started) * 1000
     items = pipeline.explain_items(plan, uploads, settings, deadline)
@@ -116,14 +119,17 @@ async def prepare_explain(
 
 
 async def finish_explain(
-    prepared: PreparedExplain, results: Sequence[ItemResult], request_id: str, settings: Settings
+    prepared: PreparedExplain, results: Sequence[ItemResult], request_id: str, settings: Settings,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, float]]:
-    """The ``POST /explain`` response body as JSON bytes, and its Server-Timing stages."""
+    """The ``POST /explain`` response body (plus ``extra`` fields) as JSON bytes, and its
+    Server-Timing stages."""
     encode_started = time.perf_counter()
     rendered = await run_in_threadpool(
         explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level
     )
-    body = {"request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered}
+    body = {"request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered,
+            **(extra or {})}
     return await pipeline.serialize(body, results, prepared.started, encode_started, prepared.decode_ms)
 
 
