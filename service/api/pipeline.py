@@ -1,5 +1,7 @@
-"""What every inference route shares, whatever its wire format (multipart or KServe JSON):
-decode under the limits, build work items, set the deadline, and serialise off the loop."""
+"""What every inference route shares, whatever its wire format (multipart, KServe JSON, a job,
+a PACS): decode under the limits, build work items, set the deadline, render and serialise off
+the loop, with one :class:`Timer` per request (:func:`prepare_predict`, :func:`prepare_explain`,
+:func:`finish`)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,25 @@ import asyncio
 import contextvars
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, TypeVar
 
-from fastapi import Response
+from fastapi import Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.options import ExplainPlan
-from service.api.render import Upload, check_response_size, dumps, original_mask_size
+from service.api.render import (
+    Upload,
+    check_response_size,
+    dumps,
+    explain_results,
+    model_ref,
+    original_mask_size,
+    predict_results,
+)
 from service.config import Settings
 from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
 from service.errors import BadRequest, InvalidOption, PayloadTooLarge
@@ -164,19 +175,6 @@ def _item(
     )
 
 
-async def respond(
-    body: dict[str, Any],
-    results: Sequence[ItemResult],
-    started: float,
-    encode_started: float,
-    decode_ms: float | None = None,
-) -> Response:
-    """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in and a
-    ``Server-Timing`` header naming each stage (decode when ``decode_ms`` is given, queue,
-    compute, render: masks and PNGs, json: the serialisation itself, total)."""
-    return json_response(*await serialize(body, results, started, encode_started, decode_ms))
-
-
 async def serialize(
     body: dict[str, Any],
     results: Sequence[ItemResult],
@@ -184,7 +182,9 @@ async def serialize(
     encode_started: float,
     decode_ms: float | None = None,
 ) -> tuple[bytes, dict[str, float]]:
-    """What :func:`respond` sends: the JSON bytes and the Server-Timing stages."""
+    """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in, and the
+    ``Server-Timing`` stages (decode when ``decode_ms`` is given, queue, compute, render: masks
+    and PNGs, json: the serialisation itself, total)."""
     payload, stages = await run_in_threadpool(_serialize, body, results, started, encode_started)
     if decode_ms is not None:
         stages = {"decode": round(decode_ms, 2), **stages}
@@ -235,3 +235,91 @@ def _serialize(
         "total": round((done - started) * 1000, 2),
     }
     return payload, stages
+
+
+# --- the one request pipeline: resolve, decode, submit, render, respond --------------------
+#
+# /predict, /explain, KServe's :predict and :explain, /jobs and /dicomweb/explain all run it;
+# they differ only in where the images come from and how the rendered results are laid out in
+# the body, so timing_ms, Server-Timing and the metrics mean the same on every transport.
+
+
+class Timer:
+    """A request's clock: when it started, how long decoding took, when rendering began."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.decode_ms: float | None = None
+        self.render_started = self.started
+
+    async def decode(self, work: Awaitable[_T]) -> _T:
+        began = time.perf_counter()
+        try:
+            return await work
+        finally:
+            self.decode_ms = (time.perf_counter() - began) * 1000
+
+    def rendering(self) -> None:
+        self.render_started = time.perf_counter()
+
+
+@dataclass
+class Prepared:
+    """A request checked and decoded, its work items built, nothing queued yet."""
+
+    model: ModelInfo
+    plan: ExplainPlan | None  # None for /predict
+    uploads: list[Upload]
+    items: list[WorkItem]
+    timer: Timer
+
+
+async def read_files(parts: Sequence[UploadFile]) -> list[Source]:
+    return [(part.filename, await part.read()) for part in parts]
+
+
+async def prepare_predict(
+    model: ModelInfo, topk: int, sources: Sequence[Source], settings: Settings, deadline: float,
+    admit: Callable[[int], None], what: str = "file", timer: Timer | None = None,
+) -> Prepared:
+    timer = timer or Timer()
+    uploads = await timer.decode(decode_sources(
+        sources, settings, model, what, deadline=deadline, admit=admit, display=False))
+    return Prepared(model, None, uploads, predict_items(model, uploads, topk, deadline), timer)
+
+
+async def prepare_explain(
+    plan: ExplainPlan, sources: Sequence[Source], settings: Settings, deadline: float,
+    admit: Callable[[int], None], what: str = "file", timer: Timer | None = None,
+) -> Prepared:
+    timer = timer or Timer()
+    uploads = await timer.decode(decode_sources(
+        sources, settings, plan.model, what, deadline=deadline, admit=admit))
+    items = explain_items(plan, uploads, settings, deadline)
+    return Prepared(plan.model, plan, uploads, items, timer)
+
+
+Layout = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def as_results(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    """The contract's own layout: ``results``, one per image or frame."""
+    return {"results": rendered}
+
+
+async def finish(
+    prepared: Prepared, results: Sequence[ItemResult], request_id: str, settings: Settings,
+    layout: Layout = as_results, extra: Mapping[str, Any] | None = None,
+) -> tuple[bytes, dict[str, float]]:
+    """Render (masks, PNGs) and serialise off the loop: the body's JSON bytes and the
+    Server-Timing stages (decode, queue, compute, render, json, total)."""
+    prepared.timer.rendering()
+    if prepared.plan is not None:
+        rendered = await run_in_threadpool(
+            explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level)
+    else:
+        rendered = predict_results(prepared.model, prepared.uploads, results)
+    body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),
+            **(extra or {})}
+    timer = prepared.timer
+    return await serialize(body, results, timer.started, timer.render_started, timer.decode_ms)

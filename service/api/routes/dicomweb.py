@@ -22,9 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
-from service.api.options import ExplainForm
+from service.api.options import ExplainForm, plan_explain
 from service.api.pacs import Instance, Pacs, check_uid, slice_order
-from service.api.routes.inference import PreparedExplain, finish_explain, prepare_explain
 from service.api.schemas import JobOut
 from service.config import Settings
 from service.engine.jobs import ItemResult, WorkItem
@@ -129,19 +128,19 @@ async def gather(pacs: Pacs, body: DicomwebExplainRequest, limit: int) -> Gather
 
 
 async def explain_gathered(
-    prepared: PreparedExplain, results: Sequence[ItemResult], gathered: Gathered, pacs: Pacs,
+    prepared: pipeline.Prepared, results: Sequence[ItemResult], gathered: Gathered, pacs: Pacs,
     body: DicomwebExplainRequest, request_id: str, settings: Settings,
 ) -> bytes:
     stored: list[dict[str, str]] = []
     if body.store:
         stored = await store_results(pacs, gathered, prepared, results)
-    payload, _ = await finish_explain(prepared, results, request_id, settings,
-                                      extra={"stored": stored, "skipped": gathered.skipped})
+    payload, _ = await pipeline.finish(prepared, results, request_id, settings,
+                                       extra={"stored": stored, "skipped": gathered.skipped})
     return payload
 
 
 async def store_results(
-    pacs: Pacs, gathered: Gathered, prepared: PreparedExplain, results: Sequence[ItemResult]
+    pacs: Pacs, gathered: Gathered, prepared: pipeline.Prepared, results: Sequence[ItemResult]
 ) -> list[dict[str, str]]:
     raise InvalidOption("store: true needs the DICOM results writer, which this build does not have")
 
@@ -166,11 +165,13 @@ async def dicomweb_explain(
     request: Request, engine: EngineDep, settings: SettingsDep,
     body: Annotated[DicomwebExplainRequest, Body(examples=[EXAMPLE])],
 ) -> Response:
+    timer = pipeline.Timer()
     pacs = pacs_of(request)
-    form = body.form()
+    plan = plan_explain(body.form(), engine.catalog, settings.default_model)
     gathered = await gather(pacs, body, settings.max_images_per_request)
     deadline = pipeline.deadline_from(request.headers.get("x-request-timeout"), settings)
-    prepared = await prepare_explain(form, engine, settings, deadline, gathered.sources())
+    prepared = await pipeline.prepare_explain(plan, gathered.sources(), settings, deadline, engine.admit,
+                                              timer=timer)
     results = await engine.submit(prepared.items)
     payload = await explain_gathered(prepared, results, gathered, pacs, body, request_id_of(request),
                                      settings)
@@ -182,12 +183,14 @@ async def dicomweb_job(
     request: Request, engine: EngineDep, settings: SettingsDep, body: DicomwebExplainRequest,
 ) -> Response:
     """``POST /jobs`` with the JSON body (routed here by :func:`json_jobs`)."""
+    timer = pipeline.Timer()
     pacs = pacs_of(request)
-    form = body.form()
-    series_settings = _series_settings(settings)
+    plan = plan_explain(body.form(), engine.catalog, settings.default_model)
     gathered = await gather(pacs, body, settings.max_series_images)
-    prepared = await prepare_explain(form, engine, series_settings,
-                                     time.monotonic() + settings.job_timeout_s, gathered.sources())
+    prepared = await pipeline.prepare_explain(
+        plan, gathered.sources(), _series_settings(settings),
+        time.monotonic() + settings.job_timeout_s, engine.admit, timer=timer,
+    )
     for item in prepared.items:
         item.heavy = True
     engine.price(prepared.items)
@@ -197,7 +200,7 @@ async def dicomweb_job(
         results = await engine.submit(items)
         return await explain_gathered(prepared, results, gathered, pacs, body, request_id, settings)
 
-    job = request.app.state.jobs.create(prepared.items, prepared.plan.methods, request_id, run)
+    job = request.app.state.jobs.create(prepared.items, plan.methods, request_id, run)
     return Response(job.dumps(), status_code=202, media_type="application/json",
                     headers={"Location": f"/jobs/{job.job_id}"})
 

@@ -1,26 +1,17 @@
-"""``POST /predict`` and ``POST /explain``: validate, decode, enqueue, await, render."""
+"""``POST /predict`` and ``POST /explain``: validate, then the one pipeline
+(:mod:`service.api.pipeline`): decode, enqueue, await, render."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Form, Header, Request, Response
 
 from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
-from service.api.options import ExplainForm, ExplainPlan, PredictForm, plan_explain, resolve_model
-from service.api.render import Upload, explain_results, model_ref, predict_results
+from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
 from service.api.schemas import ExplainResponse, PredictResponse
-from service.config import Settings
-from service.engine.jobs import ItemResult, WorkItem
-
-if TYPE_CHECKING:
-    from service.engine.engine import Engine
 
 router = APIRouter(tags=["inference"])
 
@@ -45,22 +36,15 @@ async def predict(
     form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
-    started = time.perf_counter()
+    timer = pipeline.Timer()
     model = resolve_model(form.model, engine.catalog, settings.default_model)
     deadline = pipeline.deadline_from(x_request_timeout, settings)
-    decode_started = time.perf_counter()
-    uploads = await pipeline.decode_sources(
-        await _read(form.file), settings, model, deadline=deadline, admit=engine.admit, display=False
+    prepared = await pipeline.prepare_predict(
+        model, form.topk, await pipeline.read_files(form.file), settings, deadline, engine.admit,
+        timer=timer,
     )
-    decode_ms = (time.perf_counter() - decode_started) * 1000
-    results = await engine.submit(pipeline.predict_items(model, uploads, form.topk, deadline))
-    encode_started = time.perf_counter()
-    body = {
-        "request_id": request_id_of(request),
-        "model": model_ref(model),
-        "results": predict_results(model, uploads, results),
-    }
-    return await pipeline.respond(body, results, started, encode_started, decode_ms)
+    results = await engine.submit(prepared.items)
+    return pipeline.json_response(*await pipeline.finish(prepared, results, request_id_of(request), settings))
 
 
 @router.post(
@@ -81,57 +65,11 @@ async def explain(
     form: Annotated[ExplainForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
-    deadline = pipeline.deadline_from(x_request_timeout, settings)
-    prepared = await prepare_explain(form, engine, settings, deadline)
-    results = await engine.submit(prepared.items)
-    payload, stages = await finish_explain(prepared, results, request_id_of(request), settings)
-    return pipeline.json_response(payload, stages)
-
-
-@dataclass
-class PreparedExplain:
-    """An /explain request checked and decoded, its work items built, nothing queued yet."""
-
-    plan: ExplainPlan
-    uploads: list[Upload]
-    items: list[WorkItem]
-    started: float
-    decode_ms: float
-
-
-async def prepare_explain(
-    form: ExplainForm, engine: Engine, settings: Settings, deadline: float,
-    sources: Sequence[pipeline.Source] | None = None,
-) -> PreparedExplain:
-    """Validate (4xx before any work), decode under the limits and build the work items: the
-    part of ``POST /explain`` that ``POST /jobs`` and ``POST /dicomweb/explain`` share.
-    ``sources`` stand for the form's files where the images come from elsewhere (a PACS)."""
-    started = time.perf_counter()
+    timer = pipeline.Timer()
     plan = plan_explain(form, engine.catalog, settings.default_model)
-    decode_started = time.perf_counter()
-    files = list(sources) if sources is not None else await _read(form.file)
-    uploads = await pipeline.decode_sources(
-        files, settings, plan.model, deadline=deadline, admit=engine.admit
+    deadline = pipeline.deadline_from(x_request_timeout, settings)
+    prepared = await pipeline.prepare_explain(
+        plan, await pipeline.read_files(form.file), settings, deadline, engine.admit, timer=timer
     )
-    decode_ms = (time.perf_counter() - decode_started) * 1000
-    items = pipeline.explain_items(plan, uploads, settings, deadline)
-    return PreparedExplain(plan, uploads, items, started, decode_ms)
-
-
-async def finish_explain(
-    prepared: PreparedExplain, results: Sequence[ItemResult], request_id: str, settings: Settings,
-    extra: Mapping[str, Any] | None = None,
-) -> tuple[bytes, dict[str, float]]:
-    """The ``POST /explain`` response body (plus ``extra`` fields) as JSON bytes, and its
-    Server-Timing stages."""
-    encode_started = time.perf_counter()
-    rendered = await run_in_threadpool(
-        explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level
-    )
-    body = {"request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered,
-            **(extra or {})}
-    return await pipeline.serialize(body, results, prepared.started, encode_started, prepared.decode_ms)
-
-
-async def _read(parts: Sequence[UploadFile]) -> list[pipeline.Source]:
-    return [(part.filename, await part.read()) for part in parts]
+    results = await engine.submit(prepared.items)
+    return pipeline.json_response(*await pipeline.finish(prepared, results, request_id_of(request), settings))

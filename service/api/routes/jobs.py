@@ -12,11 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.jobstore import Job, JobStore
-from service.api.options import ExplainForm
-from service.api.routes.inference import finish_explain, prepare_explain
+from service.api.options import ExplainForm, plan_explain
 from service.api.schemas import JobOut
 from service.engine.jobs import WorkItem
 
@@ -56,17 +56,22 @@ async def submit_job(
 ) -> Response:
     store = _store(request)
     request_id = request_id_of(request)
-    prepared = await prepare_explain(form, engine, settings, time.monotonic() + settings.job_timeout_s)
+    timer = pipeline.Timer()
+    plan = plan_explain(form, engine.catalog, settings.default_model)
+    prepared = await pipeline.prepare_explain(
+        plan, await pipeline.read_files(form.file), settings,
+        time.monotonic() + settings.job_timeout_s, engine.admit, timer=timer,
+    )
     for item in prepared.items:
         item.heavy = True
     engine.price(prepared.items)  # over the pass budget: 422 now, not a failed job later
 
     async def run(items: Sequence[WorkItem]) -> bytes:
         results = await engine.submit(items)
-        payload, _ = await finish_explain(prepared, results, request_id, settings)
+        payload, _ = await pipeline.finish(prepared, results, request_id, settings)
         return payload
 
-    job = store.create(prepared.items, prepared.plan.methods, request_id, run)
+    job = store.create(prepared.items, plan.methods, request_id, run)
     return _job(job, 202, {"Location": f"/jobs/{job.job_id}"})
 
 
