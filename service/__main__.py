@@ -67,6 +67,8 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self) -> None:
         engine = self.app.state.engine
         log.info("SIGTERM: draining", extra={"timeout_s": self.drain_timeout_s})
+        # No new jobs; jobs the drain cuts short end "cancelled", which closes their event streams.
+        self.app.state.jobs.stop_accepting()
         if await engine.drain(self.drain_timeout_s):
             log.info("drained; shutting down",
                      extra={"queue_depth": engine.queue_depth, "in_flight": engine.in_flight})

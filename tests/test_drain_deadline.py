@@ -46,3 +46,27 @@ def test_work_outlasting_the_drain_gets_json_503s_and_the_process_exits_0(tmp_pa
         assert record["cut_short"] == len(IMAGES)
         output = server.log_path.read_text()
         assert "terminate called" not in output and "Traceback" not in output
+
+
+def test_a_job_cut_short_by_the_drain_ends_cancelled_on_its_event_stream(tmp_path: Path) -> None:
+    import json
+
+    with running(tmp_path, drain_timeout_s=1) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            job = client.post("/jobs", files={"file": ("cat.png", CAT, "image/png")},
+                              data={"methods": "scorecam", "outputs": "mask"}).json()
+            events: list[tuple[str, dict[str, object]]] = []
+            with client.stream("GET", f"/jobs/{job['job_id']}/events") as stream:
+                name = ""
+                for line in stream.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: "):
+                        events.append((name, json.loads(line[6:])))
+                        if name == "progress" and len(events) == 2:
+                            server.process.send_signal(signal.SIGTERM)
+        assert events[-1][0] == "done"
+        final = events[-1][1]
+        assert final["status"] == "cancelled"
+        assert final["error"]["code"] == "shutdown"  # type: ignore[index]
+        assert server.process.wait(timeout=60) == 0
