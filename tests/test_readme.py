@@ -128,8 +128,12 @@ def block_id(block: Block) -> str:
 def fresh_env(assignments: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment as a new login shell would have it: no virtualenv, no project."""
     venv_bin = str(Path(sys.prefix) / "bin")
+    # Under `make test` the Make variables of the outer make would reach these commands too (a
+    # nested make then prints "Entering directory"): a fresh shell has none of them.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CAMSERVE_") and k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}}
+           if not k.startswith("CAMSERVE_")
+           and k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "MAKELEVEL", "MAKEFLAGS", "MFLAGS",
+                         "MAKEOVERRIDES"}}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if p and not p.startswith(venv_bin))
     env.update(assignments or {})
