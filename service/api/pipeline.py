@@ -52,6 +52,7 @@ async def decode_sources(
     deadline: float | None = None,
     admit: Callable[[int], None] | None = None,
     display: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> list[Upload]:
     """Decode every file (in the decode pool, not on the loop) into frames at the model's
     input size, under the request's limits.
@@ -60,7 +61,8 @@ async def decode_sources(
     not take it anyway (queue full, draining, not ready). The image budget, the decoded-bytes
     budget and ``deadline`` are passed down, so a file is refused from its header and a slow
     one stopped between frames. ``display``: overlays will be drawn, so frames are kept at up
-    to the overlay size; else at the model's input size only.
+    to the overlay size; else at the model's input size only. ``window``: (centre, width) for
+    DICOM and 16-bit frames instead of their own (see decode.iter_frames).
     """
     if not sources:
         raise BadRequest(f"no {what}: send one or more images")
@@ -81,7 +83,7 @@ async def decode_sources(
             deadline=deadline, allow_truncated=settings.allow_truncated_images, reduce_to=keep,
         )
         uploads.extend(await _in_decode_pool(
-            settings, _prepare, data, limits, index, filename, model.input_size
+            settings, _prepare, data, limits, index, filename, model.input_size, window
         ))
     return uploads
 
@@ -107,13 +109,14 @@ def _cores() -> int:
 
 
 def _prepare(
-    data: bytes, limits: DecodeLimits, index: int, filename: str | None, input_size: tuple[int, int]
+    data: bytes, limits: DecodeLimits, index: int, filename: str | None,
+    input_size: tuple[int, int], window: tuple[float, float] | None = None,
 ) -> list[Upload]:
     # Each frame is brought to the model's size, and to what overlays need, before the next
     # is decoded: a request holds small copies, never all of its full-size frames at once.
     return [
         Upload(index, filename, shrink(frame, limits.reduce_to), resize_for_model(frame.image, input_size))
-        for frame in iter_frames(data, limits, filename or "")
+        for frame in iter_frames(data, limits, filename or "", window)
     ]
 
 

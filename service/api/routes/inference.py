@@ -108,7 +108,8 @@ async def prepare_explain(
     plan = plan_explain(form, engine.catalog, settings.default_model)
     decode_started = time.perf_counter()
     uploads = await pipeline.decode_sources(
-        await _read(form.file), settings, plan.model, deadline=deadline, admit=engine.admit
+        await _read(form.file), settings, plan.model, deadline=deadline, admit=engine.admit,
+        window=plan.window,
     )
     decode_ms = (time.perf_counter() - decode_started) * 1000
     items = pipeline.explain_items(plan, uploads, settings, deadline)
@@ -121,7 +122,8 @@ async def finish_explain(
     """The ``POST /explain`` response body as JSON bytes, and its Server-Timing stages."""
     encode_started = time.perf_counter()
     rendered = await run_in_threadpool(
-        explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level
+        explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level,
+        settings.overlay_max_side,
     )
     body = {"request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered}
     return await pipeline.serialize(body, results, prepared.started, encode_started, prepared.decode_ms)

@@ -211,7 +211,8 @@ async def explain(
     results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
     encode_started = time.perf_counter()
     rendered = await run_in_threadpool(
-        explain_results, plan, uploads, results, settings.png_compress_level
+        explain_results, plan, uploads, results, settings.png_compress_level,
+        settings.overlay_max_side
     )
     out = {
         "request_id": request_id_of(request),
