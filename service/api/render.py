@@ -118,7 +118,8 @@ def image_info(upload: Upload) -> dict[str, Any]:
     if frame.modality is not None:
         info["modality"] = frame.modality
     if frame.window is not None:
-        info["window"] = {"centre": round(frame.window[0], 4), "width": round(frame.window[1], 4)}
+        info["window"] = {"centre": round(frame.window[0], 4), "width": round(frame.window[1], 4),
+                          "source": frame.window_source}
     return info
 
 

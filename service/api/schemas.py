@@ -34,6 +34,9 @@ class DisplayWindow(_Schema):
     centre: float = Field(description="window centre (DICOM Window Center), in modality values "
                           "for DICOM (Hounsfield units for CT), stored values otherwise", examples=[40.0])
     width: float = Field(description="window width (DICOM Window Width), at least 1", examples=[400.0])
+    source: Literal["request", "file", "range"] | None = Field(
+        None, description="where it came from: the request's `window`, the file's own (DICOM "
+        "Window Center/Width), or the frame's full range of values", examples=["file"])
 
 
 class ImageInfo(_Schema):
@@ -48,7 +51,7 @@ class ImageInfo(_Schema):
         None, description="the linear window that brought a DICOM or 16-bit frame to 8 bits: the "
         "request's `window`, else the file's own, else the frame's full range; absent for 8-bit "
         "images and for DICOM frames shown through a VOI lookup table",
-        examples=[{"centre": 40.0, "width": 400.0}])
+        examples=[{"centre": 40.0, "width": 400.0, "source": "request"}])
 
 
 class Prediction(_Schema):

@@ -75,6 +75,8 @@ class Frame:
     # (centre, width) of the linear window that brought the frame to 8 bits, in the values it
     # windowed (modality values for DICOM, stored values for 16-bit files); None: none applied.
     window: tuple[float, float] | None = None
+    # Where that window came from: "request", "file" (the DICOM's own) or "range" (the frame's).
+    window_source: str | None = None
     modality: str | None = None  # DICOM Modality (e.g. "CT"); None for other files
 
     def __post_init__(self) -> None:
@@ -192,12 +194,12 @@ def _frames(
         limits.check_bytes(*image.size, mode_bytes(image.mode), frame_label)
         _allow_truncated(limits.allow_truncated)
         image.load()
-        shown, used = _display_rgb(image, window)
+        shown, used, source = _display_rgb(image, window)
         # Reported at the size the file declares, orientation applied, however it was decoded.
         turned = shown.size != image.size
         yield Frame(image=shown, frame=index, source_mode=image.mode,
                     width=height if turned else width, height=width if turned else height,
-                    window=used)
+                    window=used, window_source=source)
 
 
 def _count_frames(image: Image.Image, limits: DecodeLimits, label: str) -> tuple[int, bool]:
@@ -241,9 +243,9 @@ def to_display_rgb(image: Image.Image) -> Image.Image:
 
 def _display_rgb(
     image: Image.Image, window: Window | None = None
-) -> tuple[Image.Image, Window | None]:
+) -> tuple[Image.Image, Window | None, str | None]:
     """:func:`to_display_rgb`, with ``window`` replacing the full range of high bit depths,
-    and the window it applied (None for 8-bit modes)."""
+    the window it applied and where from ("request", "range"; None for 8-bit modes)."""
     oriented = image
     if image.getexif().get(_ORIENTATION, 1) != 1:
         oriented = ImageOps.exif_transpose(image)
@@ -252,18 +254,19 @@ def _display_rgb(
         pixels = np.asarray(oriented)
         if pixels.ndim != 2:
             raise UnsupportedMedia(f"unsupported pixel layout {mode} {pixels.shape}")
+        source = "request" if window is not None else "range"
         if window is None:
             low, high = value_range(pixels)
             window = window_of(low, high)
-        return grey_to_rgb(window_to_uint8(pixels, *window_bounds(window))), window
+        return grey_to_rgb(window_to_uint8(pixels, *window_bounds(window))), window, source
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         mode == "P" and "transparency" in oriented.info
     ):
         # Transparent pixels are shown on white, as a browser would show them.
         rgba = oriented.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), None
-    return oriented.convert("RGB"), None
+        return Image.alpha_composite(background, rgba).convert("RGB"), None, None
+    return oriented.convert("RGB"), None, None
 
 
 _ORIENTATION = 0x0112

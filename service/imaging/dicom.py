@@ -80,9 +80,9 @@ def decode_dicom(
     try:
         for index, pixels in enumerate(iter_pixels(ds)):
             limits.check_deadline(f"{label} frame {index}")
-            image, used = _to_rgb(pixels, ds, photometric, index, window)
+            image, used, source = _to_rgb(pixels, ds, photometric, index, window)
             yield Frame(image=image, frame=index, source_mode=photometric, window=used,
-                        modality=modality)
+                        window_source=source, modality=modality)
     except ServiceError:
         raise
     except Exception as exc:
@@ -161,31 +161,35 @@ def _file_meta_end(data: bytes) -> int | None:
 
 def _to_rgb(
     pixels: np.ndarray, ds: Dataset, photometric: str, index: int, chosen: Window | None = None
-) -> tuple[Image.Image, Window | None]:
-    """The frame as 8-bit RGB, and the (centre, width) window applied (None: a VOI lookup
-    table or a colour frame, which have no window)."""
+) -> tuple[Image.Image, Window | None, str | None]:
+    """The frame as 8-bit RGB, the (centre, width) window applied (None: a VOI lookup table
+    or a colour frame, which have no window) and where it came from: "request", "file" or
+    "range" (the frame's full range of modality values)."""
     if photometric in _GREY:
         if pixels.ndim != 2:
             raise UnsupportedMedia(f"greyscale DICOM frame {index} has shape {pixels.shape}")
         values = _modality(pixels, ds, index)
-        window = chosen or _window(ds, index)
+        own = None if chosen else _window(ds, index)
+        window = chosen or own
+        source: str | None = "request" if chosen else "file" if own else "range"
         if window is None and "VOILUTSequence" in ds:
             # A lookup table instead of a window: apply it, then show its output range.
             grey = window_to_uint8(apply_voi(values, ds, index))
+            source = None
         else:
             window = window or window_of(*value_range(values))
             grey = window_to_uint8(values, *window_bounds(window))
         inverse = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
         if (photometric == "MONOCHROME1") != inverse:
             grey = 255 - grey
-        return grey_to_rgb(grey), window
+        return grey_to_rgb(grey), window, source
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return Image.fromarray(_scale_to_uint8(rgb, bits)), None
+        return Image.fromarray(_scale_to_uint8(rgb, bits)), None, None
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise UnsupportedMedia(f"colour DICOM frame {index} has shape {pixels.shape}")
-    return Image.fromarray(_scale_to_uint8(pixels, int(ds.get("BitsStored") or 8))), None
+    return Image.fromarray(_scale_to_uint8(pixels, int(ds.get("BitsStored") or 8))), None, None
 
 
 def _scale_to_uint8(pixels: np.ndarray, bits: int) -> np.ndarray:

@@ -49,11 +49,12 @@ def test_image_output_is_the_windowed_frame_and_reports_its_window(client: TestC
     window = result["image"]["window"]
     assert window["centre"] == (hu.min() + hu.max()) / 2 + 0.5
     assert window["width"] == hu.max() - hu.min() + 1
+    assert window["source"] == "range"
     assert np.array_equal(frame[..., 0], window_to_uint8(hu))
     assert result["image"]["modality"] == "CT"
 
     lung = _explain(client, _ct_bytes(), "ct.dcm", outputs="image", window="-600,1500")
-    assert lung["image"]["window"] == {"centre": -600.0, "width": 1500.0}
+    assert lung["image"]["window"] == {"centre": -600.0, "width": 1500.0, "source": "request"}
     expected = window_to_uint8(hu, *window_bounds((-600.0, 1500.0)))
     assert np.array_equal(_png(lung["image_png"])[..., 0], expected)
     assert not np.array_equal(expected, frame[..., 0])
@@ -66,7 +67,7 @@ def test_window_applies_to_16_bit_png_and_is_refused_when_malformed(
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, format="PNG")
     result = _explain(client, buffer.getvalue(), "scan16.png", outputs="image", window="25000,10000")
-    assert result["image"]["window"] == {"centre": 25000.0, "width": 10000.0}
+    assert result["image"]["window"] == {"centre": 25000.0, "width": 10000.0, "source": "request"}
     expected = window_to_uint8(grey, *window_bounds((25000.0, 10000.0)))
     assert np.array_equal(_png(result["image_png"])[..., 0], expected)
     # An 8-bit photo has no window, and is shown as it is.
@@ -122,3 +123,12 @@ def test_colour_map_tables_are_served_from_the_service(client: TestClient) -> No
     assert list(tables) == list(COLORMAPS)
     for name in COLORMAPS:
         assert np.array_equal(np.asarray(tables[name]), lookup_table(name))
+
+
+def test_a_dicom_window_of_its_own_is_reported_as_the_file_s(client: TestClient) -> None:
+    with open(str(get_testdata_file("MR_small.dcm")), "rb") as handle:
+        data = handle.read()
+    result = _explain(client, data, "mr.dcm", outputs="mask")
+    assert result["image"]["window"] == {"centre": 600.0, "width": 1600.0, "source": "file"}
+    assert result["image"]["modality"] == "MR"
+    assert result["warnings"] and result["warnings"][0].startswith("MR input")
