@@ -293,3 +293,32 @@ def test_fast_methods_appear_while_a_job_runs_and_cancel_stops_it(
     assert _job_status(live_server, job_id)["status"] == "cancelled"
     expect(page.locator("#status")).to_contain_text("Cancelled: Score-CAM")
     expect(page.locator('.panel[data-method="gradcam"]')).to_be_visible()
+
+
+def test_every_colour_map_the_api_accepts_is_offered(offline: Page, live_server: LiveServer) -> None:
+    page = offline
+    open_page(page, live_server)
+    offered = page.locator("#colormap option").evaluate_all("(options) => options.map((o) => o.value)")
+    spec = httpx.get(f"{live_server.url}/openapi.json").json()
+    form = spec["components"]["schemas"]
+    described = next(
+        schema["properties"]["colormap"]["description"] for schema in form.values()
+        if "colormap" in schema.get("properties", {}))
+    accepted = described.split(": ", 1)[1].split(", ")
+    assert offered == accepted
+
+
+def test_a_job_follows_its_events_with_the_api_key(page: Page, locked_server: LiveServer) -> None:
+    page.goto(f"{locked_server.url}/ui")
+    expect(page.locator("#banner")).to_contain_text("API key needed")
+    page.fill("#api-key", "review-key")
+    page.press("#api-key", "Tab")
+    expect(page.locator("#model")).to_be_enabled()
+    expect(page.locator("#methods input").first).to_be_attached()
+    _tick(page, "scorecam")
+    page.fill("#method-params", '{"scorecam": {"top_k_channels": 32}}')
+    with page.expect_request(lambda r: r.url.endswith("/events")) as events:
+        page.set_input_files("#file", [CAT])
+    assert events.value.headers["authorization"] == "Bearer review-key"
+    expect(page.locator("#jobs .job")).to_have_attribute("data-status", "succeeded", timeout=120_000)
+    expect(page.locator('.panel[data-method="scorecam"]')).to_be_visible()

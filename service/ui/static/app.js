@@ -374,7 +374,9 @@
 
     const fast = methods.filter((m) => !heavyMethod(m));
     const slow = methods.filter((m) => heavyMethod(m));
-    const progress = { run, selection, methods, window, params, got: false, errors: [], cancelled: [] };
+    const progress = {
+      run, selection, methods, window, params, started: performance.now(), got: false, errors: [], cancelled: [],
+    };
     state.jobs = [];
     ui.jobs.replaceChildren();
     ui.jobs.hidden = !slow.length;
@@ -397,12 +399,10 @@
   }
 
   async function runExplain(progress, methods, abort) {
-    const started = performance.now();
     try {
       const body = baseForm(progress.selection.files, methods, progress.window, progress.params);
       const response = await api("explain", { method: "POST", body, signal: abort.signal });
       if (progress.run !== state.run) return;
-      state.roundTripMs = performance.now() - started;
       await accept(progress, response);
     } catch (err) {
       if (err.name === "AbortError" || progress.run !== state.run) return;
@@ -415,6 +415,8 @@
   // Each part of a run (the fast methods' /explain, each job) is shown as soon as it arrives;
   // the first replaces the previous run's result, the others add their maps to it.
   async function accept(progress, response) {
+    // From the run's start to this part's answer: with jobs, the time a person waited.
+    state.roundTripMs = performance.now() - progress.started;
     if (!progress.got) {
       progress.got = true;
       state.response = response;
