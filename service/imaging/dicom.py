@@ -1,9 +1,10 @@
 """DICOM Part 10 files to displayable 8-bit RGB frames, through pydicom.
 
 Greyscale frames go through the modality transform (rescale slope and intercept), then the
-file's own VOI window (window centre and width) or VOI lookup table when it has one, else
-the full range of the frame; MONOCHROME1 is inverted so that higher values are always
-brighter (and a presentation LUT shape of INVERSE flips that once more). Colour
+request's window (``window=centre,width``), else the file's own VOI window (window centre and
+width) or VOI lookup table when it has one, else the full range of the frame; MONOCHROME1 is
+inverted so that higher values are always brighter (and a presentation LUT shape of INVERSE
+flips that once more). Colour
 frames (RGB, YBR converted by pydicom, palette colour) are scaled to 8 bits.
 
 The declared frame count and size are checked before any pixel is decoded, and a
