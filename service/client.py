@@ -54,6 +54,9 @@ class ImageRef:
     filename: str | None
     width: int
     height: int
+    modality: str | None = None  # a DICOM's Modality
+    # {"centre", "width", "source"} of the window a DICOM or 16-bit frame was shown with
+    window: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class Result:
     image: ImageRef
     predictions: list[Prediction]
     explanations: list[Explanation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a modality the model does not know
+    image_png: bytes | None = None  # the frame as the service displayed it (outputs=image)
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,8 @@ def _png(data: str | None) -> bytes | None:
 
 def _result(item: Mapping[str, Any], explanations: Sequence[Mapping[str, Any]] = ()) -> Result:
     return Result(
-        image=ImageRef(**item["image"]),
+        # Only the fields this client knows: a newer service may add more.
+        image=ImageRef(**{k: v for k, v in item["image"].items() if k in _IMAGE_FIELDS}),
         predictions=[Prediction(**p) for p in item["predictions"]],
         explanations=[
             Explanation(
@@ -217,7 +223,12 @@ def _result(item: Mapping[str, Any], explanations: Sequence[Mapping[str, Any]] =
             )
             for e in explanations
         ],
+        warnings=list(item.get("warnings") or ()),
+        image_png=_png(item.get("image_png")),
     )
+
+
+_IMAGE_FIELDS = frozenset(ImageRef.__dataclass_fields__)
 
 
 def parse_answer(body: Mapping[str, Any]) -> Answer:

@@ -219,3 +219,16 @@ def test_async_client_jobs(app: FastAPI, client: TestClient, cat_png: bytes) -> 
     done, answer = client.portal.call(run)
     assert done and done == sorted(done) and done[-1] >= 96
     assert answer.results[0].explanations[0].method == "scorecam"
+
+
+def test_a_ct_slice_brings_its_window_warning_and_displayed_frame(camserve: Client) -> None:
+    from pydicom.data import get_testdata_file
+
+    with open(str(get_testdata_file("CT_small.dcm")), "rb") as handle:
+        ct = handle.read()
+    answer = camserve.explain(("ct.dcm", ct), outputs="mask,image", window="40,400")
+    (result,) = answer.results
+    assert result.image.modality == "CT"
+    assert result.image.window == {"centre": 40.0, "width": 400.0, "source": "request"}
+    assert result.warnings and result.warnings[0].startswith("CT input")
+    assert result.image_png is not None and result.image_png.startswith(b"\x89PNG")

@@ -6,6 +6,7 @@ an unknown model, method or layer, or an out-of-range class, never reaches the w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,7 @@ from service.errors import BadRequest, InvalidOption, NotFound, choices
 from service.imaging.colormaps import available_colormaps, is_colormap
 from service.models.catalog import ModelInfo
 
-OUTPUT_KINDS = ("mask", "overlay", "heatmap")
+OUTPUT_KINDS = ("mask", "overlay", "heatmap", "image")
 MAX_CLASSES_PER_REQUEST = 20
 
 
@@ -56,8 +57,21 @@ class ExplainForm(PredictForm):
         "the top-1 class when omitted", examples=["285"],
     )
     outputs: str = Field(
-        "mask,overlay", description="subset of mask, overlay, heatmap (comma-separated)",
-        examples=["mask,overlay"],
+        "mask,overlay", description="subset of mask, overlay, heatmap, image (comma-separated); "
+        "image: the 8-bit frame exactly as the service windowed and displayed it, PNG at the "
+        "overlay's size, in results[].image_png", examples=["mask,overlay"],
+    )
+    window: str | None = Field(
+        None, description="`centre,width` of the display window for DICOM and 16-bit inputs "
+        "(DICOM's linear VOI function, in modality values such as Hounsfield units for DICOM, "
+        "stored values otherwise), replacing the file's own window or the full range; the "
+        "model sees the windowed frame too. Ignored for 8-bit images", examples=["40,400"],
+    )
+    overlay_mode: Literal["uniform", "fade"] = Field(
+        "uniform", description="how overlay_png blends: `uniform`, every pixel at `alpha`; "
+        "`fade`, each pixel at alpha x its map value, so low values leave the image as it is "
+        "(the review page's view); see service.imaging.colormaps.blend_table",
+        examples=["uniform"],
     )
     mask_size: Literal["input", "original", "feature"] = Field(
         "input", description="mask size: model input, original image, or the layer's own grid",
@@ -107,6 +121,7 @@ class ExplainPlan:
     form: ExplainForm
     # Per method, its parameters as sorted (name, value) pairs: hashable, so batches can key on it.
     method_params: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    window: tuple[float, float] | None = None  # (centre, width) from the form
 
 
 def resolve_model(name: str | None, catalog: dict[str, ModelInfo], default: str) -> ModelInfo:
@@ -154,7 +169,24 @@ def plan_explain(form: ExplainForm, catalog: dict[str, ModelInfo], default_model
     _check_linear_head(methods, layers, model)
     _check_architecture(methods, model)
     params = _parse_method_params(form.method_params, methods)
-    return ExplainPlan(model, methods, layers, classes, outputs, form, params)
+    window = parse_window(form.window)
+    return ExplainPlan(model, methods, layers, classes, outputs, form, params, window)
+
+
+def parse_window(value: str | None) -> tuple[float, float] | None:
+    """``centre,width`` as two finite floats, the width at least 1 (as DICOM requires)."""
+    if value is None or not value.strip():
+        return None
+    parts = _split(value)
+    try:
+        centre, width = (float(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        centre = width = None
+    if centre is None or width is None:
+        raise BadRequest(f"window must be `centre,width`, two numbers, got {value!r}")
+    if not (math.isfinite(centre) and math.isfinite(width)) or width < 1:
+        raise InvalidOption(f"window width must be a finite number of at least 1, got {value!r}")
+    return centre, width
 
 
 def _check_linear_head(methods: tuple[str, ...], layers: tuple[str, ...], model: ModelInfo) -> None:

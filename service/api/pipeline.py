@@ -63,6 +63,7 @@ async def decode_sources(
     deadline: float | None = None,
     admit: Callable[[int], None] | None = None,
     display: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> list[Upload]:
     """Decode every file (in the decode pool, not on the loop) into frames at the model's
     input size, under the request's limits.
@@ -71,7 +72,8 @@ async def decode_sources(
     not take it anyway (queue full, draining, not ready). The image budget, the decoded-bytes
     budget and ``deadline`` are passed down, so a file is refused from its header and a slow
     one stopped between frames. ``display``: overlays will be drawn, so frames are kept at up
-    to the overlay size; else at the model's input size only.
+    to the overlay size; else at the model's input size only. ``window``: (centre, width) for
+    DICOM and 16-bit frames instead of their own (see decode.iter_frames).
     """
     if not sources:
         raise BadRequest(f"no {what}: send one or more images")
@@ -92,7 +94,7 @@ async def decode_sources(
             deadline=deadline, allow_truncated=settings.allow_truncated_images, reduce_to=keep,
         )
         uploads.extend(await _in_decode_pool(
-            settings, _prepare, data, limits, index, filename, model.input_size
+            settings, _prepare, data, limits, index, filename, model.input_size, window
         ))
     return uploads
 
@@ -118,13 +120,14 @@ def _cores() -> int:
 
 
 def _prepare(
-    data: bytes, limits: DecodeLimits, index: int, filename: str | None, input_size: tuple[int, int]
+    data: bytes, limits: DecodeLimits, index: int, filename: str | None,
+    input_size: tuple[int, int], window: tuple[float, float] | None = None,
 ) -> list[Upload]:
     # Each frame is brought to the model's size, and to what overlays need, before the next
     # is decoded: a request holds small copies, never all of its full-size frames at once.
     return [
         Upload(index, filename, shrink(frame, limits.reduce_to), resize_for_model(frame.image, input_size))
-        for frame in iter_frames(data, limits, filename or "")
+        for frame in iter_frames(data, limits, filename or "", window)
     ]
 
 
@@ -294,7 +297,7 @@ async def prepare_explain(
 ) -> Prepared:
     timer = timer or Timer()
     uploads = await timer.decode(decode_sources(
-        sources, settings, plan.model, what, deadline=deadline, admit=admit))
+        sources, settings, plan.model, what, deadline=deadline, admit=admit, window=plan.window))
     items = explain_items(plan, uploads, settings, deadline)
     return Prepared(plan.model, plan, uploads, items, timer)
 
@@ -316,7 +319,8 @@ async def finish(
     prepared.timer.rendering()
     if prepared.plan is not None:
         rendered = await run_in_threadpool(
-            explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level)
+            explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level,
+            settings.overlay_max_side)
     else:
         rendered = predict_results(prepared.model, prepared.uploads, results)
     body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),

@@ -84,7 +84,8 @@ def _result_bytes(plan: ExplainPlan, upload: Upload, settings: Settings) -> int:
         if output in plan.outputs:
             per_map += _base64(_png_bound(shown_w, shown_h, channels))
     maps = len(plan.methods) * len(plan.classes or (0,))
-    return _PER_RESULT + plan.form.topk * _PER_PREDICTION + maps * per_map
+    image = _base64(_png_bound(shown_w, shown_h, 3)) if "image" in plan.outputs else 0
+    return _PER_RESULT + image + plan.form.topk * _PER_PREDICTION + maps * per_map
 
 
 def _png_bound(width: int, height: int, channels: int) -> int:
@@ -105,13 +106,35 @@ def model_ref(model: ModelInfo) -> dict[str, Any]:
 
 
 def image_info(upload: Upload) -> dict[str, Any]:
-    return {
+    frame = upload.frame
+    info: dict[str, Any] = {
         "index": upload.index,
-        "frame": upload.frame.frame,
+        "frame": frame.frame,
         "filename": upload.filename,
-        "width": upload.frame.width,
-        "height": upload.frame.height,
+        "width": frame.width,
+        "height": frame.height,
     }
+    # Only where they say something (DICOM, 16-bit): a photo's answer keeps its old shape.
+    if frame.modality is not None:
+        info["modality"] = frame.modality
+    if frame.window is not None:
+        info["window"] = {"centre": round(frame.window[0], 4), "width": round(frame.window[1], 4),
+                          "source": frame.window_source}
+    return info
+
+
+def input_warnings(model: ModelInfo, upload: Upload) -> list[str]:
+    """What a reviewer should know about this input before trusting the answer: a DICOM of a
+    modality the model was not trained on."""
+    modality = upload.frame.modality
+    if modality is None or modality in model.modalities:
+        return []
+    trained = model.domain or (
+        "DICOM modalities " + ", ".join(model.modalities) if model.modalities
+        else "data it does not declare"
+    )
+    return [f"{modality} input: this model ({model.name}) was trained on {trained}, not {modality}; "
+            "its classes and maps may mean nothing for this image"]
 
 
 def predictions(model: ModelInfo, result: ItemResult) -> list[dict[str, Any]]:
@@ -125,33 +148,41 @@ def predict_results(
     model: ModelInfo, uploads: Sequence[Upload], results: Sequence[ItemResult]
 ) -> list[dict[str, Any]]:
     return [
-        {"image": image_info(u), "predictions": predictions(model, r)}
+        {"image": image_info(u), "predictions": predictions(model, r),
+         "warnings": input_warnings(model, u)}
         for u, r in zip(uploads, results, strict=True)
     ]
 
 
 def explain_results(
-    plan: ExplainPlan, uploads: Sequence[Upload], results: Sequence[ItemResult], compress_level: int
+    plan: ExplainPlan, uploads: Sequence[Upload], results: Sequence[ItemResult], compress_level: int,
+    max_side: int = 1024,
 ) -> list[dict[str, Any]]:
+    """``max_side``: the overlay cap (settings.overlay_max_side), the size of ``image_png``."""
     out = []
     for upload, result in zip(uploads, results, strict=True):
         display = None
-        if {"overlay", "heatmap"} & plan.outputs and result.explanations:
-            shown = result.explanations[0].display
-            assert shown is not None
-            height, width = shown.shape
-            image = upload.frame.image
+        frame = upload.frame
+        if {"overlay", "heatmap", "image"} & plan.outputs:
+            # The size the worker drew the maps at is display_size of the same frame and cap.
+            width, height = encode.display_size(frame.width, frame.height, max_side)
+            image = frame.image
             display = image if image.size == (width, height) else image.resize(
                 (width, height), Image.Resampling.BILINEAR
             )
-        out.append({
+        body: dict[str, Any] = {
             "image": image_info(upload),
             "predictions": predictions(plan.model, result),
+            "warnings": input_warnings(plan.model, upload),
             "explanations": [
-                _explanation(plan, item, display, compress_level, upload.frame)
+                _explanation(plan, item, display, compress_level, frame)
                 for item in result.explanations
             ],
-        })
+        }
+        if "image" in plan.outputs:
+            assert display is not None
+            body["image_png"] = encode.png_base64(np.asarray(display), compress_level)
+        out.append(body)
     return out
 
 
@@ -185,7 +216,8 @@ def _explanation(
         }
     if display is not None and item.display is not None:
         if "overlay" in plan.outputs:
-            blended = encode.overlay(display, item.display, form.colormap, form.alpha)
+            blended = encode.overlay(display, item.display, form.colormap, form.alpha,
+                                     fade=form.overlay_mode == "fade")
             body["overlay_png"] = encode.png_base64(blended, compress_level)
         if "heatmap" in plan.outputs:
             rgba = encode.heatmap_rgba(item.display, form.colormap)

@@ -30,12 +30,28 @@ class ModelRef(_Schema):
     input_size: tuple[int, int] = Field(description="model input (height, width)", examples=[[224, 224]])
 
 
+class DisplayWindow(_Schema):
+    centre: float = Field(description="window centre (DICOM Window Center), in modality values "
+                          "for DICOM (Hounsfield units for CT), stored values otherwise", examples=[40.0])
+    width: float = Field(description="window width (DICOM Window Width), at least 1", examples=[400.0])
+    source: Literal["request", "file", "range"] | None = Field(
+        None, description="where it came from: the request's `window`, the file's own (DICOM "
+        "Window Center/Width), or the frame's full range of values", examples=["file"])
+
+
 class ImageInfo(_Schema):
     index: int = Field(description="position of the file among the uploaded parts", examples=[0])
     frame: int = Field(description="frame index within the file (0 for still images)", examples=[0])
     filename: str | None = Field(description="the part's file name, if it had one", examples=["cat.png"])
     width: int = Field(description="decoded width in pixels", examples=[451])
     height: int = Field(description="decoded height in pixels", examples=[300])
+    modality: str | None = Field(
+        None, description="the DICOM Modality (CT, MR, DX, ...); absent for other files", examples=["CT"])
+    window: DisplayWindow | None = Field(
+        None, description="the linear window that brought a DICOM or 16-bit frame to 8 bits: the "
+        "request's `window`, else the file's own, else the frame's full range; absent for 8-bit "
+        "images and for DICOM frames shown through a VOI lookup table",
+        examples=[{"centre": 40.0, "width": 400.0, "source": "request"}])
 
 
 class Prediction(_Schema):
@@ -113,17 +129,34 @@ class Explanation(_Schema):
     )
 
 
+WARNINGS_DESCRIPTION = (
+    "what a reviewer should know about this input, e.g. a DICOM modality the model was not "
+    "trained on (GET /models lists each model's `modalities` and `domain`); empty when there is "
+    "nothing to say"
+)
+WARNINGS_EXAMPLE = [["CT input: this model (mobilenet_v2) was trained on natural photographs "
+                     "(ImageNet), not CT; its classes and maps may mean nothing for this image"]]
+
+
 class ExplainResult(_Schema):
     image: ImageInfo = Field(description="which image or frame this result is for")
     predictions: list[Prediction] = Field(description="top-k predictions, best first")
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS_DESCRIPTION,
+                                examples=WARNINGS_EXAMPLE)
     explanations: list[Explanation] = Field(
         description="one per (class, method), classes in request order, methods in request order"
     )
+    image_png: str | None = Field(
+        None, description="when `outputs` has `image`: base64 8-bit RGB PNG of the frame exactly "
+        "as the service windowed and displayed it (what overlays are drawn on), at the "
+        "overlay's size", examples=["iVBORw0KGgo..."])
 
 
 class PredictResult(_Schema):
     image: ImageInfo = Field(description="which image or frame this result is for")
     predictions: list[Prediction] = Field(description="top-k predictions, best first")
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS_DESCRIPTION,
+                                examples=WARNINGS_EXAMPLE)
 
 
 class Timing(_Schema):
@@ -165,6 +198,12 @@ class ModelSummary(_Schema):
     default_layer: str = Field(description="layer explained by default", examples=["features.18"])
     device: str = Field(description="device the model lives on", examples=["cpu"])
     default: bool = Field(description="whether requests naming no model get this one", examples=[True])
+    modalities: list[str] = Field(
+        description="DICOM Modality codes of the data it was trained on; a DICOM input of another "
+        "modality gets a warning in results[].warnings (empty: no DICOM modality, e.g. photographs)",
+        examples=[[]])
+    domain: str | None = Field(description="what it was trained on, in a few words",
+                               examples=["natural photographs (ImageNet)"])
 
 
 class ModelDetail(ModelSummary):

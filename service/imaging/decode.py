@@ -72,6 +72,12 @@ class Frame:
     source_mode: str  # mode before conversion, e.g. "I;16", "P" or "MONOCHROME1"
     width: int = 0  # 0: the image's own
     height: int = 0
+    # (centre, width) of the linear window that brought the frame to 8 bits, in the values it
+    # windowed (modality values for DICOM, stored values for 16-bit files); None: none applied.
+    window: tuple[float, float] | None = None
+    # Where that window came from: "request", "file" (the DICOM's own) or "range" (the frame's).
+    window_source: str | None = None
+    modality: str | None = None  # DICOM Modality (e.g. "CT"); None for other files
 
     def __post_init__(self) -> None:
         if not self.width or not self.height:
@@ -105,9 +111,14 @@ def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[
     return list(iter_frames(data, limits, filename))
 
 
-def iter_frames(data: bytes, limits: DecodeLimits, filename: str = "") -> Iterator[Frame]:
+def iter_frames(
+    data: bytes, limits: DecodeLimits, filename: str = "", window: Window | None = None
+) -> Iterator[Frame]:
     """Every frame of an image file, one at a time, so a caller can shrink each (and let go
-    of the full-size pixels) before the next is decoded; or a 4xx domain error."""
+    of the full-size pixels) before the next is decoded; or a 4xx domain error.
+
+    ``window`` (centre, width) replaces the file's own window (DICOM) or the full range
+    (16-bit and float frames); 8-bit frames are shown as they are."""
     label = f"file {filename!r}" if filename else "the file"
     if not data:
         raise BadRequest(f"{label} is empty")
@@ -120,7 +131,7 @@ def iter_frames(data: bytes, limits: DecodeLimits, filename: str = "") -> Iterat
                 # Imported here so pydicom loads only when a DICOM file arrives.
                 from service.imaging.dicom import decode_dicom
 
-                yield from decode_dicom(data, limits, label)
+                yield from decode_dicom(data, limits, label, window=window)
                 return
             try:
                 image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
@@ -129,11 +140,11 @@ def iter_frames(data: bytes, limits: DecodeLimits, filename: str = "") -> Iterat
                     raise
                 from service.imaging.dicom import decode_dicom
 
-                yield from decode_dicom(data, limits, label, bare=True)
+                yield from decode_dicom(data, limits, label, bare=True, window=window)
                 return
             if image.format in ("JPEG", "MPO") and not limits.allow_truncated:
                 _check_scans(data, image, label)
-            yield from _frames(image, limits, label)
+            yield from _frames(image, limits, label, window)
     except ServiceError:
         raise
     except UnidentifiedImageError as exc:
@@ -164,7 +175,9 @@ def _check_scans(data: bytes, image: Image.Image, label: str) -> None:
         )
 
 
-def _frames(image: Image.Image, limits: DecodeLimits, label: str) -> Iterator[Frame]:
+def _frames(
+    image: Image.Image, limits: DecodeLimits, label: str, window: Window | None = None
+) -> Iterator[Frame]:
     n_frames, more = _count_frames(image, limits, label)
     limits.check_frames(n_frames, label, at_least=more)
     for index in range(n_frames):
@@ -181,11 +194,12 @@ def _frames(image: Image.Image, limits: DecodeLimits, label: str) -> Iterator[Fr
         limits.check_bytes(*image.size, mode_bytes(image.mode), frame_label)
         _allow_truncated(limits.allow_truncated)
         image.load()
-        shown = to_display_rgb(image)
+        shown, used, source = _display_rgb(image, window)
         # Reported at the size the file declares, orientation applied, however it was decoded.
         turned = shown.size != image.size
         yield Frame(image=shown, frame=index, source_mode=image.mode,
-                    width=height if turned else width, height=width if turned else height)
+                    width=height if turned else width, height=width if turned else height,
+                    window=used, window_source=source)
 
 
 def _count_frames(image: Image.Image, limits: DecodeLimits, label: str) -> tuple[int, bool]:
@@ -224,6 +238,14 @@ def to_display_rgb(image: Image.Image) -> Image.Image:
     The orientation step copies the frame only when it turns it: at the largest size
     accepted each copy is tens of megabytes.
     """
+    return _display_rgb(image)[0]
+
+
+def _display_rgb(
+    image: Image.Image, window: Window | None = None
+) -> tuple[Image.Image, Window | None, str | None]:
+    """:func:`to_display_rgb`, with ``window`` replacing the full range of high bit depths,
+    the window it applied and where from ("request", "range"; None for 8-bit modes)."""
     oriented = image
     if image.getexif().get(_ORIENTATION, 1) != 1:
         oriented = ImageOps.exif_transpose(image)
@@ -232,15 +254,19 @@ def to_display_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(oriented)
         if pixels.ndim != 2:
             raise UnsupportedMedia(f"unsupported pixel layout {mode} {pixels.shape}")
-        return grey_to_rgb(window_to_uint8(pixels))
+        source = "request" if window is not None else "range"
+        if window is None:
+            low, high = value_range(pixels)
+            window = window_of(low, high)
+        return grey_to_rgb(window_to_uint8(pixels, *window_bounds(window))), window, source
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         mode == "P" and "transparency" in oriented.info
     ):
         # Transparent pixels are shown on white, as a browser would show them.
         rgba = oriented.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return oriented.convert("RGB")
+        return Image.alpha_composite(background, rgba).convert("RGB"), None, None
+    return oriented.convert("RGB"), None, None
 
 
 _ORIENTATION = 0x0112
@@ -250,6 +276,27 @@ def grey_to_rgb(pixels: np.ndarray) -> Image.Image:
     """(H, W) uint8 to an RGB image with the grey value in every channel."""
     grey = np.ascontiguousarray(pixels, dtype=np.uint8)
     return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+
+Window = tuple[float, float]  # (centre, width), as DICOM's Window Center and Window Width
+
+
+def window_bounds(window: Window) -> tuple[float, float]:
+    """[low, high] of DICOM's linear VOI function (PS3.3 C.11.2.1.2) for a (centre, width):
+    values at or below low show black, at or above high white."""
+    centre, width = window
+    return centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
+
+
+def window_of(low: float, high: float) -> Window:
+    """The (centre, width) whose :func:`window_bounds` are [low, high]."""
+    return (low + high) / 2 + 0.5, high - low + 1
+
+
+def value_range(pixels: np.ndarray) -> tuple[float, float]:
+    """The finite min and max of a frame, worked through in slices (see window_to_uint8)."""
+    bounds = [(float(part.min()), float(part.max())) for _, part in _float_slices(pixels)]
+    return min(b[0] for b in bounds), max(b[1] for b in bounds)
 
 
 def window_to_uint8(

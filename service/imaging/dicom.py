@@ -1,9 +1,10 @@
 """DICOM Part 10 files to displayable 8-bit RGB frames, through pydicom.
 
 Greyscale frames go through the modality transform (rescale slope and intercept), then the
-file's own VOI window (window centre and width) or VOI lookup table when it has one, else
-the full range of the frame; MONOCHROME1 is inverted so that higher values are always
-brighter (and a presentation LUT shape of INVERSE flips that once more). Colour
+request's window (``window=centre,width``), else the file's own VOI window (window centre and
+width) or VOI lookup table when it has one, else the full range of the frame; MONOCHROME1 is
+inverted so that higher values are always brighter (and a presentation LUT shape of INVERSE
+flips that once more). Colour
 frames (RGB, YBR converted by pydicom, palette colour) are scaled to 8 bits.
 
 The declared frame count and size are checked before any pixel is decoded, and a
@@ -27,7 +28,16 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.errors import PayloadTooLarge, ServiceError, UnsupportedMedia
-from service.imaging.decode import DecodeLimits, Frame, grey_to_rgb, window_to_uint8
+from service.imaging.decode import (
+    DecodeLimits,
+    Frame,
+    Window,
+    grey_to_rgb,
+    value_range,
+    window_bounds,
+    window_of,
+    window_to_uint8,
+)
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
@@ -35,12 +45,15 @@ _DEFLATE_UID = str(DeflatedExplicitVRLittleEndian).encode("ascii")
 
 
 def decode_dicom(
-    data: bytes, limits: DecodeLimits, label: str, bare: bool = False
+    data: bytes, limits: DecodeLimits, label: str, bare: bool = False,
+    window: Window | None = None,
 ) -> Iterator[Frame]:
     """Every frame of a DICOM file, one at a time, or a 4xx domain error (415 names the
     transfer syntax).
 
     ``bare``: the bytes have no preamble and file meta; pydicom then guesses the encoding.
+    ``window``: (centre, width) in modality values, instead of the file's own, for greyscale
+    frames.
     """
     _check_inflated_size(data, limits, label)
     try:
@@ -64,11 +77,13 @@ def decode_dicom(
         raise UnsupportedMedia(
             f"{label} has photometric interpretation {photometric or 'none'!r}, which is not supported"
         )
+    modality = str(ds.get("Modality") or "").strip().upper() or None
     try:
         for index, pixels in enumerate(iter_pixels(ds)):
             limits.check_deadline(f"{label} frame {index}")
-            image = _to_rgb(pixels, ds, photometric, index)
-            yield Frame(image=image, frame=index, source_mode=photometric)
+            image, used, source = _to_rgb(pixels, ds, photometric, index, window)
+            yield Frame(image=image, frame=index, source_mode=photometric, window=used,
+                        window_source=source, modality=modality)
     except ServiceError:
         raise
     except Exception as exc:
@@ -145,30 +160,37 @@ def _file_meta_end(data: bytes) -> int | None:
     return 144 + int(length)
 
 
-def _to_rgb(pixels: np.ndarray, ds: Dataset, photometric: str, index: int) -> Image.Image:
+def _to_rgb(
+    pixels: np.ndarray, ds: Dataset, photometric: str, index: int, chosen: Window | None = None
+) -> tuple[Image.Image, Window | None, str | None]:
+    """The frame as 8-bit RGB, the (centre, width) window applied (None: a VOI lookup table
+    or a colour frame, which have no window) and where it came from: "request", "file" or
+    "range" (the frame's full range of modality values)."""
     if photometric in _GREY:
         if pixels.ndim != 2:
             raise UnsupportedMedia(f"greyscale DICOM frame {index} has shape {pixels.shape}")
         values = _modality(pixels, ds, index)
-        window = _window(ds, index)
-        if window:
-            grey = window_to_uint8(values, *window)
-        elif "VOILUTSequence" in ds:
+        own = None if chosen else _window(ds, index)
+        window = chosen or own
+        source: str | None = "request" if chosen else "file" if own else "range"
+        if window is None and "VOILUTSequence" in ds:
             # A lookup table instead of a window: apply it, then show its output range.
             grey = window_to_uint8(apply_voi(values, ds, index))
+            source = None
         else:
-            grey = window_to_uint8(values)
+            window = window or window_of(*value_range(values))
+            grey = window_to_uint8(values, *window_bounds(window))
         inverse = str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE"
         if (photometric == "MONOCHROME1") != inverse:
             grey = 255 - grey
-        return grey_to_rgb(grey)
+        return grey_to_rgb(grey), window, source
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return Image.fromarray(_scale_to_uint8(rgb, bits))
+        return Image.fromarray(_scale_to_uint8(rgb, bits)), None, None
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise UnsupportedMedia(f"colour DICOM frame {index} has shape {pixels.shape}")
-    return Image.fromarray(_scale_to_uint8(pixels, int(ds.get("BitsStored") or 8)))
+    return Image.fromarray(_scale_to_uint8(pixels, int(ds.get("BitsStored") or 8))), None, None
 
 
 def _scale_to_uint8(pixels: np.ndarray, bits: int) -> np.ndarray:
@@ -188,15 +210,15 @@ def _modality(pixels: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
     return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
 
 
-def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
-    """The file's first VOI window as [low, high] (DICOM's linear function), if it has one."""
+def _window(ds: Dataset, index: int) -> Window | None:
+    """The file's first VOI window as (centre, width), if it has one."""
     source: Any = ds if "WindowCenter" in ds else _functional_item(ds, index, "FrameVOILUTSequence")
     if source is None or "WindowCenter" not in source or "WindowWidth" not in source:
         return None
     centre, width = _first(source.WindowCenter), _first(source.WindowWidth)
     if centre is None or width is None or width < 1:
         return None
-    return centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
+    return centre, width
 
 
 def _first(value: object) -> float | None:

@@ -99,15 +99,17 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def overlay(image: Image.Image, mask: np.ndarray, colormap: str, alpha: float) -> np.ndarray:
+def overlay(
+    image: Image.Image, mask: np.ndarray, colormap: str, alpha: float, fade: bool = False
+) -> np.ndarray:
     """Blend the coloured map over the image; ``mask`` must already have the image's size.
 
-    Each pixel is ``round((1 - alpha) * image + alpha * colour)``, in float32, looked up in
-    :func:`~service.imaging.colormaps.blend_table`.
+    Each pixel follows the blend formula of :mod:`service.imaging.colormaps` (``fade``: its
+    "fade" mode), in float32, looked up in :func:`~service.imaging.colormaps.blend_table`.
     """
     base = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     _check_same_size(base, mask)
-    table = blend_table(colormap, float(alpha)).reshape(3, 256 * 256)
+    table = blend_table(colormap, float(alpha), fade).reshape(3, 256 * 256)
     index = to_indices(mask).astype(np.uint16)
     index <<= 8
     blended = np.empty(base.shape, dtype=np.uint8)

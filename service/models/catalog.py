@@ -38,6 +38,9 @@ class ModelInfo:
     attention_problem: str = "not checked"
     # nn.ReLU / nn.ReLU6 modules, through which Guided Backprop passes only positive gradients.
     rectifiers: int = 0
+    # What it was trained on (see ModelSpec): DICOM modalities and a few words for people.
+    modalities: tuple[str, ...] = ()
+    domain: str | None = None
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]

@@ -75,6 +75,8 @@ class LoadedModel:
             attention_blocks=blocks,
             attention_problem=problem,
             rectifiers=sum(isinstance(m, RECTIFIERS) for m in self.module.modules()),
+            modalities=spec.modalities,
+            domain=spec.domain,
         )
 
 

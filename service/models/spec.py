@@ -15,6 +15,8 @@ TOML example::
     labels = "labels.txt"
     input_size = [256, 256]
     default_layer = "layer4"
+    modalities = ["DX", "CR"]          # a DICOM of another modality gets a warning
+    domain = "chest X-rays"
 
 Without trained weights (``weights = "random"``, or no ``weights`` at all) the architecture keeps
 torchvision's initialisation, drawn after ``torch.manual_seed(seed)`` so it is the same on every
@@ -83,6 +85,17 @@ class ModelSpec(BaseModel):
     default_layer: str | None = Field(None, description="module path; found automatically if unset")
     display_name: str | None = None
     version: str = "1"
+    # What the model was trained on, so a response can warn about an input from elsewhere: the
+    # DICOM Modality values (CT, MR, CR, DX, ...) it knows, and a few words for people.
+    modalities: tuple[str, ...] = Field(
+        (), description="DICOM Modality codes of its training data; a DICOM of another gets a warning"
+    )
+    domain: str | None = Field(None, description='what it was trained on, e.g. "chest X-rays (DX)"')
+
+    @field_validator("modalities")
+    @classmethod
+    def _check_modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(code.strip().upper() for code in value if code.strip())
 
     @field_validator("name")
     @classmethod
@@ -136,6 +149,8 @@ def embedded_default() -> ModelSpec:
         display_name="MobileNetV2 (ImageNet-1k)",
         version="imagenet1k-v1",
         default_layer="features.18",
+        modalities=(),  # photographs carry no DICOM modality: every DICOM is outside its domain
+        domain="natural photographs (ImageNet)",
     )
 
 

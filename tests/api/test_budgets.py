@@ -207,9 +207,9 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     real = pipeline.iter_frames
 
-    def recording(data: bytes, limits: Any, filename: str = "") -> Iterator[Any]:
+    def recording(data: bytes, limits: Any, filename: str = "", *rest: Any) -> Iterator[Any]:
         names.append(filename)
-        return real(data, limits, filename)
+        return real(data, limits, filename, *rest)
 
     monkeypatch.setattr(pipeline, "iter_frames", recording)
     return names

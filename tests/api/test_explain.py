@@ -163,7 +163,7 @@ def test_predict_classifies_without_explaining(client: TestClient, cat_png: byte
     body = response.json()
     assert set(body) == {"request_id", "model", "results", "timing_ms"}
     result = body["results"][0]
-    assert set(result) == {"image", "predictions"}
+    assert set(result) == {"image", "predictions", "warnings"} and result["warnings"] == []
     assert result["predictions"][0]["class_idx"] == EGYPTIAN_CAT
     scores = [p["score"] for p in result["predictions"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)

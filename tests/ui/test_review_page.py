@@ -36,6 +36,19 @@ CANVAS_STATS = """(canvas) => {
 }"""
 
 
+# A few pixels along the canvas's middle row, as [r, g, b].
+PIXELS_AT_CENTRE = """(canvas) => {
+  const ctx = canvas.getContext("2d");
+  const y = Math.floor(canvas.height / 2);
+  const out = [];
+  for (let x = Math.floor(canvas.width * 0.3); x < canvas.width * 0.7; x += 17) {
+    const d = ctx.getImageData(x, y, 1, 1).data;
+    out.push([d[0], d[1], d[2]]);
+  }
+  return out;
+}"""
+
+
 def open_page(page: Page, server: LiveServer) -> None:
     page.goto(f"{server.url}/ui")
     expect(page.locator("#model")).to_be_enabled()
@@ -122,9 +135,14 @@ def test_cat_gets_predictions_two_method_panels_and_timings(
     expected = choose_two_panels(page, live_server)
     response = upload(page, CAT)
 
-    # Only the heatmaps the browser blends were asked for: it can show this PNG itself.
-    explanations = response.json()["results"][0]["explanations"]
-    assert all(e["heatmap_png"] and e["overlay_png"] is None for e in explanations)
+    # The page asks for the displayed frame and the raw maps, and blends them itself: no PNG
+    # overlay or heatmap comes back.
+    result = response.json()["results"][0]
+    assert result["image_png"]
+    explanations = result["explanations"]
+    assert all(e["heatmap_png"] is None and e["overlay_png"] is None for e in explanations)
+    assert all(e["mask"]["encoding"] == "base64" and e["mask"]["shape"] == [300, 451]
+               for e in explanations)
 
     expect(page.locator("#predictions li").first).to_contain_text("Egyptian cat")
     expect(page.locator("#image-title")).to_contain_text("chelsea.png")
@@ -174,15 +192,24 @@ def test_opacity_slider_reblends_in_the_browser_without_a_request(
     assert not any(url.endswith("/explain") for url in sent), sent
 
 
-def test_colormap_switch_asks_again_and_redraws(page: Page, live_server: LiveServer) -> None:
+def test_colormap_switch_redraws_without_a_request(page: Page, live_server: LiveServer) -> None:
     open_page(page, live_server)
     upload(page, CAT)
     before = canvas_stats(page)
-    response = run(page, lambda: page.select_option("#colormap", "gray"))
-    heatmap = response.json()["results"][0]["explanations"][0]["heatmap_png"]
-    rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(heatmap))).convert("RGBA")).astype(int)
-    assert np.array_equal(rgba[..., 0], rgba[..., 1]) and np.array_equal(rgba[..., 1], rgba[..., 2])
-    assert canvas_stats(page)["hash"] != before["hash"]
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url))
+    page.fill("#opacity", "100")
+    page.uncheck("#fade")  # every pixel fully covered by the map's colour
+    page.select_option("#colormap", "gray")
+    canvas = page.locator(".panel canvas").first
+    expect(canvas).to_have_attribute("data-colormap", "gray")
+    # Fully opaque gray, not faded: every pixel is a grey level (r == g == b), drawn from the
+    # mask here.
+    stats = canvas_stats(page)
+    assert stats["hash"] != before["hash"]
+    pixels = page.locator(".panel canvas").first.evaluate(PIXELS_AT_CENTRE)
+    assert all(p[0] == p[1] == p[2] for p in pixels), pixels
+    assert sent == [], sent
 
 
 def test_class_from_the_predictions_and_typed(page: Page, live_server: LiveServer) -> None:
@@ -318,7 +345,7 @@ def test_several_files_and_frames_step_through(
     expect(title).to_contain_text("frame 1 of 2")
 
 
-def test_formats_the_browser_cannot_show_use_the_service_overlay(
+def test_formats_the_browser_cannot_show_are_blended_in_the_browser_too(
     page: Page, live_server: LiveServer, tmp_path: Path
 ) -> None:
     grey = np.asarray(Image.open(CAT).convert("L"), dtype=np.uint16) * 200
@@ -330,35 +357,34 @@ def test_formats_the_browser_cannot_show_use_the_service_overlay(
         page,
         {"name": "scan16.png", "mimeType": "image/png", "buffer": png16.getvalue()},
         {"name": "coffee.tif", "mimeType": "image/tiff", "buffer": tiff.getvalue()},
-        {"name": CAT.name, "mimeType": "image/png", "buffer": CAT.read_bytes()},
     )
-    assert all(e["overlay_png"] for r in response.json()["results"] for e in r["explanations"])
-    panel = page.locator(".panel").first
+    assert all(r["image_png"] for r in response.json()["results"])
+    canvas = page.locator(".panel canvas").first
     slider = page.locator("#opacity")
-    expect(panel.locator(".note")).to_contain_text("16-bit PNG")
-    expect(panel.locator(".note")).to_contain_text("service's overlay at 50% opacity")
-    expect(panel.locator("canvas")).to_have_attribute("data-opacity", "service")
-    expect(slider).to_be_disabled()
-    assert max(canvas_stats(page)["mean"][:3]) > 40
-    page.screenshot(path=str(tmp_path / "review-16bit.png"))
+    expect(slider).to_be_enabled()
+    expect(page.locator(".panel .note")).to_have_count(0)
+    # The 16-bit frame was windowed by the service, and the page says how.
+    expect(page.locator("#window-info")).to_contain_text("full range")
+    page.fill("#opacity", "0")
+    expect(canvas).to_have_attribute("data-opacity", "0")
+    bare = canvas_stats(page)
+    page.fill("#opacity", "100")
+    expect(canvas).to_have_attribute("data-opacity", "1")
+    assert canvas_stats(page)["hash"] != bare["hash"]
     with page.expect_download() as download:
-        panel.get_by_role("button", name=re.compile("Download")).click()
+        page.locator(".panel").first.locator("button", has_text="Download overlay").click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
     assert saved.name == "scan16_gradcam_285_overlay.png"
-    with Image.open(saved) as overlay:  # the service's own overlay, at the image's size
+    with Image.open(saved) as overlay:  # the blend as shown, at the image's size
         assert overlay.format == "PNG" and overlay.size == (451, 300)
 
     page.click("#next")
     expect(page.locator("#image-title")).to_contain_text("coffee.tif")
-    expect(panel.locator(".note")).to_contain_text("a format the browser cannot display")
-    expect(slider).to_be_disabled()
-
-    page.click("#next")
-    expect(page.locator("#image-title")).to_contain_text("chelsea.png")
-    expect(panel.locator(".note")).to_have_count(0)
-    expect(panel.locator("canvas")).to_have_attribute("data-opacity", "0.5")
+    expect(page.locator("#window-info")).to_be_hidden()  # an 8-bit TIFF has no window
     expect(slider).to_be_enabled()
+    page.fill("#opacity", "20")
+    expect(canvas).to_have_attribute("data-opacity", "0.2")
 
 
 def test_zoom_pan_keyboard_and_download(page: Page, live_server: LiveServer, tmp_path: Path) -> None:
@@ -399,7 +425,7 @@ def test_zoom_pan_keyboard_and_download(page: Page, live_server: LiveServer, tmp
     page.click("#zoom-fit")
 
     with page.expect_download() as download:
-        page.locator(".panel").first.get_by_role("button", name=re.compile("Download")).click()
+        page.locator(".panel").first.locator("button", has_text="Download overlay").click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
     assert saved.name == "chelsea_gradcam_285_overlay.png"

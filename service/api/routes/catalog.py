@@ -34,6 +34,8 @@ def _summary(info: ModelInfo, default: str) -> dict[str, object]:
         "default_layer": info.default_layer,
         "device": info.device,
         "default": info.name == default,
+        "modalities": list(info.modalities),
+        "domain": info.domain,
     }
 
 

@@ -1,18 +1,23 @@
 """The review page, served from the package (no build step, no CDN).
 
 The page is three files in ``service/ui/static``: ``index.html`` at ``/ui`` and its script and
-style sheet under ``/ui/static/``. Only the files named in :data:`ASSETS` are served, so no
+style sheet under ``/ui/static/``, plus ``/ui/static/colormaps.json``, generated from
+:mod:`service.imaging.colormaps`. Only the files named in :data:`ASSETS` are served, so no
 request can reach anything else in the package.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from importlib.resources import files
 
+import orjson
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from service.errors import NotFound
+from service.imaging.colormaps import tables_json
 
 router = APIRouter(tags=["ui"])
 
@@ -44,6 +49,19 @@ async def root() -> RedirectResponse:
 @router.get("/ui", response_class=HTMLResponse, summary="The review web page")
 async def ui() -> HTMLResponse:
     return HTMLResponse(_read("index.html"), headers=_PAGE_HEADERS)
+
+
+@cache
+def _colormaps() -> bytes:
+    return orjson.dumps(tables_json())
+
+
+@router.get("/ui/static/colormaps.json", include_in_schema=False)
+async def ui_colormaps() -> Response:
+    """The lookup tables the service colours maps with, generated from them (never a copy
+    kept by hand), so the page colours a mask exactly as overlay_png does."""
+    return Response(await run_in_threadpool(_colormaps), media_type="application/json",
+                    headers=_ASSET_HEADERS)
 
 
 @router.get("/ui/static/{name}", include_in_schema=False)

@@ -1,10 +1,11 @@
 // camserve review page: plain JavaScript, no build step, no third-party code.
 //
-// One request to POST /explain per run, asking for outputs=heatmap. The opacity slider re-blends
-// in the browser: the uploaded image, then the RGBA heatmap PNG (alpha = map value) on top with
-// globalAlpha = opacity. Formats the browser cannot show as the service reads them (TIFF, DICOM,
-// 16-bit PNG...) fall back to the overlay PNG the service blended (outputs=overlay,heatmap then),
-// with the slider disabled.
+// Every image is blended in the browser. The page asks POST /explain (and POST /jobs for slow
+// methods) for outputs=mask,image: the 8-bit frame exactly as the service windowed and displayed
+// it, and each map as base64 float32 at that frame's size. Colour map, opacity and "fade low
+// values" are applied here with the service's own colour tables (/ui/static/colormaps.json) and
+// the blend formula of service/imaging/colormaps.py, so changing them sends no request, and the
+// picture is the one overlay_png would give for the same options.
 "use strict";
 
 (() => {
@@ -18,32 +19,38 @@
   const KEY_STORE = "camserve.apiKey";
   const TOPK = 5;
   const MAX_ZOOM = 32;
+  const REPORT_MIN_SIDE = 512;   // a report's image is drawn at least this large (longer side)
 
   const ui = {
     form: $("#controls"), file: $("#file"), dropzone: $("#dropzone"), fileList: $("#file-list"),
     model: $("#model"), methods: $("#methods"), layer: $("#layer"), classIdx: $("#class-idx"),
     classClear: $("#class-clear"), colormap: $("#colormap"), apiKey: $("#api-key"), run: $("#run"),
+    methodParams: $("#method-params"), windowPreset: $("#window-preset"), windowCustom: $("#window-custom"),
+    windowCentre: $("#window-centre"), windowWidth: $("#window-width"), windowApply: $("#window-apply"),
     banner: $("#banner"), bannerTitle: $("#banner-title"), bannerMessage: $("#banner-message"),
     bannerId: $("#banner-id"), bannerClose: $("#banner-close"), status: $("#status"),
+    jobs: $("#jobs"), staleNote: $("#stale-note"), warnings: $("#warnings"), windowInfo: $("#window-info"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
     timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
-    opacityValue: $("#opacity-value"), panels: $("#panels"),
+    opacityValue: $("#opacity-value"), fade: $("#fade"), showOriginal: $("#show-original"),
+    colorbar: $("#colorbar"), panels: $("#panels"),
     zoomIn: $("#zoom-in"), zoomOut: $("#zoom-out"), zoomFit: $("#zoom-fit"), zoomValue: $("#zoom-value"),
   };
 
   const state = {
-    models: [], methods: [], catalogReady: false,
-    selection: null,      // the files last picked or dropped: {files, sources}
-    response: null,       // the last ExplainResponse
-    responseAlpha: 0.5,   // the opacity it was asked with (the service's overlays use it)
+    models: [], methods: [], tables: {}, catalogReady: false,
+    selection: null,      // the files last picked or dropped: {files}
+    response: null,       // the ExplainResponse shown (the parts of one run merged)
     shown: null,          // the selection that response answers (a newer one may have failed)
+    request: null,        // what the shown response was asked with: {methods, window}
     roundTripMs: 0,
     current: 0,           // index into response.results
-    entry: null,          // the prepared current result: its source image and panels
+    entry: null,          // the prepared current result: its image and panels
     opacity: 0.5,
     view: { zoom: 1, cx: 0.5, cy: 0.5 },  // shared by every panel; centre in image fractions
     run: 0,               // id of the latest run: older answers are dropped
     abort: null,
+    jobs: [],             // the latest run's jobs: {id, method, row, ...}
   };
   let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
@@ -56,30 +63,39 @@
     }
   }
 
-  async function api(path, options = {}) {
-    const headers = new Headers(options.headers || {});
+  function authHeaders(extra = {}) {
+    const headers = new Headers(extra);
     const key = ui.apiKey.value.trim();
     if (key) headers.set("Authorization", `Bearer ${key}`);
-    let response;
+    return headers;
+  }
+
+  async function send(path, options = {}) {
     try {
-      response = await fetch(path, { ...options, headers });
+      return await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
     } catch (err) {
       if (err.name === "AbortError") throw err;
       throw new ApiError(0, "network", "The service did not answer. Is it running, and is the address right?", "", null);
     }
-    const text = await response.text();
+  }
+
+  async function failure(response) {
     let body = null;
-    try { body = text ? JSON.parse(text) : null; } catch { body = null; }
-    if (!response.ok) {
-      const detail = (body && body.error) || {};
-      throw new ApiError(
-        response.status, detail.code || `http_${response.status}`,
-        detail.message || `${response.status} ${response.statusText}`.trim(),
-        detail.request_id || response.headers.get("X-Request-ID") || "",
-        response.headers.get("Retry-After"),
-      );
-    }
-    return body;
+    try { body = JSON.parse(await response.text()); } catch { body = null; }
+    const detail = (body && body.error) || {};
+    return new ApiError(
+      response.status, detail.code || `http_${response.status}`,
+      detail.message || `${response.status} ${response.statusText}`.trim(),
+      detail.request_id || response.headers.get("X-Request-ID") || "",
+      response.headers.get("Retry-After"),
+    );
+  }
+
+  async function api(path, options = {}) {
+    const response = await send(path, options);
+    if (!response.ok) throw await failure(response);
+    const text = await response.text();
+    try { return text ? JSON.parse(text) : null; } catch { return null; }
   }
 
   // ---------------------------------------------------------------- messages
@@ -97,6 +113,22 @@
     500: "The service failed on this request",
   };
 
+  // What a 504 means, from the service's message: where the deadline passed decides the advice.
+  function timeoutAdvice(message, images) {
+    if (/while it was computed/i.test(message)) {
+      return " The service was computing the explanation when its deadline passed, and stopped." +
+        " Slow methods (the Score-CAM family, ablation) run here as jobs with a progress bar;" +
+        " otherwise ask for fewer methods or classes at once.";
+    }
+    if (/while decoding/i.test(message)) {
+      return images > 1
+        ? " The deadline passed while the files were still being read: send fewer frames or files at once."
+        : " The deadline passed while the file was still being read: it may have too many frames.";
+    }
+    return " Nothing was computed: the deadline passed while the request waited for the busy" +
+      " service. Try again in a moment.";
+  }
+
   function showError(err, context = "") {
     const status = err instanceof ApiError ? err.status : -1;
     let message = err.message || String(err);
@@ -108,17 +140,17 @@
     } else if (status === 415 && !/supported/i.test(message)) {
       message += " Supported: JPEG, PNG, TIFF, BMP, WebP, GIF and DICOM.";
     } else if (status === 413) {
-      message += " Send fewer or smaller files.";
+      const count = state.selection ? state.selection.files.length : 1;
+      message += count > 1 ? " Send fewer or smaller files." : " Send a smaller file.";
     } else if (status === 503) {
       message += err.retryAfter ? ` Try again in ${err.retryAfter} s.` : " Try again shortly.";
     } else if (status === 504) {
-      message += " The service is busy; try again, or send fewer images at once.";
+      message += timeoutAdvice(err.message || "", state.selection ? state.selection.files.length : 1);
     }
     ui.bannerTitle.textContent = (TITLES[status] || "Something went wrong") + (context ? ` (${context})` : "");
     ui.bannerMessage.textContent = message;
     ui.bannerId.textContent = err.requestId ? `request id ${err.requestId}` : "";
     ui.banner.hidden = false;
-    setStatus("");
     if (status === 401) ui.apiKey.focus();
   }
 
@@ -136,9 +168,11 @@
     state.catalogReady = false;
     for (let attempt = 0; ; attempt++) {
       try {
-        const [models, methods] = await Promise.all([api("models"), api("methods")]);
+        const [models, methods, tables] = await Promise.all(
+          [api("models"), api("methods"), api("ui/static/colormaps.json")]);
         state.models = models.models;
         state.methods = methods.methods;
+        state.tables = flatTables(tables.colormaps);
         break;
       } catch (err) {
         // Not ready yet (models still loading): wait and ask again, saying so.
@@ -155,6 +189,7 @@
     }
     fillModels();
     fillMethods();
+    fillColormaps();
     state.catalogReady = true;
     await loadLayers();
     if (!state.response) setStatus("Choose or drop images to start.");
@@ -178,11 +213,40 @@
       nodes.push(el("p", { className: "family", textContent: family }));
       for (const m of state.methods.filter((x) => x.family === family)) {
         const box = el("input", { type: "checkbox", name: "methods", value: m.name, checked: checked.has(m.name) });
-        nodes.push(el("label", { title: `${m.title}: ${m.passes}. ${m.paper}` }, box, m.title));
+        const label = el("label", { title: `${m.title}: ${m.passes}. ${m.paper}` }, box, m.title);
+        if (isHeavy(m)) label.append(el("span", { className: "job-tag", textContent: "job", title: "slow: runs as a job with progress and Cancel" }));
+        nodes.push(label);
       }
     }
     ui.methods.replaceChildren(...nodes);
     if (!checkedMethods().length && state.methods.length) ui.methods.querySelector("input").checked = true;
+  }
+
+  // Slow methods run as jobs. GET /methods says so with `heavy` where the service has it; else
+  // the perturbation family and any method whose passes grow with the channels or positions.
+  function isHeavy(method) {
+    if (typeof method.heavy === "boolean") return method.heavy;
+    return method.family === "perturbation" || /\bper (non-zero )?(channel|position)/.test(method.passes || "");
+  }
+
+  function heavyMethod(name) {
+    const method = state.methods.find((m) => m.name === name);
+    return Boolean(method && isHeavy(method));
+  }
+
+  // name -> Uint8Array(768): the service's 256 RGB entries, flattened.
+  function flatTables(colormaps) {
+    const out = {};
+    for (const [name, rows] of Object.entries(colormaps)) out[name] = Uint8Array.from(rows.flat());
+    return out;
+  }
+
+  function fillColormaps() {
+    const previous = ui.colormap.value || "jet";
+    const names = Object.keys(state.tables);
+    ui.colormap.replaceChildren(...names.map((name) => el("option", { value: name, textContent: name })));
+    ui.colormap.value = names.includes(previous) ? previous : names[0];
+    drawColorbar();
   }
 
   function checkedMethods() {
@@ -213,13 +277,63 @@
   function setFiles(fileList) {
     const files = [...fileList];
     if (!files.length) return;
-    // sources: "fileIndex:frame" -> Promise<{bitmap} | {reason}>, the browser's own decodes.
-    state.selection = { files, sources: new Map() };
+    state.selection = { files };
     state.current = 0;
     ui.fileList.textContent = files.length === 1
       ? `Selected: ${files[0].name}`
       : `Selected ${files.length} files: ${files.map((f) => f.name).join(", ")}`;
     explain();
+  }
+
+  function chosenWindow() {
+    const preset = ui.windowPreset.value;
+    if (preset !== "custom") return preset;
+    const centre = Number(ui.windowCentre.value);
+    const width = Number(ui.windowWidth.value);
+    if (ui.windowCentre.value.trim() === "" || !Number.isFinite(centre) || !Number.isFinite(width) || width < 1) {
+      return null;
+    }
+    return `${centre},${width}`;
+  }
+
+  // The method_params JSON typed on the page: an object keyed by method, or null when empty.
+  function parsedParams() {
+    const text = ui.methodParams.value.trim();
+    if (!text) return {};
+    try {
+      const value = JSON.parse(text);
+      if (value && typeof value === "object" && !Array.isArray(value)) return value;
+    } catch { /* reported below */ }
+    return null;
+  }
+
+  function baseForm(files, methods, window, params = {}) {
+    const form = new FormData();
+    for (const file of files) form.append("file", file, file.name);
+    form.append("model", ui.model.value);
+    form.append("methods", methods.join(","));
+    if (ui.layer.value) form.append("target_layer", ui.layer.value);
+    if (ui.classIdx.value.trim()) form.append("class_idx", ui.classIdx.value.trim());
+    form.append("topk", String(TOPK));
+    // The frame as the service displayed it, and each map at that frame's size: the browser
+    // colours and blends them itself, for every format (DICOM, TIFF and 16-bit PNG included).
+    form.append("outputs", "mask,image");
+    form.append("mask_size", "original");
+    form.append("mask_encoding", "base64");
+    if (window) form.append("window", window);
+    // Each part of a run gets the parameters of its own methods only (the service refuses
+    // parameters for a method it was not asked for).
+    const own = Object.fromEntries(Object.entries(params).filter(([name]) => methods.includes(name)));
+    if (Object.keys(own).length) form.append("method_params", JSON.stringify(own));
+    return form;
+  }
+
+  function markStale(text) {
+    const stale = Boolean(text) && Boolean(state.response);
+    ui.result.classList.toggle("stale", stale);
+    ui.result.dataset.stale = stale ? "true" : "false";
+    ui.staleNote.hidden = !stale;
+    ui.staleNote.textContent = stale ? text : "";
   }
 
   async function explain() {
@@ -236,121 +350,303 @@
       showError(new Error("Tick at least one method."));
       return;
     }
+    const window = chosenWindow();
+    if (window === null) {
+      showError(new Error("Type a window centre and a width of at least 1, then press Apply."));
+      ui.windowCentre.focus();
+      return;
+    }
+    const params = parsedParams();
+    if (params === null) {
+      showError(new Error('Method parameters must be a JSON object keyed by method, e.g. {"scorecam": {"top_k_channels": 128}}.'));
+      ui.methodParams.focus();
+      return;
+    }
     if (state.abort) state.abort.abort();
+    cancelJobs(state.jobs);
     const abort = new AbortController();
     state.abort = abort;
     const run = ++state.run;
     const { files } = selection;
-    setStatus(`Explaining ${files.length === 1 ? files[0].name : `${files.length} files`}…`, true);
+    const what = files.length === 1 ? files[0].name : `${files.length} files`;
+    setStatus(`Explaining ${what}…`, true);
+    markStale("Outdated: these maps are from the previous run; a new one is in progress.");
 
-    const form = new FormData();
-    for (const file of files) form.append("file", file, file.name);
-    form.append("model", ui.model.value);
-    form.append("methods", methods.join(","));
-    if (ui.layer.value) form.append("target_layer", ui.layer.value);
-    if (ui.classIdx.value.trim()) form.append("class_idx", ui.classIdx.value.trim());
-    form.append("topk", String(TOPK));
-    // The browser blends heatmaps over the files it can show; the service's overlays are only
-    // needed for the others (TIFF, DICOM, 16-bit PNG).
-    const shown = await Promise.all(files.map((_, i) => source(selection, i, 0)));
+    const fast = methods.filter((m) => !heavyMethod(m));
+    const slow = methods.filter((m) => heavyMethod(m));
+    const progress = {
+      run, selection, methods, window, params, started: performance.now(), got: false, errors: [], cancelled: [],
+    };
+    state.jobs = [];
+    ui.jobs.replaceChildren();
+    ui.jobs.hidden = !slow.length;
+    const parts = [];
+    if (fast.length) parts.push(runExplain(progress, fast, abort));
+    for (const method of slow) parts.push(runJob(progress, method, abort));
+    await Promise.all(parts);
     if (run !== state.run) return;
-    form.append("outputs", shown.every((s) => s.bitmap) ? "heatmap" : "overlay,heatmap");
-    form.append("colormap", ui.colormap.value);
-    const alpha = state.opacity;
-    form.append("alpha", String(alpha));
-    const started = performance.now();
+    state.abort = null;
+    if (progress.got) {
+      const count = state.response.results.length;
+      let text = `Done: ${count} image${count === 1 ? "" : "s"} explained with ${methods.join(", ")}.`;
+      if (progress.cancelled.length) text += ` Cancelled: ${progress.cancelled.join(", ")}.`;
+      if (progress.errors.length) text += ` Failed: ${progress.errors.join(", ")} (see the message above).`;
+      setStatus(text);
+    } else {
+      setStatus(progress.cancelled.length ? `Cancelled: ${progress.cancelled.join(", ")}.` : "");
+      markStale(state.response ? "These maps are from the previous run: the new one did not finish." : "");
+    }
+  }
+
+  async function runExplain(progress, methods, abort) {
     try {
-      const response = await api("explain", { method: "POST", body: form, signal: abort.signal });
-      if (run !== state.run) return;
-      state.roundTripMs = performance.now() - started;
-      state.response = response;
-      state.shown = selection;
-      state.responseAlpha = alpha;
-      prepared = new Map();
-      state.current = Math.min(state.current, response.results.length - 1);
-      if (state.current < 0) state.current = 0;
-      await show(state.current);
-      if (run !== state.run) return;
-      const count = response.results.length;
-      setStatus(`Done: ${count} image${count === 1 ? "" : "s"} explained with ${methods.join(", ")}.`);
+      const body = baseForm(progress.selection.files, methods, progress.window, progress.params);
+      const response = await api("explain", { method: "POST", body, signal: abort.signal });
+      if (progress.run !== state.run) return;
+      await accept(progress, response);
     } catch (err) {
-      if (err.name === "AbortError" || run !== state.run) return;
-      const names = files.map((f) => f.name).join(", ");
+      if (err.name === "AbortError" || progress.run !== state.run) return;
+      progress.errors.push(methods.join(", "));
+      const names = progress.selection.files.map((f) => f.name).join(", ");
       showError(err, err instanceof ApiError && err.status === 415 ? names : "");
-    } finally {
-      if (run === state.run) {
-        state.abort = null;
-        document.body.dataset.busy = "false";
-        ui.status.classList.remove("busy");
+    }
+  }
+
+  // Each part of a run (the fast methods' /explain, each job) is shown as soon as it arrives;
+  // the first replaces the previous run's result, the others add their maps to it.
+  async function accept(progress, response) {
+    // From the run's start to this part's answer: with jobs, the time a person waited.
+    state.roundTripMs = performance.now() - progress.started;
+    if (!progress.got) {
+      progress.got = true;
+      state.response = response;
+      state.shown = progress.selection;
+      state.request = { methods: progress.methods, window: progress.window };
+      state.current = Math.max(0, Math.min(state.current, response.results.length - 1));
+      markStale("");
+    } else {
+      mergeInto(state.response, response, progress.methods);
+    }
+    prepared = new Map();
+    await show(state.current);
+  }
+
+  function mergeInto(base, extra, order) {
+    base.results.forEach((result, i) => {
+      const more = extra.results[i];
+      if (!more) return;
+      result.explanations.push(...more.explanations);
+      // Methods in the order they are ticked; classes keep their order within a method.
+      const rank = (e) => order.indexOf(e.method);
+      result.explanations = result.explanations
+        .map((e, at) => [e, at]).sort((a, b) => rank(a[0]) - rank(b[0]) || a[1] - b[1]).map(([e]) => e);
+      if (!result.image_png) result.image_png = more.image_png;
+    });
+    base.timing_ms = extra.timing_ms.total > base.timing_ms.total ? extra.timing_ms : base.timing_ms;
+  }
+
+  // ---------------------------------------------------------------- jobs
+
+  function jobRow(method) {
+    const title = methodTitle(method);
+    const bar = el("progress", { max: 1, value: 0 });
+    bar.setAttribute("aria-label", `${title} progress`);
+    const text = el("span", { className: "job-text", textContent: "submitting…" });
+    const cancel = el("button", { type: "button", className: "secondary", textContent: "Cancel" });
+    cancel.setAttribute("aria-label", `Cancel ${title}`);
+    const row = el("div", { className: "job" }, el("span", { className: "job-title", textContent: title }), bar, text, cancel);
+    row.dataset.method = method;
+    row.dataset.status = "submitting";
+    ui.jobs.append(row);
+    return { row, bar, text, cancel };
+  }
+
+  function seconds(s) {
+    if (s === null || s === undefined) return "estimating time left";
+    if (s < 1) return "under a second left";
+    if (s < 90) return `about ${Math.round(s)} s left`;
+    return `about ${Math.round(s / 60)} min left`;
+  }
+
+  function showProgress(job, p, eta, status) {
+    job.bar.max = Math.max(1, p.total);
+    job.bar.value = p.done;
+    job.row.dataset.status = status;
+    job.row.dataset.done = String(p.done);
+    job.text.textContent = `${status === "queued" ? "queued · " : ""}${p.done} of ${p.total} passes · ` +
+      `${Math.round((p.fraction || 0) * 100)}% · ${seconds(eta)}`;
+  }
+
+  async function runJob(progress, method, abort) {
+    const view = jobRow(method);
+    const job = { method, id: null, ...view, finished: false };
+    state.jobs.push(job);
+    view.cancel.addEventListener("click", () => cancelJobs([job]));
+    try {
+      const body = baseForm(progress.selection.files, [method], progress.window, progress.params);
+      const submitted = await api("jobs", { method: "POST", body, signal: abort.signal });
+      job.id = submitted.job_id;
+      job.row.dataset.jobId = job.id;
+      showProgress(job, submitted.progress, submitted.eta_s, submitted.status);
+      if (job.cancelRequested) await cancelJobs([job]);
+      const final = await followJob(job, abort.signal);
+      job.finished = true;
+      if (progress.run !== state.run) return;
+      finishJob(progress, job, final);
+      if (final.status === "succeeded") await accept(progress, final.result);
+    } catch (err) {
+      job.finished = true;
+      if (err.name === "AbortError" || progress.run !== state.run) return;
+      job.row.dataset.status = "failed";
+      job.text.textContent = `failed: ${err.message}`;
+      job.cancel.disabled = true;
+      progress.errors.push(methodTitle(method));
+      showError(err, methodTitle(method));
+    }
+  }
+
+  function finishJob(progress, job, final) {
+    job.cancel.disabled = true;
+    job.row.dataset.status = final.status;
+    if (final.status === "succeeded") {
+      showProgress(job, final.progress, 0, "succeeded");
+      job.text.textContent = `done · ${final.progress.total} passes`;
+    } else if (final.status === "cancelled") {
+      job.text.textContent = `cancelled after ${final.progress.done} of ${final.progress.total} passes`;
+      progress.cancelled.push(methodTitle(job.method));
+    } else {
+      const error = final.error || {};
+      job.text.textContent = `failed: ${error.message || final.status}`;
+      progress.errors.push(methodTitle(job.method));
+      showError(new ApiError(error.code === "deadline_exceeded" ? 504 : 500, error.code || "failed",
+        error.message || "the job failed", error.request_id || "", null), methodTitle(job.method));
+    }
+  }
+
+  // The job's server-sent events, read with fetch() so the API key header can be sent
+  // (EventSource cannot send one): progress events, then one done event with the whole job.
+  async function followJob(job, signal) {
+    const response = await send(`jobs/${job.id}/events`, { signal, headers: { Accept: "text/event-stream" } });
+    if (!response.ok) throw await failure(response);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let type = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) type = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        }
+        if (!data.length) continue;  // a keep-alive comment
+        const payload = JSON.parse(data.join("\n"));
+        if (type === "progress") showProgress(job, payload, payload.eta_s, "running");
+        if (type === "done") {
+          reader.cancel().catch(() => {});
+          return payload;
+        }
       }
     }
+    // The stream ended without its final event (a proxy cut it): ask for the job instead.
+    return api(`jobs/${job.id}`, { signal });
+  }
+
+  async function cancelJobs(jobs) {
+    await Promise.all(jobs.filter((job) => !job.finished).map(async (job) => {
+      if (!job.id) { job.cancelRequested = true; return; }
+      job.cancel.disabled = true;
+      job.text.textContent = "cancelling…";
+      try {
+        await api(`jobs/${job.id}`, { method: "DELETE" });
+      } catch (err) {
+        if (!(err instanceof ApiError && err.status === 404)) showError(err, `cancelling ${methodTitle(job.method)}`);
+      }
+    }));
   }
 
   // ---------------------------------------------------------------- images
 
-  function b64ToBlob(b64, type) {
+  function b64Bytes(b64) {
     const bin = atob(b64);
     const bytes = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    return new Blob([bytes], { type });
+    return bytes;
   }
 
-  async function pngDepth(file) {
-    // IHDR bit depth is byte 24 of a PNG; Chromium shows 16-bit PNGs, but not windowed as the
-    // service windows them, so those use the service's overlay.
-    const head = new Uint8Array(await file.slice(0, 26).arrayBuffer());
-    const isPng = head.length >= 25 && head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
-    return isPng ? head[24] : 0;
-  }
-
-  async function decodeSource(file, frame) {
-    if ((await pngDepth(file)) === 16) return { reason: "16-bit PNG" };
-    try {
-      if (frame === 0) return { bitmap: await createImageBitmap(file) };
-      // A later frame of an animated GIF/WebP: WebCodecs' ImageDecoder, where the browser has it.
-      if (!("ImageDecoder" in window) || !file.type || !(await ImageDecoder.isTypeSupported(file.type))) {
-        return { reason: "the browser cannot pick out this frame" };
+  // The map as table indices at the image's size: i = clip(round(255 m), 0, 255), as
+  // service.imaging.colormaps.to_indices computes them (nearest sampling if the sizes differ).
+  function maskIndices(mask, width, height) {
+    const [mh, mw] = mask.shape;
+    const bytes = b64Bytes(mask.data);
+    const values = new Float32Array(bytes.buffer, 0, mh * mw);
+    const out = new Uint8ClampedArray(width * height);  // clamped, rounded half to even: np.rint
+    for (let y = 0; y < height; y++) {
+      const sy = mh === height ? y : Math.min(mh - 1, Math.floor((y + 0.5) * mh / height));
+      for (let x = 0; x < width; x++) {
+        const sx = mw === width ? x : Math.min(mw - 1, Math.floor((x + 0.5) * mw / width));
+        out[y * width + x] = values[sy * mw + sx] * 255;
       }
-      const decoder = new ImageDecoder({ data: await file.arrayBuffer(), type: file.type });
-      try {
-        const { image } = await decoder.decode({ frameIndex: frame });
-        const bitmap = await createImageBitmap(image);
-        image.close();
-        return { bitmap };
-      } finally {
-        decoder.close();
-      }
-    } catch {
-      return { reason: "a format the browser cannot display" };
     }
+    return out;
   }
 
-  function source(selection, index, frame) {
-    const key = `${index}:${frame}`;
-    if (!selection.sources.has(key)) selection.sources.set(key, decodeSource(selection.files[index], frame));
-    return selection.sources.get(key);
+  // The blend of service/imaging/colormaps.py, pixel for pixel:
+  //   a = alpha (uniform) or alpha * i / 255 (fade);  out = round((1 - a) * v + a * colour[i]).
+  function blendPixels(base, indices, table, alpha, fade, out) {
+    for (let p = 0, q = 0; p < indices.length; p++, q += 4) {
+      const i = indices[p];
+      const a = fade ? alpha * i / 255 : alpha;
+      const keep = 1 - a;
+      out[q] = keep * base[q] + a * table[3 * i];
+      out[q + 1] = keep * base[q + 1] + a * table[3 * i + 1];
+      out[q + 2] = keep * base[q + 2] + a * table[3 * i + 2];
+      out[q + 3] = 255;
+    }
   }
 
   async function prepare(result) {
-    const decoded = await source(state.shown, result.image.index, result.image.frame);
-    let bitmap = decoded.bitmap || null;
-    let reason = decoded.reason || "";
-    if (bitmap && (bitmap.width !== result.image.width || bitmap.height !== result.image.height)) {
-      reason = `the browser decoded ${bitmap.width}×${bitmap.height}, the service ${result.image.width}×${result.image.height}`;
-      bitmap = null;
-    }
-    const panels = await Promise.all(result.explanations.map(async (exp) => ({
-      exp,
-      heat: exp.heatmap_png ? await createImageBitmap(b64ToBlob(exp.heatmap_png, "image/png")) : null,
-      overlay: exp.overlay_png ? await createImageBitmap(b64ToBlob(exp.overlay_png, "image/png")) : null,
-    })));
-    const blend = Boolean(bitmap) && panels.every((p) => p.heat);
-    const first = panels[0] || {};
-    const size = blend ? bitmap : (first.overlay || first.heat || { width: result.image.width, height: result.image.height });
-    return {
-      result, bitmap: blend ? bitmap : null, reason, panels, width: size.width, height: size.height,
-      alpha: state.responseAlpha,
-    };
+    if (!result.image_png) throw new Error("the service sent no image for this result");
+    const bitmap = await createImageBitmap(new Blob([b64Bytes(result.image_png)], { type: "image/png" }));
+    const width = bitmap.width;
+    const height = bitmap.height;
+    const image = el("canvas", { width, height });
+    const ictx = image.getContext("2d", { willReadFrequently: true });
+    ictx.drawImage(bitmap, 0, 0);
+    const base = ictx.getImageData(0, 0, width, height).data;
+    const panels = result.explanations.map((exp) => {
+      const layer = el("canvas", { width, height });
+      return { exp, layer, indices: exp.mask ? maskIndices(exp.mask, width, height) : null, key: "" };
+    });
+    return { result, image, base, panels, width, height };
+  }
+
+  function blendPanel(entry, panel) {
+    const key = `${ui.colormap.value}|${state.opacity}|${ui.fade.checked}`;
+    if (panel.key === key || !panel.indices) return;
+    const ctx = panel.layer.getContext("2d");
+    const out = ctx.createImageData(entry.width, entry.height);
+    blendPixels(entry.base, panel.indices, state.tables[ui.colormap.value], state.opacity, ui.fade.checked, out.data);
+    ctx.putImageData(out, 0, 0);
+    panel.key = key;
+  }
+
+  function drawColorbar() {
+    const table = state.tables[ui.colormap.value];
+    if (!table) return;
+    const ctx = ui.colorbar.getContext("2d");
+    const row = ctx.createImageData(256, 1);
+    for (let i = 0; i < 256; i++) row.data.set([table[3 * i], table[3 * i + 1], table[3 * i + 2], 255], 4 * i);
+    ctx.putImageData(row, 0, 0);
+    ui.colorbar.dataset.colormap = ui.colormap.value;
+    ui.colorbar.setAttribute("aria-label",
+      `Colour bar of ${ui.colormap.value}: left end is 0, the lowest value of each map; right end is 1, its highest`);
   }
 
   // ---------------------------------------------------------------- showing a result
@@ -360,6 +656,7 @@
     state.current = index;
     const result = results[index];
     const run = state.run;
+    const response = state.response;
     if (!prepared.has(index)) prepared.set(index, prepare(result));
     let entry;
     try {
@@ -369,15 +666,18 @@
       showError(new Error(`The browser could not draw the maps of this image: ${err.message || err}`));
       return;
     }
-    if (run !== state.run || state.current !== index) return;
+    if (run !== state.run || state.current !== index || response !== state.response) return;
+    const sameImage = state.entry && state.entry.result.image.index === result.image.index &&
+      state.entry.result.image.frame === result.image.frame && state.entry.width === entry.width;
     state.entry = entry;
-    state.view = { zoom: 1, cx: 0.5, cy: 0.5 };
+    if (!sameImage) state.view = { zoom: 1, cx: 0.5, cy: 0.5 };
     ui.result.hidden = false;
     renderTitle(results, result);
     renderTimings();
+    renderWarnings(result);
+    renderWindow(result);
     renderPredictions(result);
     renderPanels(entry);
-    updateSlider(entry);
     updateZoomLabel();
   }
 
@@ -404,6 +704,29 @@
     items.push(["model", `${model.name} ${model.version}`]);
     ui.timings.replaceChildren(...items.map(([name, value]) =>
       el("div", {}, el("dt", { textContent: name }), el("dd", { textContent: value }))));
+  }
+
+  function renderWarnings(result) {
+    const warnings = result.warnings || [];
+    ui.warnings.hidden = !warnings.length;
+    ui.warnings.replaceChildren(...(warnings.length
+      ? [el("strong", { textContent: "Outside what the model knows" }),
+        ...warnings.map((w) => el("p", { textContent: w }))]
+      : []));
+  }
+
+  function windowText(image) {
+    const w = image.window;
+    if (!w) return "";
+    const unit = image.modality === "CT" ? " HU" : "";
+    const source = { request: "as chosen", file: "the file's own", range: "the image's full range of values" }[w.source] || "";
+    return `Window: centre ${+w.centre.toFixed(1)}${unit}, width ${+w.width.toFixed(1)}${unit}` + (source ? ` (${source})` : "");
+  }
+
+  function renderWindow(result) {
+    const text = windowText(result.image);
+    ui.windowInfo.hidden = !text;
+    ui.windowInfo.textContent = text;
   }
 
   const pct = (x) => `${(x * 100).toFixed(1)}%`;
@@ -436,46 +759,63 @@
     return method ? method.title : name;
   }
 
+  function actionButton(text, label, onClick) {
+    const button = el("button", { type: "button", className: "secondary", textContent: text });
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function viewCanvas(entry, label) {
+    const canvas = el("canvas", { tabIndex: 0 });
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-describedby", "view-help");
+    canvas.setAttribute("aria-label", label);
+    canvas.style.aspectRatio = `${entry.width} / ${entry.height}`;
+    canvas.style.maxHeight = "55vh";
+    attachViewControls(canvas);
+    return canvas;
+  }
+
   function renderPanels(entry) {
     const filename = entry.result.image.filename || "image";
-    ui.panels.replaceChildren(...entry.panels.map((panel, i) => {
+    const figures = [];
+    entry.views = [];
+    if (ui.showOriginal.checked) {
+      const original = { original: true, canvas: viewCanvas(entry, `${filename} as the service displayed it, without a map`) };
+      const figure = el("figure", { className: "panel original" },
+        el("figcaption", {}, el("span", { className: "title", textContent: "Original" }),
+          el("span", { className: "meta", textContent: "as the service displayed it (windowed), no map" })),
+        original.canvas);
+      figure.dataset.method = "original";
+      entry.views.push(original);
+      figures.push(figure);
+    }
+    entry.panels.forEach((panel, i) => {
       const { exp } = panel;
-      const canvas = el("canvas", { tabIndex: 0 });
-      canvas.setAttribute("role", "img");
-      canvas.setAttribute("aria-describedby", "view-help");
-      canvas.setAttribute("aria-label",
-        `${methodTitle(exp.method)} map for ${exp.label} (class ${exp.class_idx}) over ${filename}`);
-      canvas.style.aspectRatio = `${entry.width} / ${entry.height}`;
-      canvas.style.maxHeight = "55vh";
-      panel.canvas = canvas;
-      attachViewControls(canvas);
-      const download = el("button", { type: "button", className: "secondary", textContent: "Download overlay" });
-      download.setAttribute("aria-label", `Download the ${methodTitle(exp.method)} overlay for ${exp.label} as PNG`);
-      download.addEventListener("click", () => downloadOverlay(entry, panel));
+      const title = methodTitle(exp.method);
+      panel.canvas = viewCanvas(entry, `${title} map for ${exp.label} (class ${exp.class_idx}) over ${filename}`);
       const caption = el("figcaption", {},
-        el("span", { className: "title", textContent: methodTitle(exp.method) }),
+        el("span", { className: "title", textContent: title }),
         el("span", { className: "meta", textContent: `${exp.label} (${exp.class_idx}) · ${pct(exp.score)} · layer ${exp.target_layer}` }));
-      const figure = el("figure", { className: "panel" }, caption, canvas);
+      const figure = el("figure", { className: "panel" }, caption, panel.canvas);
       figure.dataset.method = exp.method;
       figure.dataset.classIdx = String(exp.class_idx);
       figure.dataset.index = String(i);
-      if (!entry.bitmap) {
-        const text = panel.overlay
-          ? `The browser cannot re-blend this image (${entry.reason}): this is the service's overlay at ` +
-            `${Math.round(entry.alpha * 100)}% opacity, and the opacity slider is off.`
-          : `The browser cannot show this image (${entry.reason}): only the map is drawn.`;
-        figure.append(el("p", { className: "note", textContent: text }));
-      }
-      figure.append(el("div", { className: "actions" }, download));
-      return figure;
-    }));
+      figure.append(el("div", { className: "actions" },
+        actionButton("Download report", `Download a report of the ${title} map for ${exp.label} as PNG`,
+          () => downloadReport(entry, panel)),
+        actionButton("Download overlay", `Download the ${title} overlay for ${exp.label} as PNG`,
+          () => downloadOverlay(entry, panel)),
+        actionButton("Download JSON", `Download the ${title} result and mask for ${exp.label} as JSON`,
+          () => downloadJson(entry, panel))));
+      entry.views.push(panel);
+      figures.push(figure);
+    });
+    ui.panels.replaceChildren(...figures);
     resizeObserver.disconnect();
-    for (const panel of entry.panels) resizeObserver.observe(panel.canvas);
+    for (const view of entry.views) resizeObserver.observe(view.canvas);
     drawAll();
-  }
-
-  function updateSlider(entry) {
-    ui.opacity.disabled = !entry.bitmap;
   }
 
   // ---------------------------------------------------------------- drawing
@@ -490,22 +830,18 @@
     return { cssW, cssH, fit, scale, tx, ty };
   }
 
-  function compose(ctx, entry, panel) {
-    if (entry.bitmap) {
-      ctx.drawImage(entry.bitmap, 0, 0, entry.width, entry.height);
-      ctx.globalAlpha = state.opacity;
-      ctx.drawImage(panel.heat, 0, 0, entry.width, entry.height);
-      ctx.globalAlpha = 1;
-    } else if (panel.overlay) {
-      ctx.drawImage(panel.overlay, 0, 0, entry.width, entry.height);
-    } else if (panel.heat) {
-      ctx.drawImage(panel.heat, 0, 0, entry.width, entry.height);
+  function compose(ctx, entry, view, width = entry.width, height = entry.height) {
+    if (view.original) {
+      ctx.drawImage(entry.image, 0, 0, width, height);
+      return;
     }
+    blendPanel(entry, view);
+    ctx.drawImage(view.indices ? view.layer : entry.image, 0, 0, width, height);
   }
 
-  function draw(panel) {
+  function draw(view) {
     const entry = state.entry;
-    const canvas = panel.canvas;
+    const canvas = view.canvas;
     if (!entry || !canvas || !canvas.isConnected) return;
     const dpr = window.devicePixelRatio || 1;
     const g = geometry(canvas, entry);
@@ -513,20 +849,21 @@
     const h = Math.max(1, Math.round(g.cssH * dpr));
     if (canvas.width !== w) canvas.width = w;
     if (canvas.height !== h) canvas.height = h;
-    const ctx = canvas.getContext("2d");
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.clearRect(0, 0, w, h);
     ctx.setTransform(g.scale * dpr, 0, 0, g.scale * dpr, g.tx * dpr, g.ty * dpr);
     // Zoomed in past 2 screen pixels per image pixel, show pixels as blocks: that is what
     // inspecting detail means. Fitted, a small image is smoothed like any picture.
     ctx.imageSmoothingEnabled = state.view.zoom === 1 || g.scale * dpr < 2;
-    compose(ctx, entry, panel);
-    canvas.dataset.opacity = entry.bitmap ? String(state.opacity) : "service";
+    compose(ctx, entry, view);
+    canvas.dataset.opacity = view.original ? "original" : String(state.opacity);
+    canvas.dataset.colormap = ui.colormap.value;
     canvas.dataset.drawn = String(Number(canvas.dataset.drawn || 0) + 1);
   }
 
   function drawAll() {
-    if (state.entry) for (const panel of state.entry.panels) draw(panel);
+    if (state.entry && state.entry.views) for (const view of state.entry.views) draw(view);
   }
 
   const resizeObserver = new ResizeObserver(() => drawAll());
@@ -614,31 +951,150 @@
     });
   }
 
-  // ---------------------------------------------------------------- download
+  // ---------------------------------------------------------------- export
 
-  function downloadOverlay(entry, panel) {
+  function stemOf(entry, panel, kind) {
     const { exp } = panel;
     const stem = (entry.result.image.filename || "image").replace(/\.[^.]+$/, "");
     const frame = entry.result.image.frame ? `_frame${entry.result.image.frame}` : "";
-    const name = `${stem}${frame}_${exp.method}_${exp.class_idx}_overlay.png`;
-    const save = (href) => {
-      const link = el("a", { href, download: name });
-      document.body.append(link);
-      link.click();
-      link.remove();
-    };
-    if (!entry.bitmap) {
-      save(`data:image/png;base64,${exp.overlay_png}`);
-      return;
-    }
-    // The blend as shown (current opacity), at the image's own size.
+    return `${stem}${frame}_${exp.method}_${exp.class_idx}_${kind}`;
+  }
+
+  function save(blob, name) {
+    const url = URL.createObjectURL(blob);
+    const link = el("a", { href: url, download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
+  function downloadOverlay(entry, panel) {
+    // The blend as shown (colour map, opacity, fade), at the displayed image's own size.
     const canvas = el("canvas", { width: entry.width, height: entry.height });
     compose(canvas.getContext("2d"), entry, panel);
-    canvas.toBlob((blob) => {
-      const url = URL.createObjectURL(blob);
-      save(url);
-      setTimeout(() => URL.revokeObjectURL(url), 10000);
-    }, "image/png");
+    canvas.toBlob((blob) => save(blob, `${stemOf(entry, panel, "overlay")}.png`), "image/png");
+  }
+
+  function viewSettings() {
+    return { colormap: ui.colormap.value, opacity: state.opacity, fade_low_values: ui.fade.checked };
+  }
+
+  function reportLines(entry, panel) {
+    const { exp } = panel;
+    const { model } = state.response;
+    const image = entry.result.image;
+    const view = viewSettings();
+    const lines = [
+      [`${methodTitle(exp.method)} (${exp.method}) · layer ${exp.target_layer}`, "bold"],
+      [`Class ${exp.label} (${exp.class_idx}) · score ${pct(exp.score)}`, "bold"],
+      [`Model ${model.name} · version ${model.version}`, ""],
+      [`Image ${image.filename || "unnamed"}${image.frame ? ` frame ${image.frame + 1}` : ""} · ${image.width}×${image.height}` +
+        (image.modality ? ` · ${image.modality}` : ""), ""],
+    ];
+    const w = windowText(image);
+    if (w) lines.push([w, ""]);
+    lines.push([`Colour map ${view.colormap} · opacity ${Math.round(view.opacity * 100)}%` +
+      (view.fade_low_values ? " · low values faded" : ""), ""]);
+    lines.push(["Each map is scaled to its own minimum (0) and maximum (1).", ""]);
+    for (const warning of entry.result.warnings || []) lines.push([`Warning: ${warning}`, "warn"]);
+    lines.push([`camserve · request ${state.response.request_id} · ${new Date().toISOString()}`, "small"]);
+    return lines;
+  }
+
+  function wrap(ctx, text, width) {
+    const words = text.split(" ");
+    const out = [];
+    let line = "";
+    for (const word of words) {
+      const next = line ? `${line} ${word}` : word;
+      if (line && ctx.measureText(next).width > width) { out.push(line); line = word; } else line = next;
+    }
+    if (line) out.push(line);
+    return out;
+  }
+
+  // A report: the overlay as shown, and below it a margin with the colour bar and what the map
+  // is (method, class and score, layer, model and version, window, warnings).
+  function reportCanvas(entry, panel) {
+    const longest = Math.max(entry.width, entry.height);
+    const scale = longest < REPORT_MIN_SIDE ? Math.ceil(REPORT_MIN_SIDE / longest) : 1;
+    const iw = entry.width * scale;
+    const ih = entry.height * scale;
+    const width = Math.max(iw, 720);
+    const pad = 16;
+    const font = "14px system-ui, sans-serif";
+    const measure = el("canvas", { width: 1, height: 1 }).getContext("2d");
+    measure.font = font;
+    const lines = reportLines(entry, panel).flatMap(([text, kind]) =>
+      wrap(measure, text, width - 2 * pad).map((part) => [part, kind]));
+    const margin = pad + 16 + 22 + 10 + lines.length * 20 + pad;
+    const canvas = el("canvas", { width, height: ih + margin });
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#15171a";
+    ctx.fillRect(0, 0, width, ih);
+    ctx.imageSmoothingEnabled = scale === 1;  // small images are enlarged as blocks, not blurred
+    compose(ctx, entry, panel, iw, ih);
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    // compose drew at the origin: move it to the centre when the report is wider.
+    if (width > iw) {
+      const copy = ctx.getImageData(0, 0, iw, ih);
+      ctx.fillStyle = "#15171a";
+      ctx.fillRect(0, 0, width, ih);
+      ctx.putImageData(copy, Math.floor((width - iw) / 2), 0);
+    }
+    ctx.fillStyle = "#ffffff";
+    ctx.fillRect(0, ih, width, margin);
+    let y = ih + pad;
+    const barWidth = width - 2 * pad;
+    const table = state.tables[ui.colormap.value];
+    for (let x = 0; x < barWidth; x++) {
+      const i = Math.round((x / (barWidth - 1)) * 255);
+      ctx.fillStyle = `rgb(${table[3 * i]}, ${table[3 * i + 1]}, ${table[3 * i + 2]})`;
+      ctx.fillRect(pad + x, y, 1, 16);
+    }
+    ctx.strokeStyle = "#5b6470";
+    ctx.strokeRect(pad - 0.5, y - 0.5, barWidth + 1, 17);
+    y += 16 + 16;
+    ctx.fillStyle = "#1b1f24";
+    ctx.font = font;
+    ctx.textBaseline = "alphabetic";
+    ctx.textAlign = "left";
+    ctx.fillText("0 · lowest value of this map", pad, y);
+    ctx.textAlign = "right";
+    ctx.fillText("1 · highest value of this map", width - pad, y);
+    ctx.textAlign = "left";
+    y += 10;
+    for (const [text, kind] of lines) {
+      y += 20;
+      ctx.font = kind === "bold" ? `bold ${font}` : kind === "small" ? "12px system-ui, sans-serif" : font;
+      ctx.fillStyle = kind === "warn" ? "#b71c1c" : kind === "small" ? "#5b6470" : "#1b1f24";
+      ctx.fillText(text, pad, y);
+    }
+    return canvas;
+  }
+
+  function downloadReport(entry, panel) {
+    reportCanvas(entry, panel).toBlob((blob) => save(blob, `${stemOf(entry, panel, "report")}.png`), "image/png");
+  }
+
+  function downloadJson(entry, panel) {
+    const { result } = entry;
+    const document_ = {
+      generated_by: "camserve review page",
+      created_at: new Date().toISOString(),
+      request_id: state.response.request_id,
+      model: state.response.model,
+      image: result.image,
+      warnings: result.warnings || [],
+      predictions: result.predictions,
+      // The map as the service sent it: base64 little-endian float32, row-major, in [0, 1].
+      explanation: panel.exp,
+      view: { ...viewSettings(), window: result.image.window || null,
+        note: "each map is scaled to its own minimum (0) and maximum (1)" },
+    };
+    const blob = new Blob([JSON.stringify(document_, null, 1)], { type: "application/json" });
+    save(blob, `${stemOf(entry, panel, "result")}.json`);
   }
 
   // ---------------------------------------------------------------- wiring
@@ -663,10 +1119,29 @@
   ui.opacity.addEventListener("input", () => {
     state.opacity = Number(ui.opacity.value) / 100;
     ui.opacityValue.textContent = `${ui.opacity.value}%`;
-    drawAll();  // no request: the blend is redone from the heatmaps already here
+    drawAll();  // no request: the blend is redone from the masks already here
   });
-
-  ui.colormap.addEventListener("change", () => { if (state.response) explain(); });
+  ui.fade.addEventListener("change", drawAll);
+  ui.colormap.addEventListener("change", () => { drawColorbar(); drawAll(); });
+  ui.showOriginal.addEventListener("change", () => { if (state.entry) renderPanels(state.entry); });
+  ui.windowPreset.addEventListener("change", () => {
+    const custom = ui.windowPreset.value === "custom";
+    ui.windowCustom.hidden = !custom;
+    if (custom) {
+      const w = state.entry && state.entry.result.image.window;
+      if (w && !ui.windowCentre.value) {
+        ui.windowCentre.value = String(+w.centre.toFixed(1));
+        ui.windowWidth.value = String(+w.width.toFixed(1));
+      }
+      ui.windowCentre.focus();
+    } else if (state.selection) {
+      explain();
+    }
+  });
+  ui.windowApply.addEventListener("click", () => explain());
+  [ui.windowCentre, ui.windowWidth].forEach((input) => input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); explain(); }
+  }));
   ui.model.addEventListener("change", async () => {
     ui.layer.value = "";
     await loadLayers();
