@@ -1,0 +1,347 @@
+"""The DICOM objects the service writes for a DICOM source: a Parametric Map and a Secondary
+Capture per (source file, method, class) and one TID 1500 Structured Report per source file.
+
+Every object joins the source's study (patient and study attributes copied, never invented),
+names the service in its equipment module (manufacturer ``camserve``, the service's version)
+and in Contributing Equipment, and references the source instance and frames. Class labels
+are coded in the local scheme :data:`LABEL_SCHEME` (code value: the class index, meaning: the
+label), as the README's "Radiology" section documents.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from service.radiology.geometry import frame_count, highdicom_view
+
+LABEL_SCHEME = "99CAMSERVE"
+MANUFACTURER = "camserve"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+_MULTIFRAME_TRUE_COLOUR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
+_LO = 64  # the longest a Long String (LO) value may be
+_NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+_IMAGING = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
+_SCORE = hd.sr.CodedConcept("CAMSCORE", LABEL_SCHEME, "Class probability")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who wrote the objects: the service and the model whose maps they hold."""
+
+    software_version: str
+    model_name: str
+    model_version: str
+
+    @property
+    def model(self) -> str:
+        return _fit(f"{self.model_name} {self.model_version}")
+
+
+@dataclass(frozen=True)
+class SourceMap:
+    """One (method, class) map over the frames of one source file that have it."""
+
+    method: str
+    layer: str
+    class_idx: int
+    label: str
+    frames: tuple[int, ...]  # 0-based frame indices in the source
+    scores: tuple[float, ...]  # the class's probability on each of those frames
+    maps: np.ndarray  # (len(frames), Rows, Columns) float32 in [0, 1]
+
+    def describe(self) -> str:
+        score = (f"{self.scores[0]:.3f}" if len(set(self.scores)) == 1
+                 else f"{min(self.scores):.3f}-{max(self.scores):.3f}")
+        return f"{self.method} {self.layer} class {self.class_idx} {self.label} score {score}"
+
+
+@dataclass
+class SeriesPlan:
+    """One new series per kind of object and study in a request; numbers count up within it."""
+
+    kind: str
+    description: str
+    number: int
+    uids: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def next(self, study_uid: str) -> tuple[str, int]:
+        uid = self.uids.setdefault(study_uid, str(hd.UID()))
+        self.counts[study_uid] = self.counts.get(study_uid, 0) + 1
+        return uid, self.counts[study_uid]
+
+
+def label_code(class_idx: int, label: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(str(class_idx), LABEL_SCHEME, _fit(label) or str(class_idx))
+
+
+def _fit(text: str, size: int = _LO) -> str:
+    text = " ".join(text.replace("\\", "/").split())
+    return text if len(text) <= size else text[: size - 1].rstrip() + "~"
+
+
+def _equipment(identity: Identity) -> list[hd.ContributingEquipment]:
+    return [hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=identity.model,
+        software_versions=identity.software_version,
+        contribution_description=_fit(f"class activation maps of {identity.model}"),
+    )]
+
+
+def _laterality(obj: Dataset, source: Dataset) -> None:
+    # General Series: Laterality is type 2C (present, empty when unknown); copied when known.
+    if "Laterality" not in obj:
+        obj.Laterality = source.get("Laterality") or None
+
+
+def parametric_map(
+    source: Dataset, smap: SourceMap, identity: Identity, series: SeriesPlan
+) -> hd.pm.ParametricMap:
+    """A float32 Parametric Map at the source's own rows and columns, one frame per source frame
+    that has the map, labelled HEATMAP, values "Class Activation" with no units."""
+    view = highdicom_view(source)
+    maps = np.ascontiguousarray(smap.maps, dtype=np.float32)
+    whole = len(smap.frames) == frame_count(source)
+    positions = None
+    if not whole:
+        # Only some frames have this class (top-1 per frame): place each on its own frame.
+        groups = view.PerFrameFunctionalGroupsSequence
+        positions = [hd.PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT,
+            groups[i].PlanePositionSequence[0].ImagePositionPatient) for i in smap.frames]
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="Class Activation",
+        lut_explanation=_fit(f"class activation of {identity.model_name} for {smap.label}"),
+        value_range=(0.0, 1.0),
+        quantity_definition=codes.DCM.ClassActivation,
+        unit=codes.UCUM.NoUnits,
+    )
+    series_uid, number = series.next(str(source.StudyInstanceUID))
+    pm = hd.pm.ParametricMap(
+        source_images=[view],
+        pixel_array=maps[0] if frame_count(source) == 1 else maps,
+        series_instance_uid=series_uid,
+        series_number=series.number,
+        sop_instance_uid=str(hd.UID()),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=identity.model,
+        software_versions=identity.software_version,
+        device_serial_number=identity.software_version,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        content_label="HEATMAP",
+        content_description=_fit(f"{smap.describe()} {identity.model}"),
+        plane_positions=positions,
+        pixel_measures=None if whole else hd.PixelMeasuresSequence.from_sequence(
+            view.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence),
+        contributing_equipment=_equipment(identity),
+        series_description=series.description,
+    )
+    _laterality(pm, source)
+    if not whole:
+        _reference_frames(pm, source, smap.frames)
+    return pm
+
+
+def _reference_frames(pm: Dataset, source: Dataset, frames: Sequence[int]) -> None:
+    """Explicit plane positions lose highdicom's per-frame derivation links: state them."""
+    for group, frame in zip(pm.PerFrameFunctionalGroupsSequence, frames, strict=True):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = source.SOPClassUID
+        ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ref.ReferencedFrameNumber = frame + 1
+        ref.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(codes.DCM.UnspecifiedMethodOfCalculation)]
+        derivation.SourceImageSequence = [ref]
+        group.DerivationImageSequence = [derivation]
+
+
+def secondary_capture(
+    source: Dataset, smap: SourceMap, rgb: np.ndarray, identity: Identity, series: SeriesPlan
+) -> Dataset:
+    """The overlay burned in as RGB at the source's size (``rgb``: (frames, Rows, Columns, 3)
+    uint8), BurnedInAnnotation YES; a multi-frame source gives a Multi-frame True Color SC."""
+    series_uid, number = series.next(str(source.StudyInstanceUID))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=np.ascontiguousarray(rgb[0]),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=series.number,
+        sop_instance_uid=str(hd.UID()),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=_equipment(identity),
+        series_description=series.description,
+        patient_orientation=_patient_orientation(source),
+    )
+    _laterality(sc, source)
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ManufacturerModelName = identity.model
+    sc.SoftwareVersions = identity.software_version
+    sc.DerivationDescription = _fit(f"{smap.describe()} overlay, {identity.model}", 1024)
+    if "FrameOfReferenceUID" in source:
+        sc.FrameOfReferenceUID = source.FrameOfReferenceUID
+    multi = frame_count(source) > 1
+    refs = []
+    for frame in smap.frames if multi else (0,):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = source.SOPClassUID
+        ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if multi:
+            ref.ReferencedFrameNumber = frame + 1
+        refs.append(ref)
+    sc.SourceImageSequence = refs
+    if multi:
+        sc.SOPClassUID = _MULTIFRAME_TRUE_COLOUR_SC
+        sc.file_meta.MediaStorageSOPClassUID = _MULTIFRAME_TRUE_COLOUR_SC
+        sc.NumberOfFrames = len(smap.frames)
+        sc.FrameIncrementPointer = 0x00182002  # Frame Label Vector
+        sc.FrameLabelVector = [f"frame {frame + 1}" for frame in smap.frames]
+        sc.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    return sc
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str]:
+    """The source's Patient Orientation, else its row and column directions as letters."""
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2:
+        return str(value[0]), str(value[1])
+    cosines = source.get("ImageOrientationPatient")
+    if cosines is None and "SharedFunctionalGroupsSequence" in source:
+        plane = source.SharedFunctionalGroupsSequence[0].get("PlaneOrientationSequence")
+        cosines = plane[0].ImageOrientationPatient if plane else None
+    if cosines is None or len(cosines) != 6:
+        return "", ""  # unknown: the attribute is type 2C, present and empty
+    values = [float(v) for v in cosines]
+    return _letters(values[:3]), _letters(values[3:])
+
+
+def _letters(direction: Sequence[float]) -> str:
+    # DICOM's patient axes: +x to the patient's left, +y posterior, +z head.
+    names = (("R", "L"), ("A", "P"), ("F", "H"))
+    order = sorted(range(3), key=lambda axis: -abs(direction[axis]))
+    return "".join(names[axis][direction[axis] > 0] for axis in order if abs(direction[axis]) > 1e-3)
+
+
+@dataclass(frozen=True)
+class FramePredictions:
+    frame: int  # 0-based
+    predictions: tuple[tuple[int, str, float], ...]  # (class index, label, probability), best first
+
+
+def structured_report(
+    source: Dataset,
+    predictions: Sequence[FramePredictions],
+    maps: Sequence[tuple[SourceMap, Dataset | None]],
+    identity: Identity,
+    series: SeriesPlan,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 measurement report on one source file: per frame, the predicted classes with
+    their probabilities; per map, its method and layer, its class and score, and a reference to
+    its parametric map (when one was written); the algorithm's identity throughout."""
+    multi = frame_count(source) > 1
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=str(hd.UID()), name=MANUFACTURER, manufacturer_name=MANUFACTURER,
+            model_name=identity.model,
+        ),
+    )
+    context = hd.sr.ObservationContext(observer_device_context=device)
+
+    def images(frames: Sequence[int]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+        return [hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            referenced_frame_numbers=[f + 1 for f in frames] if multi else None,
+        )]
+
+    def algorithm(parameters: Sequence[str]) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(
+            name=_fit(f"camserve {identity.model_name}"), version=_fit(
+                f"{identity.software_version} model {identity.model_version}"),
+            parameters=[_fit(p) for p in parameters], manufacturer=MANUFACTURER,
+        )
+
+    groups = []
+    for frame in predictions:
+        measurements = [hd.sr.Measurement(
+            name=label_code(idx, label), value=round(score, 6), unit=_NO_UNITS,
+            algorithm_id=algorithm([f"model {identity.model}", f"rank {rank}"]),
+        ) for rank, (idx, label, score) in enumerate(frame.predictions, start=1)]
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=str(hd.UID()), identifier=_fit(f"predictions frame {frame.frame + 1}")),
+            finding_type=codes.DCM.Finding,
+            measurements=measurements,
+            source_images=images([frame.frame]),
+            algorithm_id=algorithm([f"model {identity.model}", "top-k classification"]),
+        ))
+    for smap, pm in maps:
+        params = [f"method {smap.method}", f"layer {smap.layer}", f"model {identity.model}"]
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=str(hd.UID()), identifier=_fit(f"{smap.method} map class {smap.class_idx}")),
+            finding_type=label_code(smap.class_idx, smap.label),
+            measurements=[hd.sr.Measurement(
+                name=_SCORE, value=round(max(smap.scores), 6), unit=_NO_UNITS,
+                algorithm_id=algorithm(params),
+            )],
+            # The parametric map is referenced as an image: TID 1500's "real world value map"
+            # names RWV Mapping objects, which a parametric map is not.
+            source_images=images(smap.frames) + ([hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=pm.SOPClassUID,
+                referenced_sop_instance_uid=pm.SOPInstanceUID,
+                referenced_frame_numbers=list(range(1, len(smap.frames) + 1)) if multi else None,
+            )] if pm is not None else []),
+            algorithm_id=algorithm(params),
+        ))
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=_IMAGING,
+        imaging_measurements=groups,
+        referenced_images=None,
+    )
+    series_uid, number = series.next(str(source.StudyInstanceUID))
+    evidence = [source] + [pm for _, pm in maps if pm is not None]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series.number,
+        sop_instance_uid=str(hd.UID()),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        series_description=series.description,
+    )
+    sr.SoftwareVersions = identity.software_version
+    sr.ManufacturerModelName = identity.model
+    sr.ContributingEquipmentSequence = _equipment(identity)
+    return sr
+
+
+def part10(ds: Dataset) -> bytes:
+    """The object as a DICOM Part 10 file (preamble, file meta, data set)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
