@@ -18,7 +18,8 @@ from service.errors import BadRequest, InvalidOption, NotFound, choices
 from service.imaging.colormaps import available_colormaps, is_colormap
 from service.models.catalog import ModelInfo
 
-OUTPUT_KINDS = ("mask", "overlay", "heatmap")
+OUTPUT_KINDS = ("mask", "overlay", "heatmap", "dicom_pm", "dicom_sc", "dicom_sr")
+DICOM_OUTPUTS = frozenset({"dicom_pm", "dicom_sc", "dicom_sr"})  # DICOM inputs only
 MAX_CLASSES_PER_REQUEST = 20
 
 
@@ -56,7 +57,8 @@ class ExplainForm(PredictForm):
         "the top-1 class when omitted", examples=["285"],
     )
     outputs: str = Field(
-        "mask,overlay", description="subset of mask, overlay, heatmap (comma-separated)",
+        "mask,overlay", description="subset of mask, overlay, heatmap (comma-separated); for "
+        "DICOM inputs also dicom_pm, dicom_sc, dicom_sr (the top-level `dicom` list)",
         examples=["mask,overlay"],
     )
     mask_size: Literal["input", "original", "feature"] = Field(

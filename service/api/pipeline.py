@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Response
 from starlette.concurrency import run_in_threadpool
 
+from service.api import dicom_results
 from service.api.options import ExplainPlan
 from service.api.render import Upload, check_response_size, dumps, original_mask_size
 from service.config import Settings
@@ -141,7 +142,9 @@ def explain_items(
             layers=plan.layers,
             classes=plan.classes,
             mask_size=mask_size,
-            display_size=(shown[1], shown[0]) if wants_display else None,
+            # DICOM objects need the map at the source's own size, uncapped (dicom_results).
+            display_size=dicom_results.map_size(plan, upload) or (
+                (shown[1], shown[0]) if wants_display else None),
             eigen_smooth=plan.form.eigen_smooth,
             aug_smooth=plan.form.aug_smooth,
             method_params=plan.method_params,

@@ -84,7 +84,10 @@ def _result_bytes(plan: ExplainPlan, upload: Upload, settings: Settings) -> int:
         if output in plan.outputs:
             per_map += _base64(_png_bound(shown_w, shown_h, channels))
     maps = len(plan.methods) * len(plan.classes or (0,))
-    return _PER_RESULT + plan.form.topk * _PER_PREDICTION + maps * per_map
+    from service.api import dicom_results  # it imports Upload from here
+
+    dicom = dicom_results.response_bytes(plan, upload, maps)
+    return _PER_RESULT + plan.form.topk * _PER_PREDICTION + maps * per_map + dicom
 
 
 def _png_bound(width: int, height: int, channels: int) -> int:

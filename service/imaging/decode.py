@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -72,6 +73,9 @@ class Frame:
     source_mode: str  # mode before conversion, e.g. "I;16", "P" or "MONOCHROME1"
     width: int = 0  # 0: the image's own
     height: int = 0
+    # A DICOM frame's file metadata (a pydicom Dataset without its pixel data, shared by the
+    # file's frames), for writers that copy its attributes (service.radiology); else None.
+    dataset: Any = None
 
     def __post_init__(self) -> None:
         if not self.width or not self.height:

@@ -64,17 +64,31 @@ def decode_dicom(
         raise UnsupportedMedia(
             f"{label} has photometric interpretation {photometric or 'none'!r}, which is not supported"
         )
+    metadata = _metadata(ds)
     try:
         for index, pixels in enumerate(iter_pixels(ds)):
             limits.check_deadline(f"{label} frame {index}")
             image = _to_rgb(pixels, ds, photometric, index)
-            yield Frame(image=image, frame=index, source_mode=photometric)
+            yield Frame(image=image, frame=index, source_mode=photometric, dataset=metadata)
     except ServiceError:
         raise
     except Exception as exc:
         raise UnsupportedMedia(
             f"{label} could not be decoded with transfer syntax {_name(syntax)}: {_first_line(exc)}"
         ) from exc
+
+
+def _metadata(ds: Dataset) -> Dataset:
+    """The data set without its pixels: what result writers copy, small enough to keep."""
+    metadata = Dataset()
+    pixels = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float Pixel Data
+    for element in ds:  # elements shared with ds (not copied); the pixel data left out
+        if element.tag not in pixels:
+            metadata.add(element)
+    metadata.file_meta = ds.file_meta
+    implicit, little = ds.original_encoding
+    metadata.set_original_encoding(implicit, little, ds.original_character_set)
+    return metadata
 
 
 def _first_line(exc: BaseException) -> str:

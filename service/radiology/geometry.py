@@ -48,8 +48,11 @@ def highdicom_view(ds: Dataset) -> Dataset:
     """The metadata itself, or for a legacy multi-frame file a copy with functional groups."""
     if frame_count(ds) == 1 or _enhanced(ds) or placement_problem(ds) is not None:
         return ds
-    view = Dataset(ds)  # shallow: the elements are shared, the additions are the copy's own
-    view.file_meta = ds.file_meta if hasattr(ds, "file_meta") else Dataset()
+    view = Dataset()
+    for element in ds:  # elements shared with ds; the functional groups are the view's own
+        view.add(element)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
     orientation = [float(v) for v in ds.ImageOrientationPatient]
     origin = np.array([float(v) for v in ds.ImagePositionPatient])
     normal = np.cross(orientation[:3], orientation[3:])

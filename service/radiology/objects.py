@@ -18,7 +18,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from service.radiology.geometry import frame_count, highdicom_view
 
@@ -162,9 +162,11 @@ def _reference_frames(pm: Dataset, source: Dataset, frames: Sequence[int]) -> No
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
         ref.ReferencedFrameNumber = frame + 1
-        ref.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
+        ref.PurposeOfReferenceCodeSequence = [
+            hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
         derivation = Dataset()
-        derivation.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(codes.DCM.UnspecifiedMethodOfCalculation)]
+        derivation.DerivationCodeSequence = [
+            hd.sr.CodedConcept.from_code(codes.DCM.UnspecifiedMethodOfCalculation)]
         derivation.SourceImageSequence = [ref]
         group.DerivationImageSequence = [derivation]
 
@@ -211,7 +213,7 @@ def secondary_capture(
     sc.SourceImageSequence = refs
     if multi:
         sc.SOPClassUID = _MULTIFRAME_TRUE_COLOUR_SC
-        sc.file_meta.MediaStorageSOPClassUID = _MULTIFRAME_TRUE_COLOUR_SC
+        sc.file_meta.MediaStorageSOPClassUID = UID(_MULTIFRAME_TRUE_COLOUR_SC)
         sc.NumberOfFrames = len(smap.frames)
         sc.FrameIncrementPointer = 0x00182002  # Frame Label Vector
         sc.FrameLabelVector = [f"frame {frame + 1}" for frame in smap.frames]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.api import pipeline
+from service.api import dicom_results, pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.options import ExplainForm, ExplainPlan, PredictForm, plan_explain, resolve_model
@@ -18,6 +19,7 @@ from service.api.render import Upload, explain_results, model_ref, predict_resul
 from service.api.schemas import ExplainResponse, PredictResponse
 from service.config import Settings
 from service.engine.jobs import ItemResult, WorkItem
+from service.errors import InvalidOption
 
 if TYPE_CHECKING:
     from service.engine.engine import Engine
@@ -25,6 +27,11 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["inference"])
 
 TIMEOUT_DESCRIPTION = "deadline in seconds for this request (default: the server's)"
+
+ACCEPT_DESCRIPTION = (
+    'application/json (default), or multipart/related; type="application/dicom" for the DICOM '
+    "outputs alone as DICOMweb's multipart body"
+)
 
 Timeout = Annotated[
     str | None, Header(alias="X-Request-Timeout", description=TIMEOUT_DESCRIPTION, examples=["30"])
@@ -80,10 +87,19 @@ async def explain(
     settings: SettingsDep,
     form: Annotated[ExplainForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
+    accept: Annotated[str | None, Header(description=ACCEPT_DESCRIPTION)] = None,
 ) -> Response:
     deadline = pipeline.deadline_from(x_request_timeout, settings)
+    multipart = dicom_results.accepts_multipart(accept)
     prepared = await prepare_explain(form, engine, settings, deadline)
+    if multipart and not dicom_results.wanted(prepared.plan):
+        raise InvalidOption(
+            f"Accept: {dicom_results.MULTIPART_TYPE} answers DICOM objects: ask for outputs "
+            "dicom_pm, dicom_sc or dicom_sr"
+        )
     results = await engine.submit(prepared.items)
+    if multipart:
+        return await finish_dicom_multipart(prepared, results)
     payload, stages = await finish_explain(prepared, results, request_id_of(request), settings)
     return pipeline.json_response(payload, stages)
 
@@ -111,6 +127,7 @@ async def prepare_explain(
         await _read(form.file), settings, plan.model, deadline=deadline, admit=engine.admit
     )
     decode_ms = (time.perf_counter() - decode_started) * 1000
+    dicom_results.check(plan, uploads)  # a DICOM output of a file that cannot have it: 422 now
     items = pipeline.explain_items(plan, uploads, settings, deadline)
     return PreparedExplain(plan, uploads, items, started, decode_ms)
 
@@ -120,11 +137,32 @@ async def finish_explain(
 ) -> tuple[bytes, dict[str, float]]:
     """The ``POST /explain`` response body as JSON bytes, and its Server-Timing stages."""
     encode_started = time.perf_counter()
-    rendered = await run_in_threadpool(
-        explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level
-    )
-    body = {"request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered}
+    rendered, dicom = await run_in_threadpool(_render, prepared, results, settings)
+    body: dict[str, Any] = {
+        "request_id": request_id, "model": model_ref(prepared.plan.model), "results": rendered
+    }
+    if dicom_results.wanted(prepared.plan):
+        body["dicom"] = dicom_results.json_entries(dicom)
     return await pipeline.serialize(body, results, prepared.started, encode_started, prepared.decode_ms)
+
+
+def _render(
+    prepared: PreparedExplain, results: Sequence[ItemResult], settings: Settings
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], bytes]]]:
+    rendered = explain_results(prepared.plan, prepared.uploads, results, settings.png_compress_level)
+    return rendered, dicom_results.build(prepared.plan, prepared.uploads, results)
+
+
+async def finish_dicom_multipart(
+    prepared: PreparedExplain, results: Sequence[ItemResult]
+) -> Response:
+    """The DICOM objects alone as DICOMweb's multipart/related body (STOW-RS ready)."""
+    objects = await run_in_threadpool(dicom_results.build, prepared.plan, prepared.uploads, results)
+    boundary = uuid.uuid4().hex
+    return Response(
+        dicom_results.multipart(objects, boundary),
+        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
 
 
 async def _read(parts: Sequence[UploadFile]) -> list[pipeline.Source]:
