@@ -79,6 +79,15 @@ class SeriesPlan:
         return uid, self.counts[study_uid]
 
 
+_SINGLE_FRAME_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # SC Image: frames cannot be referenced
+
+
+def _references_frames(source: Dataset) -> bool:
+    """Whether references to the source name frame numbers: a multi-frame file of a SOP class
+    that has frames (some writers put two frames in a single-frame Secondary Capture)."""
+    return frame_count(source) > 1 and str(source.SOPClassUID) not in _SINGLE_FRAME_CLASSES
+
+
 def label_code(class_idx: int, label: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(str(class_idx), LABEL_SCHEME, _fit(label) or str(class_idx))
 
@@ -177,6 +186,7 @@ def secondary_capture(
     """The overlay burned in as RGB at the source's size (``rgb``: (frames, Rows, Columns, 3)
     uint8), BurnedInAnnotation YES; a multi-frame source gives a Multi-frame True Color SC."""
     series_uid, number = series.next(str(source.StudyInstanceUID))
+    orientation = _patient_orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=np.ascontiguousarray(rgb[0]),
@@ -191,8 +201,12 @@ def secondary_capture(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=_equipment(identity),
         series_description=series.description,
-        patient_orientation=_patient_orientation(source),
+        # highdicom wants letters; an unknown orientation is stated empty (type 2C) below.
+        patient_orientation=orientation if all(orientation) else ("L", "P"),
     )
+    if not all(orientation):
+        del sc.PatientOrientation
+        sc.add_new("PatientOrientation", "CS", None)
     _laterality(sc, source)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
@@ -203,11 +217,11 @@ def secondary_capture(
         sc.FrameOfReferenceUID = source.FrameOfReferenceUID
     multi = frame_count(source) > 1
     refs = []
-    for frame in smap.frames if multi else (0,):
+    for frame in smap.frames if _references_frames(source) else (0,):
         ref = Dataset()
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        if multi:
+        if _references_frames(source):
             ref.ReferencedFrameNumber = frame + 1
         refs.append(ref)
     sc.SourceImageSequence = refs
@@ -259,7 +273,7 @@ def structured_report(
     """A TID 1500 measurement report on one source file: per frame, the predicted classes with
     their probabilities; per map, its method and layer, its class and score, and a reference to
     its parametric map (when one was written); the algorithm's identity throughout."""
-    multi = frame_count(source) > 1
+    multi = _references_frames(source)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -312,7 +326,8 @@ def structured_report(
             source_images=images(smap.frames) + ([hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=pm.SOPClassUID,
                 referenced_sop_instance_uid=pm.SOPInstanceUID,
-                referenced_frame_numbers=list(range(1, len(smap.frames) + 1)) if multi else None,
+                referenced_frame_numbers=(list(range(1, len(smap.frames) + 1))
+                                          if frame_count(source) > 1 else None),
             )] if pm is not None else []),
             algorithm_id=algorithm(params),
         ))
