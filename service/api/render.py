@@ -134,8 +134,11 @@ def predict_results(
 
 
 def explain_results(
-    plan: ExplainPlan, uploads: Sequence[Upload], results: Sequence[ItemResult], compress_level: int
+    plan: ExplainPlan, uploads: Sequence[Upload], results: Sequence[ItemResult], compress_level: int,
+    overlay_max_side: int | None = None,
 ) -> list[dict[str, Any]]:
+    """``overlay_max_side``: the PNGs' cap, which their maps exceed only when DICOM outputs asked
+    the engine for the map at the source's own size (service.api.dicom_results.map_size)."""
     out = []
     for upload, result in zip(uploads, results, strict=True):
         display = None
@@ -143,6 +146,8 @@ def explain_results(
             shown = result.explanations[0].display
             assert shown is not None
             height, width = shown.shape
+            if overlay_max_side and max(width, height) > overlay_max_side:
+                width, height = encode.display_size(width, height, overlay_max_side)
             image = upload.frame.image
             display = image if image.size == (width, height) else image.resize(
                 (width, height), Image.Resampling.BILINEAR
@@ -156,6 +161,15 @@ def explain_results(
             ],
         })
     return out
+
+
+def _fit_map(values: np.ndarray, image: Image.Image) -> np.ndarray:
+    """The map at the image's size (bilinear), when it was computed larger for a DICOM output."""
+    if values.shape == (image.height, image.width):
+        return values
+    resized = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32)).resize(
+        image.size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def _explanation(
@@ -187,10 +201,11 @@ def _explanation(
                       if form.mask_size == "original" else None),
         }
     if display is not None and item.display is not None:
+        shown = _fit_map(item.display, display)
         if "overlay" in plan.outputs:
-            blended = encode.overlay(display, item.display, form.colormap, form.alpha)
+            blended = encode.overlay(display, shown, form.colormap, form.alpha)
             body["overlay_png"] = encode.png_base64(blended, compress_level)
         if "heatmap" in plan.outputs:
-            rgba = encode.heatmap_rgba(item.display, form.colormap)
+            rgba = encode.heatmap_rgba(shown, form.colormap)
             body["heatmap_png"] = encode.png_base64(rgba, compress_level)
     return body

@@ -160,13 +160,18 @@ def parametric_map(
     )
     _laterality(pm, source)
     if not whole:
-        _reference_frames(pm, source, smap.frames)
+        _reference_frames(pm, view, source, smap.frames)
     return pm
 
 
-def _reference_frames(pm: Dataset, source: Dataset, frames: Sequence[int]) -> None:
-    """Explicit plane positions lose highdicom's per-frame derivation links: state them."""
-    for group, frame in zip(pm.PerFrameFunctionalGroupsSequence, frames, strict=True):
+def _reference_frames(pm: Dataset, view: Dataset, source: Dataset, frames: Sequence[int]) -> None:
+    """Explicit plane positions lose highdicom's per-frame derivation links: state them. highdicom
+    orders the frames by position, so each is matched to its source frame by its position."""
+    groups = view.PerFrameFunctionalGroupsSequence
+    by_position = {_position_key(groups[i].PlanePositionSequence[0].ImagePositionPatient): i
+                   for i in frames}
+    for group in pm.PerFrameFunctionalGroupsSequence:
+        frame = by_position[_position_key(group.PlanePositionSequence[0].ImagePositionPatient)]
         ref = Dataset()
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -178,6 +183,10 @@ def _reference_frames(pm: Dataset, source: Dataset, frames: Sequence[int]) -> No
             hd.sr.CodedConcept.from_code(codes.DCM.UnspecifiedMethodOfCalculation)]
         derivation.SourceImageSequence = [ref]
         group.DerivationImageSequence = [derivation]
+
+
+def _position_key(position: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(float(v), 3) for v in position)
 
 
 def secondary_capture(

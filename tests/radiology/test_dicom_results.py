@@ -315,3 +315,39 @@ def test_a_job_answers_the_same_dicom_outputs(client: TestClient) -> None:
     refused = client.post("/jobs", files={"file": ("cat.png", b"\x89PNG\r\n\x1a\n", "image/png")},
                           data={"outputs": "dicom_sr"})
     assert refused.status_code in (415, 422)
+
+
+def test_a_source_over_the_caps_gets_its_map_at_its_own_size() -> None:
+    """CT_small is 128 pixels a side: with both caps at 64 the JSON mask and overlay are capped,
+    the parametric map and the burned-in overlay are not."""
+    from PIL import Image
+
+    from service.config import Settings
+    from service.main import create_app
+    from tests.conftest import ready_client
+
+    app = create_app(Settings(warmup=False, overlay_max_side=64, mask_max_side=64))
+    for small in ready_client(app):
+        body = explain(small, "ct.dcm", dicom_samples.bundled("CT_small.dcm"),
+                       outputs="mask,overlay,dicom_pm,dicom_sc")
+        explanation = body["results"][0]["explanations"][0]
+        assert explanation["mask"]["shape"] == [64, 64] and explanation["mask"]["scale"] == 0.5
+        overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"])))
+        assert overlay.size == (64, 64)
+        [(_, pm)] = objects(body, PM)
+        [(_, sc)] = objects(body, SC)
+        assert (pm.Rows, pm.Columns) == (sc.Rows, sc.Columns) == (128, 128)
+        pixels = np.asarray(pm.pixel_array, np.float32)
+        assert pixels.min() == 0.0 and pixels.max() == 1.0
+        # The capped mask is the same map at half the size: they agree where they overlap.
+        halved = pixels.reshape(64, 2, 64, 2).mean(axis=(1, 3))
+        assert np.abs(halved - mask_of(explanation)).mean() < 0.02
+        for entry in body["dicom"]:
+            assert dciodvfy_errors(base64.b64decode(entry["data"])) == []
+
+
+def test_kserve_refuses_dicom_outputs(client: TestClient) -> None:
+    instance = {"image": {"b64": base64.b64encode(dicom_samples.bundled("CT_small.dcm")).decode()}}
+    response = client.post("/v1/models/mobilenet_v2:explain",
+                           json={"instances": [instance], "parameters": {"outputs": "dicom_pm"}})
+    assert response.status_code == 422 and "POST /explain" in response.json()["error"]["message"]

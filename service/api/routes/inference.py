@@ -149,7 +149,8 @@ async def finish_explain(
 def _render(
     prepared: PreparedExplain, results: Sequence[ItemResult], settings: Settings
 ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], bytes]]]:
-    rendered = explain_results(prepared.plan, prepared.uploads, results, settings.png_compress_level)
+    rendered = explain_results(prepared.plan, prepared.uploads, results, settings.png_compress_level,
+                               settings.overlay_max_side)
     return rendered, dicom_results.build(prepared.plan, prepared.uploads, results)
 
 
