@@ -113,6 +113,20 @@ def _laterality(obj: Dataset, source: Dataset) -> None:
         obj.Laterality = source.get("Laterality") or None
 
 
+_DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod",
+                     "DeidentificationMethodCodeSequence")
+
+
+def _deidentification(obj: Dataset, source: Dataset) -> None:
+    """A de-identified source's results say so too, and how (type 1C once identity is removed)."""
+    for keyword in _DEIDENTIFICATION:
+        if keyword in source and keyword not in obj:
+            obj[keyword] = source[keyword]
+    removed = str(obj.get("PatientIdentityRemoved", "")).upper() == "YES"
+    if removed and not ({"DeidentificationMethod", "DeidentificationMethodCodeSequence"} & set(obj.dir())):
+        obj.DeidentificationMethod = "not stated by the source"
+
+
 def parametric_map(
     source: Dataset, smap: SourceMap, identity: Identity, series: SeriesPlan
 ) -> hd.pm.ParametricMap:
@@ -159,6 +173,7 @@ def parametric_map(
         series_description=series.description,
     )
     _laterality(pm, source)
+    _deidentification(pm, source)
     if not whole:
         _reference_frames(pm, view, source, smap.frames)
     return pm
@@ -217,6 +232,7 @@ def secondary_capture(
         del sc.PatientOrientation
         sc.add_new("PatientOrientation", "CS", None)
     _laterality(sc, source)
+    _deidentification(sc, source)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ManufacturerModelName = identity.model
@@ -238,8 +254,9 @@ def secondary_capture(
         sc.SOPClassUID = _MULTIFRAME_TRUE_COLOUR_SC
         sc.file_meta.MediaStorageSOPClassUID = UID(_MULTIFRAME_TRUE_COLOUR_SC)
         sc.NumberOfFrames = len(smap.frames)
-        sc.FrameIncrementPointer = 0x00182002  # Frame Label Vector
-        sc.FrameLabelVector = [f"frame {frame + 1}" for frame in smap.frames]
+        if len(smap.frames) > 1:  # type 1C: only when there is more than one frame
+            sc.FrameIncrementPointer = 0x00182002  # Frame Label Vector
+            sc.FrameLabelVector = [f"frame {frame + 1}" for frame in smap.frames]
         sc.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
     return sc
 
@@ -363,6 +380,7 @@ def structured_report(
     sr.SoftwareVersions = identity.software_version
     sr.ManufacturerModelName = identity.model
     sr.ContributingEquipmentSequence = _equipment(identity)
+    _deidentification(sr, source)
     return sr
 
 

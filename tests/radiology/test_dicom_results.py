@@ -4,6 +4,7 @@ with pydicom and highdicom, its pixels, geometry and references checked against 
 from __future__ import annotations
 
 import base64
+import copy
 import email.parser
 import email.policy
 import io
@@ -40,7 +41,44 @@ def monochrome1_16bit() -> bytes:
     return buffer.getvalue()
 
 
+def enhanced_ct() -> bytes:
+    """Three CT_small slices 5 mm apart as one Legacy Converted Enhanced CT (functional groups)."""
+    base = pydicom.dcmread(io.BytesIO(dicom_samples.bundled("CT_small.dcm")))
+    series, slices = generate_uid(), []
+    for index in range(3):
+        ds = copy.deepcopy(base)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), series, index + 1
+        position = [float(v) for v in base.ImagePositionPatient]
+        position[2] += 5 * index
+        ds.ImagePositionPatient, ds.SliceLocation = position, position[2]
+        slices.append(ds)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(slices, generate_uid(), 1, generate_uid(), 1)
+    buffer = io.BytesIO()
+    enhanced.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def geometry(source: pydicom.Dataset) -> tuple[list[float], list[float], list[list[float]]]:
+    """The source's pixel spacing, orientation and each frame's position, wherever it keeps them."""
+    if "PerFrameFunctionalGroupsSequence" in source:
+        shared = source.SharedFunctionalGroupsSequence[0]
+        return (shared.PixelMeasuresSequence[0].PixelSpacing,
+                shared.PlaneOrientationSequence[0].ImageOrientationPatient,
+                [g.PlanePositionSequence[0].ImagePositionPatient
+                 for g in source.PerFrameFunctionalGroupsSequence])
+    origin = np.asarray(source.ImagePositionPatient, float)
+    if "GridFrameOffsetVector" not in source:
+        return source.PixelSpacing, source.ImageOrientationPatient, [list(origin)]
+    # RT Dose: frame n lies GridFrameOffsetVector[n] along the normal from the first
+    offsets = np.asarray(source.GridFrameOffsetVector, dtype=float)
+    cosines = np.asarray(source.ImageOrientationPatient, float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    return (source.PixelSpacing, source.ImageOrientationPatient,
+            [list(origin + (offset - offsets[0]) * normal) for offset in offsets])
+
+
 SOURCES = {
+    "enhanced": enhanced_ct,
     "ct": lambda: dicom_samples.bundled("CT_small.dcm"),
     "mr": lambda: dicom_samples.bundled("MR_small.dcm"),
     "rle": lambda: dicom_samples.bundled("MR_small_RLE.dcm"),
@@ -153,20 +191,13 @@ def test_objects_join_the_source_study_and_reference_it(answered: tuple[pydicom.
             if frames > 1:
                 numbers.append(int(derived.ReferencedFrameNumber))
         assert sorted(numbers) == (list(range(1, frames + 1)) if frames > 1 else [])
+        spacing, orientation, source_positions = geometry(source)
         shared = pm.SharedFunctionalGroupsSequence[0]
-        assert np.allclose(shared.PixelMeasuresSequence[0].PixelSpacing, source.PixelSpacing)
-        assert np.allclose(shared.PlaneOrientationSequence[0].ImageOrientationPatient,
-                           source.ImageOrientationPatient)
+        assert np.allclose(shared.PixelMeasuresSequence[0].PixelSpacing, spacing)
+        assert np.allclose(shared.PlaneOrientationSequence[0].ImageOrientationPatient, orientation)
         positions = np.asarray([g.PlanePositionSequence[0].ImagePositionPatient for g in per_frame], float)
-        if frames == 1:
-            assert np.allclose(positions[0], source.ImagePositionPatient)
-        else:  # rtdose: frame n lies GridFrameOffsetVector[n] along the normal from the first
-            offsets = np.asarray(source.GridFrameOffsetVector, dtype=float)
-            cosines = np.asarray(source.ImageOrientationPatient, float)
-            normal = np.cross(cosines[:3], cosines[3:])
-            origin = np.asarray(source.ImagePositionPatient, float)
-            expected = [origin + (offsets[n - 1] - offsets[0]) * normal for n in numbers]
-            assert np.allclose(positions, expected, atol=1e-4)
+        expected = [source_positions[n - 1] for n in numbers] if frames > 1 else source_positions
+        assert np.allclose(positions, np.asarray(expected, float), atol=1e-4)
     for _, sc in objects(body, SC):
         assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
         assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns)

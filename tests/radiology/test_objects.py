@@ -82,3 +82,33 @@ def test_labels_are_coded_in_the_local_scheme() -> None:
     long = objects.label_code(1, "x" * 100)
     assert len(long.meaning) == 64
     assert isinstance(code, hd.sr.CodedConcept)
+
+
+def test_an_overlay_of_some_frames_of_a_multiframe_source() -> None:
+    ds = source("rtdose.dcm")
+    rng = np.random.default_rng(1)
+    for frames in ((4,), (1, 3)):
+        maps = rng.random((len(frames), ds.Rows, ds.Columns), dtype=np.float32)
+        rgb = rng.integers(0, 255, (len(frames), ds.Rows, ds.Columns, 3), dtype=np.uint8)
+        smap = objects.SourceMap("gradcam", "features.18", 1, "goldfish", frames, (0.4,) * len(frames), maps)
+        sc = objects.secondary_capture(ds, smap, rgb, IDENTITY, objects.SeriesPlan("sc", "camserve", 9102))
+        data = objects.part10(sc)
+        assert dciodvfy_errors(data) == []
+        read = pydicom.dcmread(io.BytesIO(data))
+        assert read.NumberOfFrames == len(frames) and read.BurnedInAnnotation == "YES"
+        assert [int(r.ReferencedFrameNumber) for r in read.SourceImageSequence] == [f + 1 for f in frames]
+        assert np.array_equal(read.pixel_array.reshape(rgb.shape), rgb)
+
+
+def test_a_de_identified_source_gives_de_identified_results() -> None:
+    ds = source("CT_small.dcm")
+    ds.PatientIdentityRemoved = "YES"
+    smap = objects.SourceMap("gradcam", "features.18", 1, "goldfish", (0,), (0.4,),
+                             np.zeros((1, ds.Rows, ds.Columns), np.float32) + 0.5)
+    report = objects.structured_report(
+        ds, [objects.FramePredictions(0, ((1, "goldfish", 0.4),))], [(smap, None)], IDENTITY,
+        objects.SeriesPlan("sr", "camserve", 9103))
+    data = objects.part10(report)
+    assert dciodvfy_errors(data) == []
+    read = pydicom.dcmread(io.BytesIO(data))
+    assert read.PatientIdentityRemoved == "YES" and read.DeidentificationMethod
