@@ -57,10 +57,22 @@ class SourceMap:
     scores: tuple[float, ...]  # the class's probability on each of those frames
     maps: np.ndarray  # (len(frames), Rows, Columns) float32 in [0, 1]
 
+    def score_text(self) -> str:
+        return (f"{self.scores[0]:.3f}" if len(set(self.scores)) == 1
+                else f"{min(self.scores):.3f}-{max(self.scores):.3f}")
+
     def describe(self) -> str:
-        score = (f"{self.scores[0]:.3f}" if len(set(self.scores)) == 1
-                 else f"{min(self.scores):.3f}-{max(self.scores):.3f}")
-        return f"{self.method} {self.layer} class {self.class_idx} {self.label} score {score}"
+        return (f"{self.method} {self.layer} class {self.class_idx} {self.label} "
+                f"score {self.score_text()}")
+
+    def short(self, identity: Identity) -> str:
+        """Method, layer, class, score and model in one Long String: the label gives way."""
+        head = f"{self.method} {self.layer} {self.class_idx}:"
+        tail = f"{self.score_text()} {identity.model_name} {identity.model_version}"
+        room = _LO - len(head) - len(tail) - 1
+        if room < 4:
+            return _fit(f"{head}{self.label} {tail}")
+        return f"{head}{_fit(self.label, room)} {tail}"
 
 
 @dataclass
@@ -165,7 +177,7 @@ def parametric_map(
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label="HEATMAP",
-        content_description=_fit(f"{smap.describe()} {identity.model}"),
+        content_description=smap.short(identity),
         plane_positions=positions,
         pixel_measures=None if whole else hd.PixelMeasuresSequence.from_sequence(
             view.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence),
@@ -176,6 +188,10 @@ def parametric_map(
     _deidentification(pm, source)
     if not whole:
         _reference_frames(pm, view, source, smap.frames)
+    full = _fit(f"{smap.describe()}, model {identity.model_name} {identity.model_version}", 1024)
+    for group in pm.PerFrameFunctionalGroupsSequence:
+        for derivation in group.get("DerivationImageSequence", []):
+            derivation.DerivationDescription = full  # ST: the untrimmed description
     return pm
 
 

@@ -163,6 +163,12 @@ def test_parametric_map_pixels_equal_the_original_size_mask(
         assert mapping.LUTLabel == "Class Activation"
         assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"  # UCUM: no units
         assert entry["method"] in ds.ContentDescription and str(entry["class_idx"]) in ds.ContentDescription
+        assert len(ds.ContentDescription) <= 64 and "mobilenet_v2" in ds.ContentDescription
+        label = next(e["label"] for r in body["results"] for e in r["explanations"]
+                     if e["class_idx"] == entry["class_idx"])
+        for group in ds.PerFrameFunctionalGroupsSequence:
+            full = group.DerivationImageSequence[0].DerivationDescription
+            assert label in full and "imagenet1k-v1" in full and entry["method"] in full
 
 
 def test_objects_join_the_source_study_and_reference_it(answered: tuple[pydicom.Dataset, Any]) -> None:
