@@ -363,7 +363,7 @@ def test_a_source_over_the_caps_gets_its_map_at_its_own_size() -> None:
     from service.main import create_app
     from tests.conftest import ready_client
 
-    app = create_app(Settings(warmup=False, overlay_max_side=64, mask_max_side=64))
+    app = create_app(Settings(warmup=False, overlay_max_side=64, mask_max_side=64, max_response_mb=0.3))
     for small in ready_client(app):
         body = explain(small, "ct.dcm", dicom_samples.bundled("CT_small.dcm"),
                        outputs="mask,overlay,dicom_pm,dicom_sc")
@@ -381,6 +381,21 @@ def test_a_source_over_the_caps_gets_its_map_at_its_own_size() -> None:
         assert np.abs(halved - mask_of(explanation)).mean() < 0.02
         for entry in body["dicom"]:
             assert dciodvfy_errors(base64.b64decode(entry["data"])) == []
+        # Nine maps at the source's size do not fit in 0.3 MB: refused before any work.
+        many = {"methods": "gradcam,layercam,xgradcam", "class_idx": "1,2,3"}
+        part = {"file": ("ct.dcm", dicom_samples.bundled("CT_small.dcm"), "application/dicom")}
+        refused = small.post("/explain", files=part, data={**many, "outputs": "dicom_pm"})
+        assert refused.status_code == 413, refused.text
+        reported = small.post("/explain", files=part, data={**many, "outputs": "dicom_sr"})
+        assert reported.status_code == 200, reported.text
+
+
+def test_one_non_dicom_file_among_dicom_ones_is_named(client: TestClient, cat_png: bytes) -> None:
+    parts = [("file", ("ct.dcm", dicom_samples.bundled("CT_small.dcm"), "application/dicom")),
+             ("file", ("cat.png", cat_png, "image/png"))]
+    response = client.post("/explain", files=parts, data={"outputs": "dicom_sr"})
+    assert response.status_code == 422 and "'cat.png'" in response.json()["error"]["message"]
+    assert "'ct.dcm'" not in response.json()["error"]["message"]
 
 
 def test_kserve_refuses_dicom_outputs(client: TestClient) -> None:
