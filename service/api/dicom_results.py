@@ -88,7 +88,7 @@ def build(
     files in upload order, and within one: parametric maps, secondary captures, the report."""
     if not wanted(plan):
         return []
-    from service.radiology import objects
+    from service.radiology import objects, report
 
     identity = objects.Identity(service.__version__, plan.model.name, plan.model.version)
     series = {
@@ -118,10 +118,10 @@ def build(
                 sc = objects.secondary_capture(source, smap, rgb, identity, series["secondary_capture"])
                 out.append(_entry("secondary_capture", index, smap, sc, source))
         if "dicom_sr" in plan.outputs:
-            predictions = [objects.FramePredictions(upload.frame.frame, tuple(
+            predictions = [report.FramePredictions(upload.frame.frame, tuple(
                 (idx, plan.model.labels[idx], float(score)) for idx, score in result.predictions
             )) for upload, result in frames]
-            sr = objects.structured_report(
+            sr = report.structured_report(
                 source, predictions, written, identity, series["structured_report"])
             out.append(_entry("structured_report", index, None, sr, source))
     return out

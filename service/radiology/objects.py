@@ -1,5 +1,5 @@
-"""The DICOM objects the service writes for a DICOM source: a Parametric Map and a Secondary
-Capture per (source file, method, class) and one TID 1500 Structured Report per source file.
+"""The images the service writes for a DICOM source, a Parametric Map and a Secondary Capture
+per (source file, method, class), and what they share with the report (service.radiology.report).
 
 Every object joins the source's study (patient and study attributes copied, never invented),
 names the service in its equipment module (manufacturer ``camserve``, the service's version)
@@ -27,9 +27,6 @@ MANUFACTURER = "camserve"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 _MULTIFRAME_TRUE_COLOUR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
 _LO = 64  # the longest a Long String (LO) value may be
-_NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
-_IMAGING = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
-_SCORE = hd.sr.CodedConcept("CAMSCORE", LABEL_SCHEME, "Class probability")
 
 
 @dataclass(frozen=True)
@@ -42,7 +39,7 @@ class Identity:
 
     @property
     def model(self) -> str:
-        return _fit(f"{self.model_name} {self.model_version}")
+        return fit_text(f"{self.model_name} {self.model_version}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +68,8 @@ class SourceMap:
         tail = f"{self.score_text()} {identity.model_name} {identity.model_version}"
         room = _LO - len(head) - len(tail) - 1
         if room < 4:
-            return _fit(f"{head}{self.label} {tail}")
-        return f"{head}{_fit(self.label, room)} {tail}"
+            return fit_text(f"{head}{self.label} {tail}")
+        return f"{head}{fit_text(self.label, room)} {tail}"
 
 
 @dataclass
@@ -94,28 +91,28 @@ class SeriesPlan:
 _SINGLE_FRAME_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # SC Image: frames cannot be referenced
 
 
-def _references_frames(source: Dataset) -> bool:
+def references_frames(source: Dataset) -> bool:
     """Whether references to the source name frame numbers: a multi-frame file of a SOP class
     that has frames (some writers put two frames in a single-frame Secondary Capture)."""
     return frame_count(source) > 1 and str(source.SOPClassUID) not in _SINGLE_FRAME_CLASSES
 
 
 def label_code(class_idx: int, label: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(str(class_idx), LABEL_SCHEME, _fit(label) or str(class_idx))
+    return hd.sr.CodedConcept(str(class_idx), LABEL_SCHEME, fit_text(label) or str(class_idx))
 
 
-def _fit(text: str, size: int = _LO) -> str:
+def fit_text(text: str, size: int = _LO) -> str:
     text = " ".join(text.replace("\\", "/").split())
     return text if len(text) <= size else text[: size - 1].rstrip() + "~"
 
 
-def _equipment(identity: Identity) -> list[hd.ContributingEquipment]:
+def contributing_equipment(identity: Identity) -> list[hd.ContributingEquipment]:
     return [hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=identity.model,
         software_versions=identity.software_version,
-        contribution_description=_fit(f"class activation maps of {identity.model}"),
+        contribution_description=fit_text(f"class activation maps of {identity.model}"),
     )]
 
 
@@ -129,7 +126,7 @@ _DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod",
                      "DeidentificationMethodCodeSequence")
 
 
-def _deidentification(obj: Dataset, source: Dataset) -> None:
+def copy_deidentification(obj: Dataset, source: Dataset) -> None:
     """A de-identified source's results say so too, and how (type 1C once identity is removed)."""
     for keyword in _DEIDENTIFICATION:
         if keyword in source and keyword not in obj:
@@ -156,7 +153,7 @@ def parametric_map(
             groups[i].PlanePositionSequence[0].ImagePositionPatient) for i in smap.frames]
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="Class Activation",
-        lut_explanation=_fit(f"class activation of {identity.model_name} for {smap.label}"),
+        lut_explanation=fit_text(f"class activation of {identity.model_name} for {smap.label}"),
         value_range=(0.0, 1.0),
         quantity_definition=codes.DCM.ClassActivation,
         unit=codes.UCUM.NoUnits,
@@ -181,14 +178,14 @@ def parametric_map(
         plane_positions=positions,
         pixel_measures=None if whole else hd.PixelMeasuresSequence.from_sequence(
             view.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence),
-        contributing_equipment=_equipment(identity),
+        contributing_equipment=contributing_equipment(identity),
         series_description=series.description,
     )
     _laterality(pm, source)
-    _deidentification(pm, source)
+    copy_deidentification(pm, source)
     if not whole:
         _reference_frames(pm, view, source, smap.frames)
-    full = _fit(f"{smap.describe()}, model {identity.model_name} {identity.model_version}", 1024)
+    full = fit_text(f"{smap.describe()}, model {identity.model_name} {identity.model_version}", 1024)
     for group in pm.PerFrameFunctionalGroupsSequence:
         for derivation in group.get("DerivationImageSequence", []):
             derivation.DerivationDescription = full  # ST: the untrimmed description
@@ -239,7 +236,7 @@ def secondary_capture(
         instance_number=number,
         manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=_equipment(identity),
+        contributing_equipment=contributing_equipment(identity),
         series_description=series.description,
         # highdicom wants letters; an unknown orientation is stated empty (type 2C) below.
         patient_orientation=orientation if all(orientation) else ("L", "P"),
@@ -248,21 +245,21 @@ def secondary_capture(
         del sc.PatientOrientation
         sc.add_new("PatientOrientation", "CS", None)
     _laterality(sc, source)
-    _deidentification(sc, source)
+    copy_deidentification(sc, source)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ManufacturerModelName = identity.model
     sc.SoftwareVersions = identity.software_version
-    sc.DerivationDescription = _fit(f"{smap.describe()} overlay, {identity.model}", 1024)
+    sc.DerivationDescription = fit_text(f"{smap.describe()} overlay, {identity.model}", 1024)
     if "FrameOfReferenceUID" in source:
         sc.FrameOfReferenceUID = source.FrameOfReferenceUID
     multi = frame_count(source) > 1
     refs = []
-    for frame in smap.frames if _references_frames(source) else (0,):
+    for frame in smap.frames if references_frames(source) else (0,):
         ref = Dataset()
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        if _references_frames(source):
+        if references_frames(source):
             ref.ReferencedFrameNumber = frame + 1
         refs.append(ref)
     sc.SourceImageSequence = refs
@@ -297,107 +294,6 @@ def _letters(direction: Sequence[float]) -> str:
     names = (("R", "L"), ("A", "P"), ("F", "H"))
     order = sorted(range(3), key=lambda axis: -abs(direction[axis]))
     return "".join(names[axis][direction[axis] > 0] for axis in order if abs(direction[axis]) > 1e-3)
-
-
-@dataclass(frozen=True)
-class FramePredictions:
-    frame: int  # 0-based
-    predictions: tuple[tuple[int, str, float], ...]  # (class index, label, probability), best first
-
-
-def structured_report(
-    source: Dataset,
-    predictions: Sequence[FramePredictions],
-    maps: Sequence[tuple[SourceMap, Dataset | None]],
-    identity: Identity,
-    series: SeriesPlan,
-) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 measurement report on one source file: per frame, the predicted classes with
-    their probabilities; per map, its method and layer, its class and score, and a reference to
-    its parametric map (when one was written); the algorithm's identity throughout."""
-    multi = _references_frames(source)
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=str(hd.UID()), name=MANUFACTURER, manufacturer_name=MANUFACTURER,
-            model_name=identity.model,
-        ),
-    )
-    context = hd.sr.ObservationContext(observer_device_context=device)
-
-    def images(frames: Sequence[int]) -> list[hd.sr.SourceImageForMeasurementGroup]:
-        return [hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=source.SOPClassUID,
-            referenced_sop_instance_uid=source.SOPInstanceUID,
-            referenced_frame_numbers=[f + 1 for f in frames] if multi else None,
-        )]
-
-    def algorithm(parameters: Sequence[str]) -> hd.sr.AlgorithmIdentification:
-        return hd.sr.AlgorithmIdentification(
-            name=_fit(f"camserve {identity.model_name}"), version=_fit(
-                f"{identity.software_version} model {identity.model_version}"),
-            parameters=[_fit(p) for p in parameters], manufacturer=MANUFACTURER,
-        )
-
-    groups = []
-    for frame in predictions:
-        measurements = [hd.sr.Measurement(
-            name=label_code(idx, label), value=round(score, 6), unit=_NO_UNITS,
-            algorithm_id=algorithm([f"model {identity.model}", f"rank {rank}"]),
-        ) for rank, (idx, label, score) in enumerate(frame.predictions, start=1)]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=str(hd.UID()), identifier=_fit(f"predictions frame {frame.frame + 1}")),
-            finding_type=codes.DCM.Finding,
-            measurements=measurements,
-            source_images=images([frame.frame]),
-            algorithm_id=algorithm([f"model {identity.model}", "top-k classification"]),
-        ))
-    for smap, pm in maps:
-        params = [f"method {smap.method}", f"layer {smap.layer}", f"model {identity.model}"]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=str(hd.UID()), identifier=_fit(f"{smap.method} map class {smap.class_idx}")),
-            finding_type=label_code(smap.class_idx, smap.label),
-            measurements=[hd.sr.Measurement(
-                name=_SCORE, value=round(max(smap.scores), 6), unit=_NO_UNITS,
-                algorithm_id=algorithm(params),
-            )],
-            # The parametric map is referenced as an image: TID 1500's "real world value map"
-            # names RWV Mapping objects, which a parametric map is not.
-            source_images=images(smap.frames) + ([hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=pm.SOPClassUID,
-                referenced_sop_instance_uid=pm.SOPInstanceUID,
-                referenced_frame_numbers=(list(range(1, len(smap.frames) + 1))
-                                          if frame_count(source) > 1 else None),
-            )] if pm is not None else []),
-            algorithm_id=algorithm(params),
-        ))
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=_IMAGING,
-        imaging_measurements=groups,
-        referenced_images=None,
-    )
-    series_uid, number = series.next(str(source.StudyInstanceUID))
-    evidence = [source] + [pm for _, pm in maps if pm is not None]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series_uid,
-        series_number=series.number,
-        sop_instance_uid=str(hd.UID()),
-        instance_number=number,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        series_description=series.description,
-    )
-    sr.SoftwareVersions = identity.software_version
-    sr.ManufacturerModelName = identity.model
-    sr.ContributingEquipmentSequence = _equipment(identity)
-    _deidentification(sr, source)
-    return sr
 
 
 def part10(ds: Dataset) -> bytes:

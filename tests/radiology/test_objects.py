@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from service.imaging.dicom import _metadata
-from service.radiology import geometry, objects
+from service.radiology import geometry, objects, report
 from tests.imaging import dicom_samples
 from tests.radiology.test_dicom_results import dciodvfy_errors
 
@@ -105,10 +105,10 @@ def test_a_de_identified_source_gives_de_identified_results() -> None:
     ds.PatientIdentityRemoved = "YES"
     smap = objects.SourceMap("gradcam", "features.18", 1, "goldfish", (0,), (0.4,),
                              np.zeros((1, ds.Rows, ds.Columns), np.float32) + 0.5)
-    report = objects.structured_report(
-        ds, [objects.FramePredictions(0, ((1, "goldfish", 0.4),))], [(smap, None)], IDENTITY,
+    written = report.structured_report(
+        ds, [report.FramePredictions(0, ((1, "goldfish", 0.4),))], [(smap, None)], IDENTITY,
         objects.SeriesPlan("sr", "camserve", 9103))
-    data = objects.part10(report)
+    data = objects.part10(written)
     assert dciodvfy_errors(data) == []
     read = pydicom.dcmread(io.BytesIO(data))
     assert read.PatientIdentityRemoved == "YES" and read.DeidentificationMethod
