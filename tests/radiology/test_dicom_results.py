@@ -403,3 +403,26 @@ def test_kserve_refuses_dicom_outputs(client: TestClient) -> None:
     response = client.post("/v1/models/mobilenet_v2:explain",
                            json={"instances": [instance], "parameters": {"outputs": "dicom_pm"}})
     assert response.status_code == 422 and "POST /explain" in response.json()["error"]["message"]
+
+
+def test_files_of_one_study_share_a_new_series_per_kind(client: TestClient) -> None:
+    first = pydicom.dcmread(io.BytesIO(dicom_samples.bundled("CT_small.dcm")))
+    second = copy.deepcopy(first)
+    second.SOPInstanceUID = generate_uid()
+    second.file_meta.MediaStorageSOPInstanceUID = second.SOPInstanceUID
+    buffer = io.BytesIO()
+    second.save_as(buffer, enforce_file_format=True)
+    parts = [("file", ("a.dcm", dicom_samples.bundled("CT_small.dcm"), "application/dicom")),
+             ("file", ("b.dcm", buffer.getvalue(), "application/dicom"))]
+    response = client.post("/explain", files=parts, data={"outputs": "dicom_pm,dicom_sr"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    maps = objects(body, PM)
+    assert [entry["file_index"] for entry, _ in maps] == [0, 1]
+    assert len({ds.SeriesInstanceUID for _, ds in maps}) == 1
+    assert sorted(int(ds.InstanceNumber) for _, ds in maps) == [1, 2]
+    sources = [first.SOPInstanceUID, second.SOPInstanceUID]
+    for (_, ds), uid in zip(maps, sources, strict=True):
+        assert ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == uid
+    reports = objects(body, SR)
+    assert len(reports) == 2 and reports[0][1].SeriesInstanceUID != maps[0][1].SeriesInstanceUID
