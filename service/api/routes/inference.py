@@ -3,19 +3,29 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Header, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from service.api import pipeline
+from service.api import dicom_results, pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
 from service.api.schemas import ExplainResponse, PredictResponse
+from service.engine.jobs import ItemResult
+from service.errors import InvalidOption
 
 router = APIRouter(tags=["inference"])
 
 TIMEOUT_DESCRIPTION = "deadline in seconds for this request (default: the server's)"
+
+ACCEPT_DESCRIPTION = (
+    'application/json (default), or multipart/related; type="application/dicom" for the DICOM '
+    "outputs alone as DICOMweb's multipart body"
+)
 
 Timeout = Annotated[
     str | None, Header(alias="X-Request-Timeout", description=TIMEOUT_DESCRIPTION, examples=["30"])
@@ -64,12 +74,32 @@ async def explain(
     settings: SettingsDep,
     form: Annotated[ExplainForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
+    accept: Annotated[str | None, Header(description=ACCEPT_DESCRIPTION)] = None,
 ) -> Response:
     timer = pipeline.Timer()
     plan = plan_explain(form, engine.catalog, settings.default_model)
+    multipart = dicom_results.accepts_multipart(accept)
+    if multipart and not dicom_results.wanted(plan):
+        raise InvalidOption(
+            f"Accept: {dicom_results.MULTIPART_TYPE} answers DICOM objects: ask for outputs "
+            "dicom_pm, dicom_sc or dicom_sr"
+        )
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     prepared = await pipeline.prepare_explain(
         plan, await pipeline.read_files(form.file), settings, deadline, engine.admit, timer=timer
     )
     results = await engine.submit(prepared.items)
+    if multipart:
+        return await finish_dicom_multipart(prepared, results)
     return pipeline.json_response(*await pipeline.finish(prepared, results, request_id_of(request), settings))
+
+
+async def finish_dicom_multipart(prepared: pipeline.Prepared, results: Sequence[ItemResult]) -> Response:
+    """The DICOM objects alone as DICOMweb's multipart/related body (STOW-RS ready)."""
+    assert prepared.plan is not None
+    objects = await run_in_threadpool(dicom_results.build, prepared.plan, prepared.uploads, results)
+    boundary = uuid.uuid4().hex
+    return Response(
+        dicom_results.multipart(objects, boundary),
+        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from service.api import pipeline
+from service.api import dicom_results, pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
 from service.api.schemas import Explanation, ModelRef, PredictResult, Timing
-from service.errors import BadRequest
+from service.errors import BadRequest, InvalidOption
 
 router = APIRouter(prefix="/v1/models", tags=["kserve"])
 
@@ -198,6 +198,9 @@ async def explain(
     options = body.parameters.model_dump() if body.parameters else {}
     form = ExplainForm.model_construct(file=[], model=model, **options)
     plan = plan_explain(form, engine.catalog, settings.default_model)
+    if dicom_results.wanted(plan):
+        raise InvalidOption("DICOM outputs (dicom_pm, dicom_sc, dicom_sr) are answered by "
+                            "POST /explain and POST /jobs, not by the KServe protocol")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     prepared = await pipeline.prepare_explain(
         plan, _sources(body.instances), settings, deadline, engine.admit, "instances", timer=timer
