@@ -53,6 +53,7 @@ class FullGrad(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    grid = "input"
     passes = "1 forward (shared) + 1 forward and backward with input and bias gradients"
     extra_pass_cost = 2.0
 

@@ -96,6 +96,7 @@ class LeGrad(CAMMethod):
     uses_gradients = False
     own_autograd = True
     needs_transformer = True
+    grid = "own"  # the patch grid, whatever the target layer
     passes = "1 forward (shared) + 1 forward recording attention + 1 short backward per block"
     extra_pass_cost = 2.0
     params = (

@@ -89,6 +89,7 @@ class Saliency(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    grid = "input"
     passes = "1 forward (shared) + 1 forward and backward to the input"
     extra_pass_cost = 2.0
 
@@ -114,6 +115,7 @@ class GuidedBackprop(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    grid = "input"
     needs_rectifiers = True
     passes = "1 forward (shared) + 1 forward and backward through guided ReLUs"
     extra_pass_cost = 2.0
@@ -137,7 +139,7 @@ class GuidedGradCAM(CAMMethod):
     family = "gradient"
     paper = "Selvaraju et al. 2017, arXiv 1610.02391"
     own_autograd = True
-    input_resolution = True
+    grid = "input"
     needs_rectifiers = True
     passes = "1 forward + 1 backward (shared) + 1 forward and backward through guided ReLUs"
     extra_pass_cost = 2.0

@@ -74,7 +74,7 @@ async def explain(
     x_request_timeout: Timeout = None,
 ) -> Response:
     started = time.perf_counter()
-    plan = plan_explain(form, engine.catalog, settings.default_model)
+    plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
     decode_started = time.perf_counter()
     uploads = await pipeline.decode_sources(await _read(form.file), settings, plan.model)
     decode_ms = (time.perf_counter() - decode_started) * 1000

@@ -199,7 +199,7 @@ async def explain(
     resolve_model(model, engine.catalog, settings.default_model)  # 404 names the path's model
     options = body.parameters.model_dump() if body.parameters else {}
     form = ExplainForm.model_construct(file=[], model=model, **options)
-    plan = plan_explain(form, engine.catalog, settings.default_model)
+    plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
     uploads = await pipeline.decode_sources(_sources(body.instances), settings, plan.model, "instances")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
