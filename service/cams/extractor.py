@@ -3,7 +3,7 @@
 Activations are captured by forward hooks that swap the layer's output for a fresh leaf
 tensor requiring grad (the model's parameters never require grad). Methods see each layer's
 output, and its gradient, as (B, K, H, W): channels-last outputs and ViT's class and patch
-tokens are reshaped to that grid (:mod:`service.cams.layout`). ``torch.autograd.grad`` of
+tokens are reshaped to that grid (:mod:`service.models.layout`). ``torch.autograd.grad`` of
 the target scores with respect to those leaves then runs backward only from the target layer
 up, and never touches any parameter's ``.grad``. Every method requested on the same layers
 shares that single forward and backward pass. Hooks are removed in ``finally``.
@@ -20,21 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext, normalize
-from service.cams.layout import Layout, layout_of, to_grid
+from service.cams.maps import BatchOutput, SampleMap
 from service.cams.probe import Probe
-
-
-@dataclass
-class SampleMap:
-    method: str
-    class_idx: int
-    grid: Tensor  # (h, w) in [0, 1], on the layer's (largest) grid; input grid if layer-free
-
-
-@dataclass
-class BatchOutput:
-    logits: Tensor  # (B, num_classes), detached
-    maps: list[list[SampleMap]]  # per sample, in (class, method) order
+from service.cams.smoothing import augmented
+from service.models.layout import Layout, layout_of, to_grid
 
 
 @dataclass
@@ -57,7 +46,7 @@ def capture(
     """Record each layer's output; with ``with_grad`` as a leaf that gradients can reach.
 
     ``size`` is the model input's (height, width), which tells the output's layout
-    (:mod:`service.cams.layout`): (B, C, H, W), channels last, or a class token and patches.
+    (:mod:`service.models.layout`): (B, C, H, W), channels last, or a class token and patches.
     """
     store: dict[str, Captured] = {}
     handles = []
@@ -124,11 +113,11 @@ def explain_batch(
     ``aug_smooth`` averages the maps over horizontal flips and rescalings of the input
     (:mod:`service.cams.smoothing`).
     """
-    if aug_smooth:
-        from service.cams.smoothing import augmented
 
-        return augmented(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
-    return explain_once(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
+    def once(batch: Tensor, chosen: Sequence[Sequence[int] | None]) -> BatchOutput:
+        return explain_once(model, modules, batch, layers, methods, chosen, eigen_smooth=eigen_smooth)
+
+    return augmented(once, inputs, targets) if aug_smooth else once(inputs, targets)
 
 
 def _grad_mode(methods: Sequence[CAMMethod]) -> AbstractContextManager[object]:

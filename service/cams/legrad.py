@@ -4,49 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import VisionTransformer
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
-from service.cams.layout import token_grid
 from service.cams.probe import Probe, gather_scores
-
-
-@dataclass
-class Transformer:
-    """What LeGrad reads of a ViT: its encoder blocks and the classifier after them."""
-
-    blocks: list[tuple[nn.Module, nn.MultiheadAttention]]
-    norm: nn.Module  # the encoder's final norm
-    head: nn.Module  # the classification head
-
-
-def transformer_parts(model: nn.Module) -> Transformer:
-    """A torchvision ViT's blocks, final norm and head; ValueError naming the need otherwise."""
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"legrad needs a vision transformer (torchvision's VisionTransformer, e.g. vit_b_16): "
-            f"it differentiates the attention maps of the encoder blocks, and "
-            f"{type(model).__name__} has none; use gradcam or another method on this model"
-        )
-    blocks = []
-    for block in model.encoder.layers:
-        attention = getattr(block, "self_attention", None)
-        if not isinstance(attention, nn.MultiheadAttention):
-            raise ValueError("legrad needs encoder blocks whose self_attention is nn.MultiheadAttention")
-        if (
-            not attention.batch_first
-            or not attention._qkv_same_embed_dim
-            or attention.bias_k is not None
-            or attention.add_zero_attn
-        ):
-            raise ValueError("legrad needs batch-first self-attention with one Q/K/V projection")
-        blocks.append((block, attention))
-    return Transformer(blocks, model.encoder.ln, model.heads)
+from service.models.anatomy import transformer_parts
+from service.models.layout import token_grid
 
 
 def attention_with_probabilities(

@@ -8,7 +8,7 @@ Grad-CAM++'s noisy copies). Every hook it registers is removed in ``finally``; g
 taken with ``torch.autograd.grad``, so the model's parameters never receive a ``.grad``.
 
 Methods see every layer as (N, K, H, W); a layer whose output has another layout (channels
-last, or a class token and patch tokens, see :mod:`service.cams.layout`) gets activations put
+last, or a class token and patch tokens, see :mod:`service.models.layout`) gets activations put
 back into that layout before the model runs on from it, the class token being the sample's own
 from the shared forward pass, and has its activations and gradients brought to the grid.
 """
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from service.cams.layout import Layout, layout_of, to_grid, to_native
 from service.cams.tail import tail_of
+from service.models.layout import Layout, layout_of, to_grid, to_native
 
 
 @contextmanager

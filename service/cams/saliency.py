@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext
 from service.cams.probe import gather_scores
-
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
+from service.models.anatomy import RECTIFIERS
 
 
 class _PositiveGradient(torch.autograd.Function):

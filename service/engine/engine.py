@@ -238,7 +238,9 @@ class Engine:
         worker = slot.worker
         return await slot._thread.call(lambda: fn(worker.models[model]))  # type: ignore[union-attr]
 
-    async def feature_maps(self, model: str, pixels: np.ndarray, layer: str, max_channels: int) -> FeatureMaps:
+    async def feature_maps(
+        self, model: str, pixels: np.ndarray, layer: str, max_channels: int
+    ) -> FeatureMaps:
         """``layer``'s activation maps for one image (:func:`introspection.feature_maps`)."""
         found: FeatureMaps = await self.run(
             model, lambda loaded: introspection.feature_maps(loaded, pixels, layer, max_channels)

@@ -18,12 +18,12 @@ from torch import nn
 
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
+from service.engine.faithfulness import add_faithfulness
 from service.engine.fusion import Folded, fold_batch_norms
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
-from service.quality.serving import add_faithfulness
 
 log = logging.getLogger(__name__)
 

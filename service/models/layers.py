@@ -2,7 +2,7 @@
 
 A candidate layer is any named module whose output holds a spatial grid: a 4-D tensor
 (N, C, H, W), a channels-last (N, H, W, C) grid (Swin), or a class token followed by patch tokens
-(N, 1 + H*W, C) (ViT); :mod:`service.cams.layout` tells them apart by shape. One probe forward
+(N, 1 + H*W, C) (ViT); :mod:`service.models.layout` tells them apart by shape. One probe forward
 pass with hooks on every module records them in the order they fire, and one backward pass
 tells which of them the classifier's input depends on position by position.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from service.cams.layout import Layout, grid_shape, layout_of, to_grid
 from service.models.catalog import LayerInfo
+from service.models.layout import Layout, grid_shape, layout_of, to_grid
 
 
 @dataclass

@@ -15,10 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
-from service.cams.head import LinearHead, find_linear_head
-from service.cams.legrad import transformer_parts
-from service.cams.saliency import RECTIFIERS
+from service.models.anatomy import rectifiers, transformer_parts
 from service.models.catalog import LayerInfo, ModelInfo
+from service.models.head import LinearHead, find_linear_head
 from service.models.layers import inspect_layers
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
 
@@ -74,7 +73,7 @@ class LoadedModel:
             linear_head_problem=head.reason,
             attention_blocks=blocks,
             attention_problem=problem,
-            rectifiers=sum(isinstance(m, RECTIFIERS) for m in self.module.modules()),
+            rectifiers=rectifiers(self.module),
         )
 
 
