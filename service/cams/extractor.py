@@ -6,7 +6,8 @@ output, and its gradient, as (B, K, H, W): channels-last outputs and ViT's class
 tokens are reshaped to that grid (:mod:`service.models.layout`). ``torch.autograd.grad`` of
 the target scores with respect to those leaves then runs backward only from the target layer
 up, and never touches any parameter's ``.grad``. Every method requested on the same layers
-shares that single forward and backward pass. Hooks are removed in ``finally``.
+shares that single forward and backward pass. Hooks are removed in ``finally``
+(:mod:`service.models.hooks`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from service.cams.base import CAMMethod, LayerContext, normalize
 from service.cams.maps import BatchOutput, SampleMap
 from service.cams.probe import Probe
 from service.cams.smoothing import augmented
+from service.models.hooks import forward_hooks
 from service.models.layout import Layout, layout_of, to_grid
 
 
@@ -49,7 +51,6 @@ def capture(
     (:mod:`service.models.layout`): (B, C, H, W), channels last, or a class token and patches.
     """
     store: dict[str, Captured] = {}
-    handles = []
 
     def hook_for(name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
@@ -67,13 +68,8 @@ def capture(
 
         return hook
 
-    try:
-        for name in layers:
-            handles.append(modules[name].register_forward_hook(hook_for(name)))
+    with forward_hooks((modules[name], hook_for(name)) for name in layers):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def fuse(maps: list[Tensor], scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext
 from service.cams.probe import gather_scores
+from service.models.hooks import forward_hooks
 
 
 def effective_bias(module: nn.Module) -> Tensor | None:
@@ -71,18 +72,13 @@ class FullGrad(CAMMethod):
 
             return hook
 
-        handles = [modules[name].register_forward_hook(hook_for(name)) for name in biases]
-        try:
-            with torch.enable_grad():
-                inputs = context.inputs.detach().clone().requires_grad_(True)
-                logits = model(inputs)
-                names = list(captured)
-                found = torch.autograd.grad(
-                    gather_scores(logits, context.classes).sum(), [inputs, *(captured[n] for n in names)]
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
+        with forward_hooks((modules[name], hook_for(name)) for name in biases), torch.enable_grad():
+            inputs = context.inputs.detach().clone().requires_grad_(True)
+            logits = model(inputs)
+            names = list(captured)
+            found = torch.autograd.grad(
+                gather_scores(logits, context.classes).sum(), [inputs, *(captured[n] for n in names)]
+            )
         size = inputs.shape[-2:]
         total = channel_normalize((found[0] * inputs.detach()).abs()).sum(dim=1)
         for name, grad in zip(names, found[1:], strict=True):

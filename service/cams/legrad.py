@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from service.cams.base import CAMMethod, LayerContext, MethodParam
 from service.cams.probe import Probe, gather_scores
 from service.models.anatomy import transformer_parts
+from service.models.hooks import forward_hooks
 from service.models.layout import token_grid
 
 
@@ -105,24 +106,20 @@ class LeGrad(CAMMethod):
 
             return hook
 
-        handles = []
-        try:
-            for block, attention in blocks:
-                handles.append(attention.register_forward_hook(recompute_for(attention)))
-                handles.append(block.register_forward_hook(record_tokens))
-            with torch.enable_grad():
-                model(inputs.detach().clone())
-                maps = []
-                for index, (z, p) in enumerate(zip(tokens, probabilities, strict=True)):
-                    pooled = z[:, 0] if self.options["class_token"] else z.mean(dim=1)
-                    scores = gather_scores(parts.head(parts.norm(pooled)), classes)
-                    (gradient,) = torch.autograd.grad(
-                        scores.sum(), [p], retain_graph=index < len(tokens) - 1
-                    )
-                    maps.append(gradient.relu().mean(dim=(1, 2))[:, 1:])
-        finally:
-            for handle in handles:
-                handle.remove()
+        recording = forward_hooks(
+            pair for block, attention in blocks
+            for pair in ((attention, recompute_for(attention)), (block, record_tokens))
+        )
+        with recording, torch.enable_grad():
+            model(inputs.detach().clone())
+            maps = []
+            for index, (z, p) in enumerate(zip(tokens, probabilities, strict=True)):
+                pooled = z[:, 0] if self.options["class_token"] else z.mean(dim=1)
+                scores = gather_scores(parts.head(parts.norm(pooled)), classes)
+                (gradient,) = torch.autograd.grad(
+                    scores.sum(), [p], retain_graph=index < len(tokens) - 1
+                )
+                maps.append(gradient.relu().mean(dim=(1, 2))[:, 1:])
         relevance = torch.stack(maps).mean(dim=0)  # (B, T - 1)
         grid = token_grid(relevance.shape[1], (int(inputs.shape[-2]), int(inputs.shape[-1])))
         if grid is None:

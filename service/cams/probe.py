@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from service.cams.tail import tail_of
+from service.models.hooks import forward_hook
 from service.models.layout import Layout, layout_of, to_grid, to_native
 
 
@@ -33,11 +34,8 @@ def replaced_output(module: nn.Module, replacement: Tensor) -> Iterator[None]:
     def hook(_module: nn.Module, _inputs: object, _output: object) -> Tensor:
         return replacement
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 def differentiable_attention() -> AbstractContextManager[object]:
@@ -121,13 +119,9 @@ class Probe:
             captured.append(leaf)
             return leaf.clone()
 
-        handle = self.modules[layer].register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                logits = self.model(inputs)
-                (gradient,) = torch.autograd.grad(objective(logits), [captured[-1]])
-        finally:
-            handle.remove()
+        with forward_hook(self.modules[layer], hook), torch.enable_grad():
+            logits = self.model(inputs)
+            (gradient,) = torch.autograd.grad(objective(logits), [captured[-1]])
         size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
         layout = layout_of(captured[-1].shape, size) or "nchw"
         return to_grid(captured[-1].detach(), layout, size), to_grid(gradient, layout, size)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from service.cams.base import CAMMethod, LayerContext
 from service.cams.probe import gather_scores
 from service.models.anatomy import RECTIFIERS
+from service.models.hooks import forward_hook
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -42,12 +43,9 @@ def guided_relus(model: nn.Module) -> Iterator[int]:
     def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
         return _PositiveGradient.apply(output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RECTIFIERS)]
-    try:
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
+    rectifiers = [m for m in model.modules() if isinstance(m, RECTIFIERS)]
+    with forward_hook(rectifiers, hook):
+        yield len(rectifiers)
 
 
 def input_gradient(context: LayerContext, guided: bool = False) -> Tensor:

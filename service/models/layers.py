@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from service.models.catalog import LayerInfo
+from service.models.hooks import forward_hooks
 from service.models.layout import Layout, grid_shape, layout_of, to_grid
 
 
@@ -78,7 +79,6 @@ def _fire(
     records: dict[str, _Firing] = {}
     last_leaf_input: list[Tensor] = []
     counter = iter(range(1 << 30))
-    handles = []
 
     def recorder(name: str, container: bool):  # type: ignore[no-untyped-def]
         def hook(_m: nn.Module, inputs: tuple[object, ...], output: object) -> None:
@@ -93,17 +93,13 @@ def _fire(
 
         return hook
 
-    try:
-        for name, child in module.named_modules():
-            if name:
-                container = any(True for _ in child.children())
-                handles.append(child.register_forward_hook(recorder(name, container)))
-        probe = torch.zeros(1, 3, *input_size, device=device, requires_grad=True)
-        with torch.enable_grad():
-            module(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    recorders = [
+        (child, recorder(name, any(True for _ in child.children())))
+        for name, child in module.named_modules() if name
+    ]
+    probe = torch.zeros(1, 3, *input_size, device=device, requires_grad=True)
+    with forward_hooks(recorders), torch.enable_grad():
+        module(probe)
     firings = sorted(records.values(), key=lambda f: f.order)
     return firings, (last_leaf_input[0] if last_leaf_input else None)
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from service.imaging.colormaps import apply_colormap
+from service.models.hooks import forward_hook
 from service.models.loader import LoadedModel
 from service.quality.tiles import FeatureMaps, KernelMode, Kernels, normalise, symmetric
 
@@ -37,12 +38,8 @@ def layer_activations(loaded: LoadedModel, pixels: np.ndarray, layer: str) -> Te
         if isinstance(output, Tensor):
             captured.append(output.detach())
 
-    handle = loaded.modules[layer].register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            loaded.module(model_input(loaded, pixels))
-    finally:
-        handle.remove()
+    with forward_hook(loaded.modules[layer], hook), torch.inference_mode():
+        loaded.module(model_input(loaded, pixels))
     if not captured or captured[0].dim() != 4:
         raise ValueError(f"layer {layer!r} does not produce a 4-D output")
     return captured[0][0].float()
