@@ -70,7 +70,6 @@ class CAMMethod:
     # What ``passes`` says, as a number: forward-pass equivalents per image and class beyond
     # the shared pass, for a layer of ``channels`` channels (see :meth:`extra_passes`).
     extra_pass_cost: ClassVar[float] = 0.0
-    apply_relu: ClassVar[bool] = True
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
     registry: ClassVar[dict[str, type[CAMMethod]]] = {}
@@ -118,7 +117,7 @@ class CAMMethod:
         """
         terms = self.contributions(context)
         combined = first_component(terms) if context.eigen_smooth else terms.sum(dim=1)
-        return torch.relu(combined) if self.apply_relu else combined
+        return torch.relu(combined)
 
     def fusion_scale(self, normalised: Tensor) -> Tensor:
         """How a layer's normalised map is rescaled before several layers are fused."""

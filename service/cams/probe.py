@@ -71,12 +71,6 @@ class Probe:
         self.layouts: Mapping[str, Layout] = layouts or {}
         self.class_tokens: Mapping[str, Tensor] = class_tokens or {}
 
-    def forward(self, inputs: Tensor, batch_size: int = 0) -> Tensor:
-        """Logits for ``inputs``, in chunks of ``batch_size`` rows (all at once when 0)."""
-        if batch_size <= 0 or inputs.shape[0] <= batch_size:
-            return self.model(inputs)
-        return torch.cat([self.model(chunk) for chunk in inputs.split(batch_size)])
-
     def from_layer(self, layer: str, activations: Tensor, rows: Tensor) -> Tensor:
         """Logits when ``layer`` outputs ``activations`` (N, K, H, W).
 
@@ -95,15 +89,6 @@ class Probe:
                 return output
             with replaced_output(self.modules[layer], activations):
                 return self.model(self.inputs[rows])
-
-    def from_layer_chunked(
-        self, layer: str, activations: Tensor, rows: Tensor, batch_size: int
-    ) -> Tensor:
-        """:meth:`from_layer` in chunks of ``batch_size`` rows."""
-        return torch.cat([
-            self.from_layer(layer, acts, idx)
-            for acts, idx in zip(activations.split(batch_size), rows.split(batch_size), strict=True)
-        ])
 
     def layer_gradients(
         self, inputs: Tensor, layer: str, objective: Callable[[Tensor], Tensor]
