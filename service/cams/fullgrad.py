@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext
 from service.cams.probe import gather_scores
+from service.models.fold import batch_norm_affine
 from service.models.hooks import forward_hooks
 
 
@@ -15,15 +16,11 @@ def effective_bias(module: nn.Module) -> Tensor | None:
     """The bias a layer adds to its output: a convolution's own, or batch norm's folded one.
 
     In eval mode batch norm computes ``gamma (x - mu) / sqrt(var + eps) + beta``, i.e. a bias
-    ``beta - gamma mu / sqrt(var + eps)`` per channel.
+    ``beta - gamma mu / sqrt(var + eps)`` per channel (:func:`service.models.fold.batch_norm_affine`).
     """
     if isinstance(module, nn.BatchNorm2d):
-        if module.running_mean is None or module.running_var is None:
-            return None
-        scale = torch.rsqrt(module.running_var + module.eps)
-        gamma = module.weight if module.weight is not None else torch.ones_like(scale)
-        beta = module.bias if module.bias is not None else torch.zeros_like(scale)
-        return (beta - gamma * module.running_mean * scale).detach()
+        affine = batch_norm_affine(module)
+        return None if affine is None else affine[1]
     if isinstance(module, nn.Conv2d) and module.bias is not None:
         return module.bias.detach()
     return None

@@ -19,9 +19,9 @@ from torch import nn
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
 from service.engine.faithfulness import add_faithfulness
-from service.engine.fusion import Folded, fold_batch_norms
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
+from service.models.fold import Folded, fold_batch_norms
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
 
@@ -74,7 +74,7 @@ class Worker:
     """Owns the models of one device. ``threads`` sets torch's intra-op threads (0: the cores);
     ``channels_last`` stores conv weights and inputs NHWC, which is faster for conv nets;
     ``fold_batch_norm`` computes through a copy of each model with batch norm folded into the
-    convolutions before it (:mod:`service.engine.fusion`) whenever a request's methods and
+    convolutions before it (:mod:`service.models.fold`) whenever a request's methods and
     layers see the same values there as in the model itself."""
 
     def __init__(
