@@ -102,16 +102,20 @@ def explain_batch(
     *,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
+    lean: nn.Module | None = None,
 ) -> BatchOutput:
     """Maps of every method for every sample's targets (top-1 where a sample names none).
 
     ``eigen_smooth`` reduces each method's channel terms to their first principal component;
     ``aug_smooth`` averages the maps over horizontal flips and rescalings of the input
-    (:mod:`service.cams.smoothing`).
+    (:mod:`service.cams.smoothing`). ``lean``: the model owner's lean copy, for the methods'
+    gradient-free extra passes (:meth:`Probe.lean_logits`).
     """
 
     def once(batch: Tensor, chosen: Sequence[Sequence[int] | None]) -> BatchOutput:
-        return explain_once(model, modules, batch, layers, methods, chosen, eigen_smooth=eigen_smooth)
+        return explain_once(
+            model, modules, batch, layers, methods, chosen, eigen_smooth=eigen_smooth, lean=lean
+        )
 
     return augmented(once, inputs, targets) if aug_smooth else once(inputs, targets)
 
@@ -135,6 +139,7 @@ def explain_once(
     targets: Sequence[Sequence[int] | None],
     *,
     eigen_smooth: bool = False,
+    lean: nn.Module | None = None,
 ) -> BatchOutput:
     """One shared forward (and backward, if any method reads gradients) for all methods."""
     layer_methods = [m for m in methods if not m.layer_free]
@@ -167,6 +172,7 @@ def explain_once(
                 name: store[name].output.detach()[index, :1]
                 for name in hooked if store[name].layout == "tokens"
             },
+            lean=lean,
         )
         contexts = [
             LayerContext(

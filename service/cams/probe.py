@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from service.cams.tail import tail_of
+from service.cams.twin import twin_forward
 from service.models.hooks import forward_hook
 from service.models.layout import Layout, layout_of, to_grid, to_native
 
@@ -62,14 +63,39 @@ class Probe:
         inputs: Tensor,
         layouts: Mapping[str, Layout] | None = None,
         class_tokens: Mapping[str, Tensor] | None = None,
+        lean: nn.Module | None = None,
     ) -> None:
         """``layouts`` names each target layer's output layout (``nchw`` where absent);
-        ``class_tokens`` holds, for ``tokens`` layers, each sample's class token (B, 1, C)."""
+        ``class_tokens`` holds, for ``tokens`` layers, each sample's class token (B, 1, C);
+        ``lean`` is the model's lean copy (:meth:`service.models.loader.LoadedModel.make_lean`)
+        when its owner has one."""
         self.model = model
         self.modules = modules
         self.inputs = inputs
         self.layouts: Mapping[str, Layout] = layouts or {}
         self.class_tokens: Mapping[str, Tensor] = class_tokens or {}
+        self.lean = lean
+
+    def lean_logits(self, inputs: Tensor) -> Tensor:
+        """Logits of ``inputs`` without autograd, through the lean copy (batch norm folded,
+        channels-last): its owner's, else a twin made once for this model
+        (:mod:`service.cams.twin`). For the many masked passes of the Score-CAM family."""
+        return twin_forward(self.lean if self.lean is not None else self.model, inputs)
+
+    def input_gradient(
+        self,
+        classes: Tensor,
+        around: Callable[[nn.Module], AbstractContextManager[object]] | None = None,
+    ) -> Tensor:
+        """``dY_c/dX`` (N, C, H, W) of each input's score for its class in ``classes``, from a
+        fresh forward and backward pass; ``around(model)`` is active during the pass (Guided
+        Backprop's guided rectifiers)."""
+        with torch.enable_grad():
+            inputs = self.inputs.detach().clone().requires_grad_(True)
+            with around(self.model) if around is not None else nullcontext():
+                logits = self.model(inputs)
+            (gradient,) = torch.autograd.grad(gather_scores(logits, classes).sum(), [inputs])
+        return gradient
 
     def from_layer(self, layer: str, activations: Tensor, rows: Tensor) -> Tensor:
         """Logits when ``layer`` outputs ``activations`` (N, K, H, W).

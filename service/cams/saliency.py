@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext
-from service.cams.probe import gather_scores
 from service.models.anatomy import RECTIFIERS
 from service.models.hooks import forward_hook
 
@@ -38,30 +37,22 @@ class _PositiveGradient(torch.autograd.Function):
 def guided_relus(model: nn.Module) -> Iterator[int]:
     """While active, every ReLU / ReLU6 module of ``model`` back-propagates only positive
     gradients (on top of its own zeroing where its input was inactive). Yields how many
-    rectifiers were found; functional ``F.relu`` calls are not seen."""
+    rectifiers were found; functional ``F.relu`` calls are not seen, and a model without
+    rectifier modules is a ValueError."""
 
     def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
         return _PositiveGradient.apply(output)
 
     rectifiers = [m for m in model.modules() if isinstance(m, RECTIFIERS)]
+    if not rectifiers:
+        raise ValueError("guided backpropagation needs ReLU or ReLU6 modules in the model")
     with forward_hook(rectifiers, hook):
         yield len(rectifiers)
 
 
 def input_gradient(context: LayerContext, guided: bool = False) -> Tensor:
     """``dY_c/dX`` (B, C, H, W) for each sample's class, optionally through guided ReLUs."""
-    model = context.probe.model
-    with torch.enable_grad():
-        inputs = context.inputs.detach().clone().requires_grad_(True)
-        if guided:
-            with guided_relus(model) as found:
-                if not found:
-                    raise ValueError("guided backpropagation needs ReLU or ReLU6 modules in the model")
-                logits = model(inputs)
-        else:
-            logits = model(inputs)
-        (gradient,) = torch.autograd.grad(gather_scores(logits, context.classes).sum(), [inputs])
-    return gradient
+    return context.probe.input_gradient(context.classes, around=guided_relus if guided else None)
 
 
 def channel_max(gradient: Tensor) -> Tensor:

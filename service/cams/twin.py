@@ -65,7 +65,9 @@ def build_twin(model: nn.Module) -> nn.Module:
 
 
 def twin_of(model: nn.Module) -> nn.Module:
-    """The cached twin of ``model`` (built on first use)."""
+    """The cached twin of ``model`` (built on first use); ``model`` itself when already lean."""
+    if already_lean(model):  # not cached: an entry whose value is its own key would never go
+        return model
     with _lock:
         twin = _twins.get(model)
         if twin is None:

@@ -210,3 +210,20 @@ def test_worker_uses_the_model_itself_where_folding_would_show(workers: tuple[Wo
     assert worker._network(loaded, (), [])[0] is folded.module
     assert worker._network(loaded, ("features.18.0",), [gradcam])[0] is loaded.module
     assert worker._network(loaded, ("features.18",), [gradcam, guided])[0] is loaded.module
+
+
+def test_score_cam_runs_its_masked_passes_through_the_owners_lean_copy(
+    workers: tuple[Worker, Worker],
+) -> None:
+    """Even on a layer the shared pass must read from the model itself (a folded convolution),
+    the masked passes go through the copy the model's owner folded at load: no second fold."""
+    from service.cams import twin
+
+    plain, worker = workers
+    loaded = worker.models["mobilenet_v2"]
+    assert loaded.lean is not None and "features.18.0" in loaded.lean.changed
+    spec = ExplainSpec(("scorecam",), ("features.18.0",), None, None, None,
+                       method_params=(("scorecam", (("top_k_channels", 8),)),))
+    lean, itself = worker.compute(items(spec, 1)), plain.compute(items(spec, 1))
+    assert loaded.module not in twin._twins and loaded.lean.module not in twin._twins
+    np.testing.assert_allclose(lean[0].explanations[0].mask, itself[0].explanations[0].mask, atol=1e-4)
