@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
 from service.cams.probe import Probe, gather_scores
-from service.models.anatomy import transformer_parts
 from service.models.hooks import forward_hooks
 from service.models.layout import token_grid
 
@@ -82,12 +81,12 @@ class LeGrad(CAMMethod):
         last = self._last
         if last is not None and last[0] is context.probe and torch.equal(last[1], context.classes):
             return last[2]
-        found = self._relevance(context.probe.model, context.inputs, context.classes)
+        found = self._relevance(context.probe, context.inputs, context.classes)
         self._last = (context.probe, context.classes, found)
         return found
 
-    def _relevance(self, model: nn.Module, inputs: Tensor, classes: Tensor) -> Tensor:
-        parts = transformer_parts(model)
+    def _relevance(self, probe: Probe, inputs: Tensor, classes: Tensor) -> Tensor:
+        parts = probe.transformer()
         blocks = parts.blocks[-int(self.options["blocks"]):] if self.options["blocks"] else parts.blocks
         tokens: list[Tensor] = []
         probabilities: list[Tensor] = []
@@ -111,7 +110,7 @@ class LeGrad(CAMMethod):
             for pair in ((attention, recompute_for(attention)), (block, record_tokens))
         )
         with recording, torch.enable_grad():
-            model(inputs.detach().clone())
+            probe.logits(inputs.detach().clone())
             maps = []
             for index, (z, p) in enumerate(zip(tokens, probabilities, strict=True)):
                 pooled = z[:, 0] if self.options["class_token"] else z.mean(dim=1)

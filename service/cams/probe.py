@@ -1,11 +1,14 @@
-"""Extra passes for methods that need more than the shared forward/backward.
+"""Extra passes for methods that need more than the shared forward/backward: the methods' runner.
 
 A :class:`Probe` is built for each round of an :func:`~service.cams.extractor.explain_batch`
-call, over the samples of that round. It runs the model on other inputs (Score-CAM's masked
-images), from a target layer on with replaced activations (Ablation-CAM's ablated channels, via
-the cheap tail of :mod:`service.cams.tail`), and gradients at a layer for other inputs (Smooth
-Grad-CAM++'s noisy copies). Every hook it registers is removed in ``finally``; gradients are
-taken with ``torch.autograd.grad``, so the model's parameters never receive a ``.grad``.
+call, over the samples of that round, and is the one way a method runs or reads the model. It
+runs the model on other inputs (Score-CAM's masked images, through the lean copy), from a target
+layer on with replaced activations (Ablation-CAM's ablated channels, via the cheap tail of
+:mod:`service.cams.tail`), gradients at a layer for other inputs (Smooth Grad-CAM++'s noisy
+copies), at the input (the saliency family) or at every biased module (FullGrad), and reads
+the classifier's weights (CAM) and a ViT's blocks (LeGrad). Every hook it registers is removed
+in ``finally``; gradients are taken with ``torch.autograd.grad``, so the model's parameters never
+receive a ``.grad``.
 
 Methods see every layer as (N, K, H, W); a layer whose output has another layout (channels
 last, or a class token and patch tokens, see :mod:`service.models.layout`) gets activations put
@@ -15,7 +18,7 @@ from the shared forward pass, and has its activations and gradients brought to t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
@@ -24,7 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from service.cams.tail import tail_of
 from service.cams.twin import twin_forward
-from service.models.hooks import forward_hook
+from service.models.anatomy import Transformer, transformer_parts
+from service.models.fold import effective_bias
+from service.models.hooks import forward_hook, forward_hooks
 from service.models.layout import Layout, layout_of, to_grid, to_native
 
 
@@ -96,6 +101,56 @@ class Probe:
                 logits = self.model(inputs)
             (gradient,) = torch.autograd.grad(gather_scores(logits, classes).sum(), [inputs])
         return gradient
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """The model's logits for ``inputs``, under the caller's grad mode (and its hooks)."""
+        output: Tensor = self.model(inputs)
+        return output
+
+    def transformer(self) -> Transformer:
+        """The model's encoder blocks, final norm and head; ValueError when it is no ViT."""
+        return transformer_parts(self.model)
+
+    def classifier_weights(self, channels: int) -> Tensor:
+        """The weight matrix (classes, K) of the last linear layer that reads ``channels`` = K
+        features (CAM's head; the API has checked it reads their global average)."""
+        candidates = [
+            m for m in self.modules.values() if isinstance(m, nn.Linear) and m.in_features == channels
+        ]
+        if not candidates:
+            raise ValueError(f"no linear layer reads {channels} features: CAM needs a linear head")
+        return candidates[-1].weight
+
+    def biases(self) -> dict[str, Tensor]:
+        """The bias each module adds to its output, by module name (convolutions and batch
+        norms that have one; :func:`service.models.fold.effective_bias`)."""
+        return {name: b for name, m in self.modules.items() if (b := effective_bias(m)) is not None}
+
+    def gradients_at(
+        self, names: Sequence[str], classes: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One forward and backward pass from a fresh copy of the inputs: that copy, ``dY_c/dX``
+        and ``dY_c/dZ`` for the output ``Z`` of each named module that ran (in the order they
+        ran, in their own layout), ``Y_c`` each input's score for its class in ``classes``."""
+        captured: dict[str, Tensor] = {}
+
+        def hook_for(name: str) -> Callable[[nn.Module, object, Tensor], Tensor]:
+            def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+                # Kept in the graph (the input gradient flows through it); downstream in-place
+                # activations act on the returned copy, so this stays the module's own output.
+                captured[name] = output
+                return output.clone()
+
+            return hook
+
+        with forward_hooks((self.modules[name], hook_for(name)) for name in names), torch.enable_grad():
+            inputs = self.inputs.detach().clone().requires_grad_(True)
+            logits = self.model(inputs)
+            ran = list(captured)
+            found = torch.autograd.grad(
+                gather_scores(logits, classes).sum(), [inputs, *(captured[name] for name in ran)]
+            )
+        return inputs.detach(), found[0], dict(zip(ran, found[1:], strict=True))
 
     def from_layer(self, layer: str, activations: Tensor, rows: Tensor) -> Tensor:
         """Logits when ``layer`` outputs ``activations`` (N, K, H, W).

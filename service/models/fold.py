@@ -12,7 +12,7 @@ each module called exactly once. A model that cannot be traced is not folded.
 
 This is the one place batch norm's eval-mode affine map is written down
 (:func:`batch_norm_affine`): the worker's folded copy, the Score-CAM family's twin
-(:mod:`service.cams.twin`) and FullGrad's bias terms all read it here.
+(:mod:`service.cams.twin`) and FullGrad's bias terms (:func:`effective_bias`) all read it here.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ def batch_norm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor] | None:
     if norm.bias is not None:
         shift = shift + norm.bias
     return scale.detach(), shift.detach()
+
+
+def effective_bias(module: nn.Module) -> Tensor | None:
+    """The bias a layer adds to its output: a convolution's own, or batch norm's folded one.
+
+    In eval mode batch norm computes ``gamma (x - mu) / sqrt(var + eps) + beta``, i.e. a bias
+    ``beta - gamma mu / sqrt(var + eps)`` per channel (:func:`batch_norm_affine`).
+    """
+    if isinstance(module, nn.BatchNorm2d):
+        affine = batch_norm_affine(module)
+        return None if affine is None else affine[1]
+    if isinstance(module, nn.Conv2d) and module.bias is not None:
+        return module.bias.detach()
+    return None
 
 
 def traced_graph(model: nn.Module) -> fx.Graph | None:

@@ -12,11 +12,10 @@ import torchvision
 from torch import nn
 
 from service.cams.extractor import resize_map
-from service.cams.fullgrad import effective_bias
 from service.cams.twin import build_twin
 from service.engine.jobs import ExplainSpec, WorkItem
 from service.engine.worker import Worker, _resize_all
-from service.models.fold import batch_norm_affine, conv_bn_pairs, fold_batch_norms
+from service.models.fold import batch_norm_affine, conv_bn_pairs, effective_bias, fold_batch_norms
 from service.models.spec import embedded_default
 
 
