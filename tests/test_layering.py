@@ -177,3 +177,19 @@ def test_a_cycle_through_a_function_local_import_is_found() -> None:
     graph = import_graph(sources)
     assert graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.a"}
     assert cycles(graph) == {frozenset({"pkg.a", "pkg.b"})}
+
+
+def test_methods_run_the_model_only_through_their_probe() -> None:
+    """A method reads activations and gradients from its context and asks the probe (the
+    model's runner) for anything more; none reaches past it to the model or its modules."""
+    reaching = []
+    for path in sorted((SERVICE / "cams").glob("*.py")):
+        if path.name in ("probe.py", "extractor.py"):  # the runner, and who builds it
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute) and node.attr in ("model", "modules")
+                and isinstance(node.value, ast.Attribute) and node.value.attr == "probe"
+            ):
+                reaching.append(f"{path.name}:{node.lineno}")
+    assert reaching == []
