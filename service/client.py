@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,26 @@ class Answer:
     model: ModelRef
     results: list[Result]
     timing_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as ``GET /jobs/{id}`` shows it; ``answer`` once it has succeeded."""
+
+    job_id: str
+    status: str  # queued | running | succeeded | failed | cancelled
+    done: int  # passes run
+    total: int  # passes to run
+    eta_s: float | None
+    answer: Answer | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+ProgressCallback = Callable[[Job], None]
 
 
 # Requests and answers, shared by both clients --------------------------------------------
@@ -216,6 +236,78 @@ def parse_answer(body: Mapping[str, Any]) -> Answer:
     )
 
 
+def parse_job(body: Mapping[str, Any]) -> Job:
+    """A job object of the contract as a :class:`Job`."""
+    progress = body.get("progress") or {}
+    result = body.get("result")
+    return Job(
+        job_id=str(body["job_id"]), status=str(body["status"]),
+        done=int(progress.get("done", 0)), total=int(progress.get("total", 0)),
+        eta_s=body.get("eta_s"), answer=parse_answer(result) if result else None,
+        error=body.get("error"),
+    )
+
+
+def _job_outcome(job: Job) -> Answer:
+    """The answer of a finished job; a failed or cancelled one raises its error."""
+    if job.status == "succeeded" and job.answer is not None:
+        return job.answer
+    error = job.error or {}
+    status = 499 if job.status == "cancelled" else 500
+    raise CamserveError(status, str(error.get("code", job.status)),
+                        str(error.get("message", f"the job {job.status}")), str(error.get("request_id", "")))
+
+
+class _EventReader:
+    """Server-sent events, a line at a time: ``feed`` returns (event, data) at each data line."""
+
+    def __init__(self) -> None:
+        self.name = "message"
+
+    def feed(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        import json
+
+        if line.startswith("event:"):
+            self.name = line[len("event:"):].strip()
+        elif line.startswith("data:"):
+            return self.name, json.loads(line[len("data:"):])
+        return None
+
+
+def _follow(job_id: str, event: tuple[str, dict[str, Any]], progress: ProgressCallback | None) -> Job | None:
+    """Report one event; the final job when it is the ``done`` event."""
+    name, data = event
+    update = parse_job(data) if name == "done" else _progress_update(job_id, data)
+    if progress is not None:
+        progress(update)
+    return update if name == "done" else None
+
+
+def _progress_update(job_id: str, data: Mapping[str, Any]) -> Job:
+    return Job(job_id=job_id, status="running", done=int(data.get("done", 0)),
+               total=int(data.get("total", 0)), eta_s=data.get("eta_s"))
+
+
+class _Bar:
+    """A tqdm bar of a job's passes (tqdm draws on a terminal, plain lines elsewhere)."""
+
+    def __init__(self, description: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, desc=description, unit="pass", dynamic_ncols=True)
+
+    def __call__(self, job: Job) -> None:
+        if job.total and self._bar.total != job.total:
+            self._bar.total = job.total
+        self._bar.n = job.done
+        if job.eta_s is not None:
+            self._bar.set_postfix_str(f"eta {job.eta_s:.0f} s", refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _http_options(api_key: str | None) -> dict[str, Any]:
     return {"headers": {"Authorization": f"Bearer {api_key}"}} if api_key else {}
 
@@ -248,14 +340,68 @@ class Client:
         class_idx: int | Sequence[int] | None = None, topk: int = 5,
         outputs: str | Sequence[str] = "mask,overlay", mask_size: str = "input",
         mask_encoding: str = "base64", colormap: str = "jet", alpha: float = 0.5,
-        request_timeout: float | None = None, request_id: str | None = None, **extra: FormValue,
+        request_timeout: float | None = None, request_id: str | None = None,
+        progress: bool = False, **extra: FormValue,
     ) -> Answer:
-        """``POST /explain``. Masks travel as base64 float32 by default (smaller and exact)."""
+        """``POST /explain``. Masks travel as base64 float32 by default (smaller and exact).
+
+        ``progress=True`` submits the request as a job instead and draws a tqdm bar of its
+        passes until it is done (the answer is the same)."""
         form = _explain_form(model, methods, target_layer, class_idx, topk, outputs, mask_size,
                              mask_encoding, colormap, alpha, extra)
+        if progress:
+            job = self._submit(images, form, request_id)
+            bar = _Bar(f"{_joined(methods)} job {job.job_id[:8]}")
+            try:
+                return self.wait_job(job.job_id, progress=bar)
+            finally:
+                bar.close()
         response = self.http.post("/explain", files=_files(images), data=form,
                                   headers={**self._auth, **_headers(request_timeout, request_id)})
         return parse_answer(_checked(response))
+
+    def submit_job(
+        self, images: ImageInput | Sequence[ImageInput], *, model: str | None = None,
+        methods: str | Sequence[str] = "gradcam", target_layer: str | Sequence[str] | None = None,
+        class_idx: int | Sequence[int] | None = None, topk: int = 5,
+        outputs: str | Sequence[str] = "mask,overlay", mask_size: str = "input",
+        mask_encoding: str = "base64", colormap: str = "jet", alpha: float = 0.5,
+        request_id: str | None = None, **extra: FormValue,
+    ) -> Job:
+        """``POST /jobs``: the same options as :meth:`explain`; returns the queued job."""
+        form = _explain_form(model, methods, target_layer, class_idx, topk, outputs, mask_size,
+                             mask_encoding, colormap, alpha, extra)
+        return self._submit(images, form, request_id)
+
+    def _submit(self, images: ImageInput | Sequence[ImageInput], form: dict[str, str],
+                request_id: str | None) -> Job:
+        response = self.http.post("/jobs", files=_files(images), data=form,
+                                  headers={**self._auth, **_headers(None, request_id)})
+        return parse_job(_checked(response))
+
+    def job(self, job_id: str) -> Job:
+        """``GET /jobs/{id}``."""
+        return parse_job(_checked(self.http.get(f"/jobs/{job_id}", headers=self._auth)))
+
+    def cancel_job(self, job_id: str) -> Job:
+        """``DELETE /jobs/{id}``: no further pass of the job runs."""
+        return parse_job(_checked(self.http.delete(f"/jobs/{job_id}", headers=self._auth)))
+
+    def wait_job(self, job_id: str, progress: ProgressCallback | None = None) -> Answer:
+        """Follow the job's events until it ends; ``progress(job)`` on every report. Returns
+        its answer, or raises :class:`CamserveError` when it failed or was cancelled."""
+        with self.http.stream("GET", f"/jobs/{job_id}/events", headers=self._auth,
+                              timeout=httpx.Timeout(30.0, read=None)) as response:
+            if response.status_code >= 400:
+                response.read()
+                _checked(response)
+            reader = _EventReader()
+            for line in response.iter_lines():
+                event = reader.feed(line)
+                final = _follow(job_id, event, progress) if event else None
+                if final is not None:
+                    return _job_outcome(final)
+        return _job_outcome(self.job(job_id))  # the stream ended early: ask once more
 
     def predict(
         self, images: ImageInput | Sequence[ImageInput], *, model: str | None = None, topk: int = 5,
@@ -308,6 +454,40 @@ class AsyncClient:
         response = await self.http.post("/explain", files=_files(images), data=form,
                                         headers={**self._auth, **_headers(request_timeout, request_id)})
         return parse_answer(_checked(response))
+
+    async def submit_job(
+        self, images: ImageInput | Sequence[ImageInput], *, model: str | None = None,
+        methods: str | Sequence[str] = "gradcam", target_layer: str | Sequence[str] | None = None,
+        class_idx: int | Sequence[int] | None = None, topk: int = 5,
+        outputs: str | Sequence[str] = "mask,overlay", mask_size: str = "input",
+        mask_encoding: str = "base64", colormap: str = "jet", alpha: float = 0.5,
+        request_id: str | None = None, **extra: FormValue,
+    ) -> Job:
+        form = _explain_form(model, methods, target_layer, class_idx, topk, outputs, mask_size,
+                             mask_encoding, colormap, alpha, extra)
+        response = await self.http.post("/jobs", files=_files(images), data=form,
+                                        headers={**self._auth, **_headers(None, request_id)})
+        return parse_job(_checked(response))
+
+    async def job(self, job_id: str) -> Job:
+        return parse_job(_checked(await self.http.get(f"/jobs/{job_id}", headers=self._auth)))
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return parse_job(_checked(await self.http.delete(f"/jobs/{job_id}", headers=self._auth)))
+
+    async def wait_job(self, job_id: str, progress: ProgressCallback | None = None) -> Answer:
+        async with self.http.stream("GET", f"/jobs/{job_id}/events", headers=self._auth,
+                                    timeout=httpx.Timeout(30.0, read=None)) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _checked(response)
+            reader = _EventReader()
+            async for line in response.aiter_lines():
+                event = reader.feed(line)
+                final = _follow(job_id, event, progress) if event else None
+                if final is not None:
+                    return _job_outcome(final)
+        return _job_outcome(await self.job(job_id))
 
     async def predict(
         self, images: ImageInput | Sequence[ImageInput], *, model: str | None = None, topk: int = 5,

@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     max_request_passes: int = Field(
         50_000, ge=1, description="forward-pass equivalents one request may cost (else 422)"
     )
+    # The one PACS the service talks to over DICOMweb (service.api.pacs); no URL: no DICOMweb.
+    dicomweb_url: str | None = Field(None, description="DICOMweb root of the PACS")
+    dicomweb_token: str | None = Field(None, description="bearer token for the PACS")
+    dicomweb_user: str | None = Field(None, description="basic-auth user for the PACS")
+    dicomweb_password: str | None = Field(None, description="basic-auth password for the PACS")
+    dicomweb_timeout_s: float = Field(30.0, gt=0, le=600, description="one PACS call's time limit")
+    max_series_images: int = Field(256, ge=1, description="images one DICOMweb job may explain")
+    # Jobs (POST /jobs): long explanations followed by polling or server-sent events.
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job is kept")
+    max_jobs: int = Field(100, ge=1, description="jobs held at once, queued, running or finished")
+    job_store_mb: float = Field(512.0, gt=0, description="memory for finished jobs' results")
+    job_timeout_s: float = Field(3600.0, gt=0, le=86_400, description="a job's deadline")
     max_queued_passes: int = Field(
         200_000, ge=1, description="heavy passes waiting or running before new heavy work gets 503"
     )
@@ -44,6 +56,26 @@ class Settings(BaseSettings):
     max_frames: int = Field(64, ge=1)
     max_images_per_request: int = Field(16, ge=1)
     overlay_max_side: int = Field(1024, ge=16, le=16384)
+    mask_max_side: int | None = Field(
+        None, ge=16, le=16384,
+        description="longer side of mask_size=original masks; unset: overlay_max_side",
+    )
+    max_decoded_mb_per_frame: float = Field(
+        100.0, gt=0, description="decoded MB per frame: width x height x the larger of its "
+        "bytes per pixel (16-bit channels count 2) and the 3 of the RGB frame it becomes",
+    )
+    max_decoded_mb_per_request: float = Field(
+        512.0, gt=0, description="decoded MB per request, all files and frames together",
+    )
+    allow_truncated_images: bool = Field(
+        False, description="decode image files whose data ends early (the rest padded); off: 415"
+    )
+    decode_threads: int = Field(
+        0, ge=0, description="files decoded at once, across requests; 0 = the cores the process may use"
+    )
+    max_response_mb: float = Field(
+        128.0, gt=0, description="the largest /explain response, estimated before any work is queued"
+    )
     png_compress_level: int = Field(3, ge=0, le=9, description="zlib level for returned PNGs")
     api_key: str | None = Field(None, description="Bearer token required on non-public endpoints")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -59,6 +91,17 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="on SIGTERM, how long queued and running work may take to finish"
+    )
+    client_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="per connection: the request head within this, the body "
+        "at 1 KiB/s or more over each such window, idle keep-alive and unread responses closed after it"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections (python -m service); at the bound the longest-idle "
+        "one is closed for a new one, or the new one gets 503"
+    )
+    metrics_require_key: bool = Field(
+        False, description="with CAMSERVE_API_KEY set, /metrics needs the key too"
     )
 
     @field_validator("device")
@@ -76,6 +119,16 @@ class Settings(BaseSettings):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
 
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _check_dicomweb_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"dicomweb_url must be an http:// or https:// URL, got {value!r}")
+        return value
+
     @field_validator("models_file")
     @classmethod
     def _models_file_exists(cls, value: Path | None) -> Path | None:
@@ -86,6 +139,11 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def mask_side(self) -> int:
+        """The longer side of a mask_size=original mask."""
+        return self.mask_max_side or self.overlay_max_side
 
 
 @lru_cache(maxsize=1)

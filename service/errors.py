@@ -9,6 +9,8 @@ The tree, written down once::
     ├── PayloadTooLarge              413 payload_too_large  body, pixels, frames, images over limits
     ├── UnsupportedMedia             415 unsupported_media  bytes that are not a decodable image
     ├── InvalidOption                422 invalid_option     unknown method/layer, class out of range
+    ├── PacsUnavailable              502 pacs_unavailable   the PACS did not answer in time
+    ├── PacsRefused                  502 pacs_refused       the PACS refused to store the results
     ├── ServiceUnavailable           503 unavailable        not ready, draining
     │   └── QueueFull                503 queue_full         backpressure (carries Retry-After)
     └── DeadlineExceeded             504 deadline_exceeded  the request's deadline passed
@@ -57,6 +59,16 @@ class UnsupportedMedia(ServiceError):
 class InvalidOption(ServiceError):
     status_code = 422
     code = "invalid_option"
+
+
+class PacsUnavailable(ServiceError):
+    status_code = 502
+    code = "pacs_unavailable"
+
+
+class PacsRefused(ServiceError):
+    status_code = 502
+    code = "pacs_refused"
 
 
 class ServiceUnavailable(ServiceError):

@@ -38,6 +38,7 @@ from service.cams.extractor import explain_batch, resize_map
 from service.imaging.preprocess import resize_for_model
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import registered_specs
+from service.progress import tracked
 from service.quality.faithfulness import faithfulness
 from service.quality.introspection import model_input
 from service.quality.localization import Box, energy_in_box, pointing_game
@@ -94,7 +95,7 @@ def evaluate(
     inputs = torch.cat([model_input(loaded, resize_for_model(s.image, size)) for s in samples])
     classes = torch.tensor([s.class_idx for s in samples], device=inputs.device)
     rows = []
-    for name in methods:
+    for name in tracked(methods, len(methods), "evaluating"):
         try:
             rows.append(_score(loaded, samples, inputs, classes, name, layers, steps, batch_size))
         except Exception as exc:  # a method that does not fit this model gets a row saying so

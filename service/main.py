@@ -19,14 +19,16 @@ from service import __version__
 from service.api.deps import require_api_key
 from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
+from service.api.jobstore import Job, JobStore
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import catalog, docs, health, inference, introspection, kserve, ui
+from service.api.pacs import Pacs
+from service.api.routes import catalog, dicomweb, docs, health, inference, introspection, jobs, kserve, ui
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
 from service.metrics import Metrics, MetricsMiddleware
 from service.models.loader import verify_weights
-from service.models.spec import registered_specs
+from service.models.spec import ModelSpec, registered_specs
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +40,52 @@ Try it: open **POST /explain**, press *Try it out*, choose a photo and *Execute*
 """
 
 
-def create_app(settings: Settings | None = None, worker_factory: WorkerFactory | None = None) -> FastAPI:
-    """The app; ``worker_factory`` swaps the torch workers for fakes in tests."""
+def checked_specs(settings: Settings) -> list[ModelSpec]:
+    """The registered models, every weights file checked: raises ``ModelsFileError``,
+    ``ModelLoadError`` or ``RuntimeError`` with a one-line reason when start-up must stop."""
+    specs = list(registered_specs(settings.models_file).values())
+    for spec in specs:
+        verify_weights(spec)
+    if settings.default_model not in {spec.name for spec in specs}:
+        raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
+    return specs
+
+
+def create_app(
+    settings: Settings | None = None,
+    worker_factory: WorkerFactory | None = None,
+    specs: list[ModelSpec] | None = None,
+) -> FastAPI:
+    """The app; ``worker_factory`` swaps the torch workers for fakes in tests; ``specs``, from
+    :func:`checked_specs`, spares the lifespan checking the weights a second time."""
     settings = settings or get_settings()
     metrics = Metrics(settings.max_batch_size)
 
+    def job_finished(job: Job, seconds: float) -> None:
+        for method in job.methods:
+            metrics.job_duration.labels(method, job.status).observe(seconds)
+        for status, count in store.counts().items():
+            metrics.jobs.labels(status).set(count)
+
+    store = JobStore(settings, on_finish=job_finished)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        specs = list(registered_specs(settings.models_file).values())
-        for spec in specs:
-            verify_weights(spec)
-        if settings.default_model not in {spec.name for spec in specs}:
-            raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
-        engine = Engine(settings, specs, worker_factory, metrics)
+        registered = specs if specs is not None else checked_specs(settings)
+        engine = Engine(settings, registered, worker_factory, metrics)
         metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
+        metrics.bind_names((spec.name for spec in registered), list(engine.methods))
         app.state.engine = engine
+        app.state.jobs = store
         loading = asyncio.create_task(engine.start(), name="camserve-load")
         try:
             yield
         finally:
             await loading
-            await engine.stop()
+            store.stop_accepting()
+            if engine.state != "stopped":  # a timed-out drain has stopped it already
+                await engine.stop()  # drains: running jobs may finish within the drain timeout
+            await store.close()  # the rest are marked cancelled
 
     app = FastAPI(
         title="camserve",
@@ -76,12 +103,16 @@ def create_app(settings: Settings | None = None, worker_factory: WorkerFactory |
     protected = [Depends(require_api_key)]
     app.include_router(inference.router, dependencies=protected)
     app.include_router(catalog.router, dependencies=protected)
+    app.include_router(jobs.router, dependencies=protected)
+    app.include_router(dicomweb.router, dependencies=protected)
+    app.state.pacs = Pacs(settings) if settings.dicomweb_url else None
     app.include_router(kserve.router, dependencies=protected)
     app.include_router(introspection.router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(ui.router)
     app.include_router(docs.router)
     docs.with_file_pickers(app)
+    app.add_middleware(dicomweb.JsonJobs)  # POST /jobs with a JSON body: a DICOMweb job
     app.add_middleware(DisconnectMiddleware)  # cancels the handler when its client has gone
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every response

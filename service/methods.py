@@ -8,6 +8,7 @@ against these records and never imports the methods themselves, which need torch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +40,12 @@ class MethodParam:
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{self.name} must be a number, got {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise ValueError(f"{self.name} must be a finite number, got {value!r:.40}")
         if self.type == "int":
             if float(value) != int(value):
                 raise ValueError(f"{self.name} must be an integer, got {value!r}")

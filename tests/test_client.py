@@ -167,3 +167,55 @@ def test_a_non_json_error_still_raises_camserve_error() -> None:
     assert (caught.value.status, caught.value.retry_after) == (503, 2.0)
     assert "upstream" in caught.value.message
 
+
+
+SCORECAM_TOP_K = '{"scorecam": {"top_k_channels": 96}}'
+
+
+def test_jobs_through_the_client_report_progress_and_answer(camserve: Client, cat_png: bytes) -> None:
+    job = camserve.submit_job(cat_png, methods="scorecam", outputs="mask", method_params=SCORECAM_TOP_K)
+    assert job.status in ("queued", "running") and job.total >= 96
+    seen: list[tuple[str, int, int]] = []
+    answer = camserve.wait_job(job.job_id, progress=lambda j: seen.append((j.status, j.done, j.total)))
+    assert answer.results[0].explanations[0].method == "scorecam"
+    assert answer.results[0].explanations[0].mask is not None
+    assert seen[-1][0] == "succeeded" and seen[-1][1] == seen[-1][2]
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and len(seen) > 2
+    assert camserve.job(job.job_id).status == "succeeded"
+
+
+def test_a_cancelled_job_raises_from_wait(camserve: Client, cat_png: bytes) -> None:
+    job = camserve.submit_job(cat_png, methods="scorecam", outputs="mask")
+    cancelled = camserve.cancel_job(job.job_id)
+    assert cancelled.status == "cancelled" and cancelled.finished
+    with pytest.raises(CamserveError) as caught:
+        camserve.wait_job(job.job_id)
+    assert caught.value.code == "cancelled"
+
+
+def test_explain_with_progress_draws_a_bar_and_answers_as_explain(
+    camserve: Client, cat_png: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = camserve.explain(cat_png, methods="scorecam", outputs="mask", progress=True,
+                              method_params=SCORECAM_TOP_K)
+    assert answer.results[0].explanations[0].mask is not None
+    drawn = capsys.readouterr().err
+    assert "scorecam job" in drawn and "pass" in drawn  # tqdm writes its bar to stderr
+
+
+def test_async_client_jobs(app: FastAPI, client: TestClient, cat_png: bytes) -> None:
+    async def run() -> tuple[list[int], Answer]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            camserve = AsyncClient(http_client=http)
+            job = await camserve.submit_job(cat_png, methods="scorecam", outputs="mask",
+                                            method_params=SCORECAM_TOP_K)
+            done: list[int] = []
+            answer = await camserve.wait_job(job.job_id, progress=lambda j: done.append(j.done))
+            assert (await camserve.job(job.job_id)).status == "succeeded"
+            return done, answer
+
+    done, answer = client.portal.call(run)
+    assert done and done == sorted(done) and done[-1] >= 96
+    assert answer.results[0].explanations[0].method == "scorecam"

@@ -31,6 +31,7 @@ _DESCRIPTIONS = {
     413: "body, image pixels, frame count or images per request over their limits",
     415: "not a decodable image of a supported format",
     422: "unknown method or layer, class index out of range, option out of range",
+    502: "the PACS could not be reached in time (pacs_unavailable) or refused a store (pacs_refused)",
     503: "queue full (with Retry-After), not ready, or draining",
     504: "the request's deadline passed before it was computed",
     500: "a fault in the service; the request fails, the service keeps serving",
@@ -54,7 +55,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def _example_code(status: int) -> str:
     return {
         400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "payload_too_large",
-        415: "unsupported_media", 422: "invalid_option", 503: "queue_full",
+        415: "unsupported_media", 422: "invalid_option", 502: "pacs_unavailable", 503: "queue_full",
         504: "deadline_exceeded", 500: "internal",
     }[status]
 

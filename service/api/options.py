@@ -6,7 +6,6 @@ an unknown model, method or layer, or an out-of-range class, never reaches the w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -14,6 +13,7 @@ from typing import Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.jsonlimits import JsonRefused, loads_bounded
 from service.errors import BadRequest, InvalidOption, NotFound, choices
 from service.imaging.colormaps import available_colormaps, is_colormap
 from service.methods import MethodInfo
@@ -182,7 +182,9 @@ def _parse_method_params(
     if value is None or not value.strip():
         return ()
     try:
-        document = json.loads(value)
+        document = loads_bounded(value)
+    except JsonRefused as exc:
+        raise InvalidOption(f"method_params refused: {exc}") from None
     except ValueError:
         raise BadRequest(f"method_params must be a JSON object, got {value!r}") from None
     if not isinstance(document, dict):

@@ -1,27 +1,44 @@
-"""What every inference route shares, whatever its wire format (multipart or KServe JSON):
-decode under the limits, build work items, set the deadline, and serialise off the loop."""
+"""What every inference route shares, whatever its wire format (multipart, KServe JSON, a job,
+a PACS): decode under the limits, build work items, set the deadline, render and serialise off
+the loop, with one :class:`Timer` per request (:func:`prepare_predict`, :func:`prepare_explain`,
+:func:`finish`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any, TypeVar
 
-from fastapi import Response
+from fastapi import Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.options import ExplainPlan
-from service.api.render import Upload, dumps
+from service.api.render import (
+    Upload,
+    check_response_size,
+    dumps,
+    explain_results,
+    model_ref,
+    original_mask_size,
+    predict_results,
+)
 from service.config import Settings
 from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
 from service.errors import BadRequest, InvalidOption, PayloadTooLarge
-from service.imaging.decode import DecodeLimits, decode_image
+from service.imaging.decode import DecodeLimits, iter_frames, shrink
 from service.imaging.encode import display_size
+from service.imaging.limits import MB, ByteBudget
 from service.imaging.preprocess import resize_for_model
 from service.models.catalog import ModelInfo
 
 Source = tuple[str | None, bytes]  # (file name if any, the file's bytes)
+_T = TypeVar("_T")
 
 
 def deadline_from(header: str | None, settings: Settings) -> float:
@@ -38,33 +55,76 @@ def deadline_from(header: str | None, settings: Settings) -> float:
 
 
 async def decode_sources(
-    sources: Sequence[Source], settings: Settings, model: ModelInfo, what: str = "file"
+    sources: Sequence[Source],
+    settings: Settings,
+    model: ModelInfo,
+    what: str = "file",
+    *,
+    deadline: float | None = None,
+    admit: Callable[[int], None] | None = None,
+    display: bool = True,
 ) -> list[Upload]:
-    """Decode every file (on a thread, not the loop) into frames at the model's input size.
+    """Decode every file (in the decode pool, not on the loop) into frames at the model's
+    input size, under the request's limits.
 
-    The request's image budget is passed down, so a file with too many frames is refused
-    from its header, before its frames are decoded.
+    ``admit`` (the engine's) refuses the request before any decoding when the service could
+    not take it anyway (queue full, draining, not ready). The image budget, the decoded-bytes
+    budget and ``deadline`` are passed down, so a file is refused from its header and a slow
+    one stopped between frames. ``display``: overlays will be drawn, so frames are kept at up
+    to the overlay size; else at the model's input size only.
     """
     if not sources:
         raise BadRequest(f"no {what}: send one or more images")
     budget = settings.max_images_per_request
     if len(sources) > budget:
         raise PayloadTooLarge(f"{len(sources)} images in one request; at most {budget} are accepted")
+    if admit is not None:
+        admit(len(sources))  # every file is one image at least
+    if deadline is None:
+        deadline = time.monotonic() + settings.request_timeout_s
+    decoded = ByteBudget(int(settings.max_decoded_mb_per_request * MB))
+    keep = (settings.overlay_max_side if display else 0, max(model.input_size))
     uploads: list[Upload] = []
     for index, (filename, data) in enumerate(sources):
-        limits = DecodeLimits(settings.max_image_pixels, settings.max_frames, budget - len(uploads))
-        uploads.extend(await run_in_threadpool(
-            _prepare, data, limits, index, filename, model.input_size
+        limits = DecodeLimits(
+            settings.max_image_pixels, settings.max_frames, budget - len(uploads),
+            max_frame_bytes=int(settings.max_decoded_mb_per_frame * MB), request_bytes=decoded,
+            deadline=deadline, allow_truncated=settings.allow_truncated_images, reduce_to=keep,
+        )
+        uploads.extend(await _in_decode_pool(
+            settings, _prepare, data, limits, index, filename, model.input_size
         ))
     return uploads
+
+
+async def _in_decode_pool(settings: Settings, fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn`` on the decode pool: decoding is bounded by its own threads and cannot take
+    every thread of the pool that rendering and the routes' other blocking work share."""
+    pool = _decode_pool(settings.decode_threads or _cores())
+    context = contextvars.copy_context()  # request id and the like, for log lines
+    return await asyncio.get_running_loop().run_in_executor(pool, partial(context.run, fn, *args))
+
+
+@lru_cache(maxsize=4)
+def _decode_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camserve-decode")
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _prepare(
     data: bytes, limits: DecodeLimits, index: int, filename: str | None, input_size: tuple[int, int]
 ) -> list[Upload]:
+    # Each frame is brought to the model's size, and to what overlays need, before the next
+    # is decoded: a request holds small copies, never all of its full-size frames at once.
     return [
-        Upload(index, filename, frame, resize_for_model(frame.image, input_size))
-        for frame in decode_image(data, limits, filename or "")
+        Upload(index, filename, shrink(frame, limits.reduce_to), resize_for_model(frame.image, input_size))
+        for frame in iter_frames(data, limits, filename or "")
     ]
 
 
@@ -75,13 +135,15 @@ def predict_items(model: ModelInfo, uploads: Sequence[Upload], topk: int, deadli
 def explain_items(
     plan: ExplainPlan, uploads: Sequence[Upload], settings: Settings, deadline: float
 ) -> list[WorkItem]:
+    """The work items of an explanation, once its response is known to fit the limit."""
+    check_response_size(plan, uploads, settings)
     wants_display = bool({"overlay", "heatmap"} & plan.outputs)
     items = []
     for upload in uploads:
         frame = upload.frame
         mask_size = {
             "input": plan.model.input_size,
-            "original": (frame.height, frame.width),
+            "original": original_mask_size(frame, settings),
             "feature": None,
         }[plan.form.mask_size]
         shown = display_size(frame.width, frame.height, settings.overlay_max_side)
@@ -113,19 +175,23 @@ def _item(
     )
 
 
-async def respond(
+async def serialize(
     body: dict[str, Any],
     results: Sequence[ItemResult],
     started: float,
     encode_started: float,
     decode_ms: float | None = None,
-) -> Response:
-    """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in and a
-    ``Server-Timing`` header naming each stage (decode when ``decode_ms`` is given, queue,
-    compute, render: masks and PNGs, json: the serialisation itself, total)."""
+) -> tuple[bytes, dict[str, float]]:
+    """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in, and the
+    ``Server-Timing`` stages (decode when ``decode_ms`` is given, queue, compute, render: masks
+    and PNGs, json: the serialisation itself, total)."""
     payload, stages = await run_in_threadpool(_serialize, body, results, started, encode_started)
     if decode_ms is not None:
         stages = {"decode": round(decode_ms, 2), **stages}
+    return payload, stages
+
+
+def json_response(payload: bytes, stages: dict[str, float]) -> Response:
     return Response(payload, media_type="application/json",
                     headers={"Server-Timing": server_timing(stages)})
 
@@ -169,3 +235,91 @@ def _serialize(
         "total": round((done - started) * 1000, 2),
     }
     return payload, stages
+
+
+# --- the one request pipeline: resolve, decode, submit, render, respond --------------------
+#
+# /predict, /explain, KServe's :predict and :explain, /jobs and /dicomweb/explain all run it;
+# they differ only in where the images come from and how the rendered results are laid out in
+# the body, so timing_ms, Server-Timing and the metrics mean the same on every transport.
+
+
+class Timer:
+    """A request's clock: when it started, how long decoding took, when rendering began."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.decode_ms: float | None = None
+        self.render_started = self.started
+
+    async def decode(self, work: Awaitable[_T]) -> _T:
+        began = time.perf_counter()
+        try:
+            return await work
+        finally:
+            self.decode_ms = (time.perf_counter() - began) * 1000
+
+    def rendering(self) -> None:
+        self.render_started = time.perf_counter()
+
+
+@dataclass
+class Prepared:
+    """A request checked and decoded, its work items built, nothing queued yet."""
+
+    model: ModelInfo
+    plan: ExplainPlan | None  # None for /predict
+    uploads: list[Upload]
+    items: list[WorkItem]
+    timer: Timer
+
+
+async def read_files(parts: Sequence[UploadFile]) -> list[Source]:
+    return [(part.filename, await part.read()) for part in parts]
+
+
+async def prepare_predict(
+    model: ModelInfo, topk: int, sources: Sequence[Source], settings: Settings, deadline: float,
+    admit: Callable[[int], None], what: str = "file", timer: Timer | None = None,
+) -> Prepared:
+    timer = timer or Timer()
+    uploads = await timer.decode(decode_sources(
+        sources, settings, model, what, deadline=deadline, admit=admit, display=False))
+    return Prepared(model, None, uploads, predict_items(model, uploads, topk, deadline), timer)
+
+
+async def prepare_explain(
+    plan: ExplainPlan, sources: Sequence[Source], settings: Settings, deadline: float,
+    admit: Callable[[int], None], what: str = "file", timer: Timer | None = None,
+) -> Prepared:
+    timer = timer or Timer()
+    uploads = await timer.decode(decode_sources(
+        sources, settings, plan.model, what, deadline=deadline, admit=admit))
+    items = explain_items(plan, uploads, settings, deadline)
+    return Prepared(plan.model, plan, uploads, items, timer)
+
+
+Layout = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def as_results(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    """The contract's own layout: ``results``, one per image or frame."""
+    return {"results": rendered}
+
+
+async def finish(
+    prepared: Prepared, results: Sequence[ItemResult], request_id: str, settings: Settings,
+    layout: Layout = as_results, extra: Mapping[str, Any] | None = None,
+) -> tuple[bytes, dict[str, float]]:
+    """Render (masks, PNGs) and serialise off the loop: the body's JSON bytes and the
+    Server-Timing stages (decode, queue, compute, render, json, total)."""
+    prepared.timer.rendering()
+    if prepared.plan is not None:
+        rendered = await run_in_threadpool(
+            explain_results, prepared.plan, prepared.uploads, results, settings.png_compress_level)
+    else:
+        rendered = predict_results(prepared.model, prepared.uploads, results)
+    body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),
+            **(extra or {})}
+    timer = prepared.timer
+    return await serialize(body, results, timer.started, timer.render_started, timer.decode_ms)

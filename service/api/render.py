@@ -11,9 +11,12 @@ import orjson
 from PIL import Image
 
 from service.api.options import ExplainPlan
+from service.config import Settings
 from service.engine.jobs import ItemResult, MapResult
+from service.errors import PayloadTooLarge
 from service.imaging import encode
 from service.imaging.decode import Frame
+from service.imaging.limits import MB, megabytes
 from service.models.catalog import ModelInfo
 
 
@@ -25,6 +28,72 @@ class Upload:
     filename: str | None
     frame: Frame
     pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
+
+
+# Upper bounds, in bytes as sent. A float32 in [0, 1] is at most 15 characters as JSON
+# ("1.2345678e-38,"); a PNG is at most its raw rows plus zlib's stored-block framing; base64
+# adds a third. What is not a map (labels, scores, names) is a few hundred bytes each.
+_LIST_VALUE = 15
+_PER_EXPLANATION = 512
+_PER_RESULT = 1024
+_PER_PREDICTION = 96
+
+
+def original_mask_size(frame: Frame, settings: Settings) -> tuple[int, int]:
+    """(height, width) of a mask_size=original mask: the frame's, the longer side capped."""
+    width, height = encode.display_size(frame.width, frame.height, settings.mask_side)
+    return height, width
+
+
+def check_response_size(plan: ExplainPlan, uploads: Sequence[Upload], settings: Settings) -> None:
+    """Refuse (413) an explanation whose response would be over the limit, before any work."""
+    limit = int(settings.max_response_mb * MB)
+    estimate = sum(_result_bytes(plan, upload, settings) for upload in uploads)
+    if estimate <= limit:
+        return
+    maps = len(uploads) * len(plan.methods) * len(plan.classes or (0,))
+    advice = ["fewer images, classes or methods"]
+    if "mask" in plan.outputs:
+        if plan.form.mask_encoding == "list":
+            advice.append("mask_encoding=base64 (a third of the size of lists)")
+        if plan.form.mask_size == "original":
+            advice.append("mask_size=input")
+    if {"overlay", "heatmap"} & plan.outputs:
+        advice.append("fewer outputs (overlay and heatmap are PNGs at up to "
+                      f"{settings.overlay_max_side} pixels a side)")
+    raise PayloadTooLarge(
+        f"the response would be up to {megabytes(estimate)} ({maps} maps over {len(uploads)} "
+        f"images), over the limit of {megabytes(limit)}; ask for " + ", ".join(advice)
+    )
+
+
+def _result_bytes(plan: ExplainPlan, upload: Upload, settings: Settings) -> int:
+    frame = upload.frame
+    per_map = _PER_EXPLANATION
+    if "mask" in plan.outputs:
+        # A feature grid is never larger than the model's input.
+        height, width = (
+            original_mask_size(frame, settings) if plan.form.mask_size == "original"
+            else plan.model.input_size
+        )
+        values = height * width
+        per_map += (values * _LIST_VALUE + height * 2 if plan.form.mask_encoding == "list"
+                    else _base64(4 * values))
+    shown_w, shown_h = encode.display_size(frame.width, frame.height, settings.overlay_max_side)
+    for output, channels in (("overlay", 3), ("heatmap", 4)):
+        if output in plan.outputs:
+            per_map += _base64(_png_bound(shown_w, shown_h, channels))
+    maps = len(plan.methods) * len(plan.classes or (0,))
+    return _PER_RESULT + plan.form.topk * _PER_PREDICTION + maps * per_map
+
+
+def _png_bound(width: int, height: int, channels: int) -> int:
+    raw = (width * channels + 1) * height  # a filter byte per row
+    return raw + 5 * (raw // 16_383 + 1) + 1024  # stored blocks, chunk headers, metadata
+
+
+def _base64(nbytes: int) -> int:
+    return 4 * -(-nbytes // 3)
 
 
 def dumps(body: dict[str, Any]) -> bytes:
@@ -79,14 +148,16 @@ def explain_results(
             "image": image_info(upload),
             "predictions": predictions(plan.model, result),
             "explanations": [
-                _explanation(plan, item, display, compress_level) for item in result.explanations
+                _explanation(plan, item, display, compress_level, upload.frame)
+                for item in result.explanations
             ],
         })
     return out
 
 
 def _explanation(
-    plan: ExplainPlan, item: MapResult, display: Image.Image | None, compress_level: int
+    plan: ExplainPlan, item: MapResult, display: Image.Image | None, compress_level: int,
+    frame: Frame,
 ) -> dict[str, Any]:
     form = plan.form
     body: dict[str, Any] = {
@@ -108,6 +179,9 @@ def _explanation(
             "dtype": "float32",
             "encoding": form.mask_encoding,
             "data": encode.mask_to_base64(mask) if form.mask_encoding == "base64" else mask,
+            # The longer side of an original-size mask is capped: say by how much.
+            "scale": (round(max(mask.shape) / max(frame.width, frame.height), 6)
+                      if form.mask_size == "original" else None),
         }
     if display is not None and item.display is not None:
         if "overlay" in plan.outputs:

@@ -54,6 +54,12 @@ class Mask(_Schema):
     data: list[list[float]] | str = Field(
         description="values in [0, 1], min-max normalised per map", examples=[[[0.0, 0.1], [0.5, 1.0]]]
     )
+    scale: float | None = Field(
+        None, description="for mask_size=original: the mask's size over the image's (longer "
+        "side over longer side), 1.0 unless the longer side was capped at the server's limit "
+        "(CAMSERVE_MASK_MAX_SIDE, default the overlay cap); null for the other mask sizes",
+        examples=[1.0],
+    )
 
 
 class Faithfulness(_Schema):
@@ -184,6 +190,21 @@ class MethodOut(_Schema):
     passes: str = Field(description="passes it costs", examples=["1 forward + 1 backward (shared)"])
     paper: str = Field(description="reference", examples=["Selvaraju et al. 2017, arXiv 1610.02391"])
     parameters: list[MethodParamOut] = Field(description="tunable parameters")
+    cost: MethodCost | None = Field(
+        description="what it costs with its default parameters on the default model, here; null "
+        "while the models load", examples=[None])
+
+
+class MethodCost(_Schema):
+    model: str = Field(description="the model the cost is for (the default one)", examples=["mobilenet_v2"])
+    layer: str = Field(description="its default layer", examples=["features.18"])
+    passes: int = Field(description="forward-pass equivalents for one image and its top-1 class",
+                        examples=[1282])
+    seconds: float = Field(description="estimated seconds for one image at the pass rate measured on "
+                           "this device", examples=[23.1])
+    heavy: bool = Field(description="runs in the heavy lane in chunks; such requests are best sent "
+                        "to POST /jobs, which reports progress", examples=[True])
+    device: str = Field(description="the device the rate was measured on", examples=["cpu"])
 
 
 class MethodsResponse(_Schema):
@@ -194,3 +215,31 @@ class HealthResponse(_Schema):
     status: str = Field(description="`ok`, `ready`, or the reason it is not ready", examples=["ok"])
     state: str = Field(description="engine state", examples=["ready"])
     queue_depth: int = Field(description="images waiting", examples=[0])
+    pacs: str | None = Field(None, description="with DICOMweb configured: `reachable`, or why the PACS "
+                             "is not (readiness does not depend on it)", examples=["reachable"])
+
+
+class JobProgress(_Schema):
+    done: int = Field(description="passes the scheduler has run for the job (never decreases)",
+                      examples=[412])
+    total: int = Field(description="passes the job needs (estimated until it ends; equals done once "
+                       "it has succeeded)", examples=[1222])
+    fraction: float = Field(description="done / total", examples=[0.337])
+
+
+class JobOut(_Schema):
+    job_id: str = Field(description="the job's id", examples=["9a1c0e5d2b7f4a3c8e6d1f0a2b3c4d5e"])
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="where the job is", examples=["running"])
+    created_at: str = Field(description="when it was submitted (UTC, ISO 8601)",
+                            examples=["2026-12-01T15:03:30.120Z"])
+    started_at: str | None = Field(description="when its first pass started", examples=[None])
+    finished_at: str | None = Field(description="when it ended", examples=[None])
+    progress: JobProgress = Field(description="passes done and to do")
+    eta_s: float | None = Field(description="seconds left at the rate its passes have run so far; "
+                                "null before the first pass", examples=[11.8])
+    methods: list[str] = Field(description="the CAM methods it computes", examples=[["scorecam"]])
+    result: ExplainResponse | None = Field(
+        description="exactly the POST /explain response body, once the job has succeeded",
+        examples=[None])
+    error: ErrorDetail | None = Field(description="why it failed or was cancelled", examples=[None])

@@ -46,7 +46,7 @@ from service.cams import method_catalog
 from service.cams.passes import PassesCancelled, PassRun
 from service.config import Settings
 from service.engine import cost
-from service.engine.jobs import ItemResult, WorkItem
+from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
 from service.engine.pool import WorkerDied, WorkerFactory, WorkerLike, WorkerSlot, is_out_of_memory
 from service.engine.worker import Worker, available_cores, resolve_devices, warm_batch_sizes
 from service.errors import DeadlineExceeded, InvalidOption, QueueFull, ServiceError, ServiceUnavailable
@@ -256,6 +256,21 @@ class Engine:
 
     # submission ------------------------------------------------------------------------
 
+    def admit(self, images: int) -> None:
+        """Raise what :meth:`submit` would for a request of ``images`` images (not ready,
+        draining, queue full), so a route can refuse before paying for its decode."""
+        if self.state != "ready":
+            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
+            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        if len(self._pending) + images > self.settings.max_queue:
+            self._purge_abandoned()
+        if len(self._pending) + images > self.settings.max_queue:
+            raise QueueFull(
+                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
+                "waiting); retry shortly",
+                retry_after_s=self._retry_after(),
+            )
+
     async def submit(
         self, items: Sequence[WorkItem], disconnected: Awaitable[object] | None = None
     ) -> list[ItemResult]:
@@ -266,20 +281,10 @@ class Engine:
         """
         state = request_state.get()
         _note_request(state, items)
-        if self.state != "ready":
-            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
-            raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
-        self._price(items)
+        self.price(items)
         light = [item for item in items if not item.heavy]
         heavy = [item for item in items if item.heavy]
-        if len(self._pending) + len(light) > self.settings.max_queue:
-            self._purge_abandoned()
-        if len(self._pending) + len(light) > self.settings.max_queue:
-            raise QueueFull(
-                f"the queue is full ({len(self._pending)} of {self.settings.max_queue} images "
-                "waiting); retry shortly",
-                retry_after_s=self._retry_after(),
-            )
+        self.admit(len(light))
         queued = self.heavy_passes_left
         if heavy and queued + sum(item.passes for item in heavy) > self.settings.max_queued_passes:
             raise QueueFull(
@@ -323,12 +328,13 @@ class Engine:
             results.add_done_callback(_retrieve)  # so asyncio does not warn about a failed image
             self._changed.set()
 
-    def _price(self, items: Sequence[WorkItem]) -> None:
-        """Set each item's passes and lane; refuse (422) what is over budget or too slow."""
+    def price(self, items: Sequence[WorkItem]) -> int:
+        """Set each item's passes and lane (an item already marked heavy, a job's, stays
+        heavy); refuse (422) what is over budget or too slow. Returns the passes in all."""
         for item in items:
             model = self._catalog.get(item.model)
             item.passes = cost.item_passes(item.explain, model) if model is not None else 1
-            item.heavy = model is not None and cost.is_heavy(item.explain, model)
+            item.heavy = item.heavy or (model is not None and cost.is_heavy(item.explain, model))
         total = sum(item.passes for item in items)
         limit = self.settings.max_request_passes
         advice = ("ask for fewer images, classes or methods, lower top_k_channels, num_samples "
@@ -336,19 +342,29 @@ class Engine:
         if total > limit:
             raise InvalidOption(
                 f"this request would cost about {total} forward passes; at most {limit} are "
-                f"allowed per request (CAMSERVE_MAX_REQUEST_PASSES): {advice}"
+                f"allowed per request and job (CAMSERVE_MAX_REQUEST_PASSES): {advice}"
             )
         if not any(item.heavy for item in items):
-            return
+            return total
         needed = total * self._seconds_per_pass
         left = min(item.deadline for item in items) - time.monotonic()
         if needed > left:
             raise InvalidOption(
                 f"this request needs about {total} forward passes, about {needed:.1f} s at the "
                 f"{1 / self._seconds_per_pass:.0f} passes/s measured on this device, more than "
-                f"the {max(left, 0):.1f} s left before its deadline: raise X-Request-Timeout or "
-                f"{advice}"
+                f"the {max(left, 0):.1f} s left before its deadline: submit it as a job "
+                f"(POST /jobs, which shows its progress), raise X-Request-Timeout, or {advice}"
             )
+        return total
+
+    def method_cost(self, method: str, model: str) -> tuple[int, float, bool]:
+        """(passes, seconds at the measured rate, heavy) of ``method`` with its defaults, for
+        one image and its top-1 class on ``model``'s default layer."""
+        info = self._catalog[model]
+        spec = ExplainSpec(methods=(method,), layers=(info.default_layer,), classes=None,
+                           mask_size=None, display_size=None)
+        passes = cost.item_passes(spec, info)
+        return passes, passes * self._seconds_per_pass, cost.is_heavy(spec, info)
 
     @property
     def heavy_passes_left(self) -> int:
@@ -545,6 +561,7 @@ class Engine:
         )
         item.run = run
         if item.on_progress is not None:
+            item.on_progress(0, run.total)  # started
             loop, report = asyncio.get_running_loop(), item.on_progress
 
             def progressed(r: PassRun) -> None:  # on the heavy item's thread
@@ -580,10 +597,14 @@ class Engine:
                 "the explanation failed inside the service; the service keeps serving, please retry"
             ))
         else:
-            run.total = run.done  # the estimate gives way to what was run
+            run.total = run.done = max(run.done, 1)  # the estimate gives way to what was run
+            if item.on_progress is not None:
+                item.on_progress(run.done, run.total)
             self._learn_pass_rate(run)
             self._finish(slot, [item], [result], started)
         finally:
+            if self.metrics:
+                self.metrics.passes.inc(run.done)
             self._heavy_running[slot.index] -= 1
             self._in_flight -= 1
             self._heavy_freed.set()

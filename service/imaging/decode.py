@@ -10,17 +10,44 @@ frame is both what the model sees and what overlays are drawn on.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMedia
+from service.errors import BadRequest, ServiceError, UnsupportedMedia
+from service.imaging.jpeg import scan_shortfall
+from service.imaging.limits import DecodeLimits, mode_bytes, reduction, shrunk_size
+
+__all__ = ["DecodeLimits", "Frame", "decode_image", "iter_frames", "shrink"]
 
 # Our own pixel limit replaces Pillow's global one, which would raise at 2x its value only.
 Image.MAX_IMAGE_PIXELS = None
+
+
+class _PerThread(threading.local):
+    """Pillow reads ``ImageFile.LOAD_TRUNCATED_IMAGES`` as a truth value on every load; this
+    one is true only on a thread decoding for a caller that allows truncated files, so one
+    request's setting never leaks into another's decode on another thread."""
+
+    allowed = False
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+_truncated_ok = _PerThread()
+
+
+def _allow_truncated(allowed: bool) -> None:
+    if ImageFile.LOAD_TRUNCATED_IMAGES is not _truncated_ok:
+        # Whatever else set it (True, globally, for every caller) is replaced, not obeyed.
+        ImageFile.LOAD_TRUNCATED_IMAGES = _truncated_ok  # type: ignore[assignment]
+    _truncated_ok.allowed = allowed
 
 # Only these decoders ever see client bytes: Pillow's other plugins (EPS runs Ghostscript,
 # PSD, ICO, ...) are attack surface the contract does not promise. (The JPEG opener also
@@ -33,48 +60,33 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded frame, ready to display and to preprocess."""
+    """One decoded frame, ready to display and to preprocess.
+
+    ``width`` and ``height`` are the frame's own size (orientation applied), which responses
+    report; ``image`` may be smaller (see ``DecodeLimits.reduce_to`` and :func:`shrink`), aspect
+    kept, when no output needs more.
+    """
 
     image: Image.Image  # mode "RGB", 8 bits per channel, orientation applied
     frame: int  # index of the frame within its file
     source_mode: str  # mode before conversion, e.g. "I;16", "P" or "MONOCHROME1"
+    width: int = 0  # 0: the image's own
+    height: int = 0
 
-    @property
-    def width(self) -> int:
-        return self.image.width
-
-    @property
-    def height(self) -> int:
-        return self.image.height
+    def __post_init__(self) -> None:
+        if not self.width or not self.height:
+            object.__setattr__(self, "width", self.image.width)
+            object.__setattr__(self, "height", self.image.height)
 
 
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int  # per frame
-    max_frames: int  # per file
-    images_left: int | None = None  # what the request's image budget still allows
-
-    def check_frames(self, n_frames: int, label: str) -> None:
-        """Refuse a file by its declared frame count, before decoding any frame."""
-        if n_frames > self.max_frames:
-            raise PayloadTooLarge(
-                f"{label} has {n_frames} frames; at most {self.max_frames} are accepted per file"
-            )
-        if self.images_left is not None and n_frames > self.images_left:
-            raise PayloadTooLarge(
-                f"{label} has {n_frames} frames, more than the {self.images_left} images "
-                "(frames included) this request may still carry; split it"
-            )
-
-    def check_pixels(self, width: int, height: int, label: str) -> None:
-        """Refuse a frame by its declared size, before its pixels are allocated."""
-        if width * height > self.max_pixels:
-            raise PayloadTooLarge(
-                f"{label} is {width}x{height} = {width * height} pixels; "
-                f"at most {self.max_pixels} are accepted per frame"
-            )
-        if width <= 0 or height <= 0:
-            raise UnsupportedMedia(f"{label} has no pixels")
+def shrink(frame: Frame, reduce_to: tuple[int, int] | None) -> Frame:
+    """The frame with its image no larger than ``reduce_to`` needs (see limits.shrunk_size),
+    so a request holds small copies while it waits; its reported size is kept."""
+    size = shrunk_size(frame.image.width, frame.image.height, reduce_to)
+    if size == frame.image.size:
+        return frame
+    image = frame.image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return replace(frame, image=image)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -90,9 +102,16 @@ def may_be_bare_dicom(data: bytes) -> bool:
 
 def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[Frame]:
     """Decode every frame of an image file, or raise a 4xx domain error."""
+    return list(iter_frames(data, limits, filename))
+
+
+def iter_frames(data: bytes, limits: DecodeLimits, filename: str = "") -> Iterator[Frame]:
+    """Every frame of an image file, one at a time, so a caller can shrink each (and let go
+    of the full-size pixels) before the next is decoded; or a 4xx domain error."""
     label = f"file {filename!r}" if filename else "the file"
     if not data:
         raise BadRequest(f"{label} is empty")
+    _allow_truncated(limits.allow_truncated)
     try:
         with warnings.catch_warnings():
             # Malformed files make decoders warn; the outcome (a frame or a 4xx) is what counts.
@@ -101,7 +120,8 @@ def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[
                 # Imported here so pydicom loads only when a DICOM file arrives.
                 from service.imaging.dicom import decode_dicom
 
-                return decode_dicom(data, limits, label)
+                yield from decode_dicom(data, limits, label)
+                return
             try:
                 image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
             except UnidentifiedImageError:
@@ -109,8 +129,11 @@ def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[
                     raise
                 from service.imaging.dicom import decode_dicom
 
-                return decode_dicom(data, limits, label, bare=True)
-            return list(_frames(image, limits, label))
+                yield from decode_dicom(data, limits, label, bare=True)
+                return
+            if image.format in ("JPEG", "MPO") and not limits.allow_truncated:
+                _check_scans(data, image, label)
+            yield from _frames(image, limits, label)
     except ServiceError:
         raise
     except UnidentifiedImageError as exc:
@@ -118,7 +141,12 @@ def decode_image(data: bytes, limits: DecodeLimits, filename: str = "") -> list[
     except Exception as exc:
         # Decoders fed hostile bytes fail in many ways (struct.error, IndexError, ...);
         # every one of them means "not a decodable image", never a fault of the service.
+        if "truncated" in str(exc):
+            raise UnsupportedMedia(f"{label} is truncated: {_reason(exc)}; {_WHOLE_FILE}") from exc
         raise UnsupportedMedia(f"{label} could not be decoded: {_reason(exc)}") from exc
+
+
+_WHOLE_FILE = "send the whole file"
 
 
 def _reason(exc: BaseException) -> str:
@@ -126,22 +154,79 @@ def _reason(exc: BaseException) -> str:
     return text[:200]
 
 
+def _check_scans(data: bytes, image: Image.Image, label: str) -> None:
+    shortfall = scan_shortfall(data)
+    if shortfall is not None:
+        width, height = image.size
+        raise UnsupportedMedia(
+            f"{label} is truncated: its scan {shortfall.scan} has {shortfall.have} bytes, and a "
+            f"{width}x{height} JPEG needs at least {shortfall.need}; {_WHOLE_FILE}"
+        )
+
+
 def _frames(image: Image.Image, limits: DecodeLimits, label: str) -> Iterator[Frame]:
-    # An MPO's extra pictures are previews or depth maps of the one photo, not frames.
-    n_frames = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1) or 1)
-    limits.check_frames(n_frames, label)
+    n_frames, more = _count_frames(image, limits, label)
+    limits.check_frames(n_frames, label, at_least=more)
     for index in range(n_frames):
+        frame_label = f"{label} frame {index}" if n_frames > 1 else label
+        limits.check_deadline(frame_label)
         if index:
             image.seek(index)
         width, height = image.size
-        limits.check_pixels(width, height, f"{label} frame {index}")
+        limits.check_pixels(width, height, frame_label)
+        scale = reduction(width, height, limits.reduce_to) if image.format in ("JPEG", "MPO") else 1
+        if scale > 1:
+            # libjpeg scales while it decodes: the full-size pixels are never built.
+            image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
+        limits.check_bytes(*image.size, mode_bytes(image.mode), frame_label)
+        _allow_truncated(limits.allow_truncated)
         image.load()
-        yield Frame(image=to_display_rgb(image), frame=index, source_mode=image.mode)
+        shown = to_display_rgb(image)
+        # Reported at the size the file declares, orientation applied, however it was decoded.
+        turned = shown.size != image.size
+        yield Frame(image=shown, frame=index, source_mode=image.mode,
+                    width=height if turned else width, height=width if turned else height)
+
+
+def _count_frames(image: Image.Image, limits: DecodeLimits, label: str) -> tuple[int, bool]:
+    """The file's frame count, and whether counting stopped one past the limit.
+
+    WebP and APNG declare their count; TIFF and GIF are counted by stepping from frame to
+    frame, which Pillow's ``n_frames`` does for all of them (for TIFF in time that grows with
+    the square of the count). Stepping stops one past what the limits allow.
+    """
+    if image.format == "MPO":
+        return 1, False  # an MPO's extra pictures are previews or depth maps, not frames
+    step: Callable[[int], object]
+    if image.format == "TIFF":
+        step = image.seek  # reads the page's tags, not its pixels
+    elif image.format == "GIF" and hasattr(image, "_seek"):
+        step = partial(image._seek, update_image=False)  # moves on without decoding
+    else:
+        return int(getattr(image, "n_frames", 1) or 1), False
+    cap = limits.frames_cap
+    count = 1
+    try:
+        while count <= cap:
+            if count % 64 == 0:
+                limits.check_deadline(label)
+            step(count)
+            count += 1
+    except EOFError:
+        pass
+    image.seek(0)
+    return count, count > cap
 
 
 def to_display_rgb(image: Image.Image) -> Image.Image:
-    """Orientation applied, high bit depths windowed to 8 bits, any mode to RGB."""
-    oriented = ImageOps.exif_transpose(image) or image
+    """Orientation applied, high bit depths windowed to 8 bits, any mode to RGB.
+
+    The orientation step copies the frame only when it turns it: at the largest size
+    accepted each copy is tens of megabytes.
+    """
+    oriented = image
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        oriented = ImageOps.exif_transpose(image)
     mode = oriented.mode
     if mode in _HIGH_DEPTH_MODES:
         pixels = np.asarray(oriented)
@@ -158,6 +243,9 @@ def to_display_rgb(image: Image.Image) -> Image.Image:
     return oriented.convert("RGB")
 
 
+_ORIENTATION = 0x0112
+
+
 def grey_to_rgb(pixels: np.ndarray) -> Image.Image:
     """(H, W) uint8 to an RGB image with the grey value in every channel."""
     grey = np.ascontiguousarray(pixels, dtype=np.uint8)
@@ -167,11 +255,41 @@ def grey_to_rgb(pixels: np.ndarray) -> Image.Image:
 def window_to_uint8(
     pixels: np.ndarray, low: float | None = None, high: float | None = None
 ) -> np.ndarray:
-    """Linearly map [low, high] (default: the data's full range) to 0..255."""
-    values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo = float(values.min()) if low is None else low
-    hi = float(values.max()) if high is None else high
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    """Linearly map [low, high] (default: the data's full range) to 0..255; NaN and
+    infinities count as 0.
+
+    A large frame is worked through a slice of rows at a time, so the float64 copies this
+    needs stay a few megabytes (a whole 16-bit frame in float64 is four times the frame).
+    """
+    if low is None or high is None:
+        bounds = [(float(part.min()), float(part.max())) for _, part in _float_slices(pixels)]
+        low = min(b[0] for b in bounds) if low is None else low
+        high = max(b[1] for b in bounds) if high is None else high
+    out = np.zeros(pixels.shape, dtype=np.uint8)
+    if high <= low:
+        return out
+    factor = 255.0 / (high - low)
+    for start, part in _float_slices(pixels):
+        window = np.clip(np.rint((part - low) * factor), 0, 255).astype(np.uint8)
+        if out.ndim:
+            out[start:start + len(part)] = window
+        else:
+            out[...] = window
+    return out
+
+
+_SLICE_VALUES = 1 << 20
+
+
+def _float_slices(pixels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, those rows as finite float64), about a million values at a time."""
+    if pixels.ndim == 0 or pixels.size <= _SLICE_VALUES:
+        yield 0, _finite(pixels)
+        return
+    rows = max(1, _SLICE_VALUES * len(pixels) // pixels.size)
+    for start in range(0, len(pixels), rows):
+        yield start, _finite(pixels[start:start + rows])
+
+
+def _finite(pixels: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, iter_pixels
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from service.errors import PayloadTooLarge, UnsupportedMedia
+from service.errors import PayloadTooLarge, ServiceError, UnsupportedMedia
 from service.imaging.decode import DecodeLimits, Frame, grey_to_rgb, window_to_uint8
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -34,8 +34,11 @@ _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL
 _DEFLATE_UID = str(DeflatedExplicitVRLittleEndian).encode("ascii")
 
 
-def decode_dicom(data: bytes, limits: DecodeLimits, label: str, bare: bool = False) -> list[Frame]:
-    """Every frame of a DICOM file, or a 4xx domain error (415 names the transfer syntax).
+def decode_dicom(
+    data: bytes, limits: DecodeLimits, label: str, bare: bool = False
+) -> Iterator[Frame]:
+    """Every frame of a DICOM file, one at a time, or a 4xx domain error (415 names the
+    transfer syntax).
 
     ``bare``: the bytes have no preamble and file meta; pydicom then guesses the encoding.
     """
@@ -50,6 +53,10 @@ def decode_dicom(data: bytes, limits: DecodeLimits, label: str, bare: bool = Fal
     n_frames = int(ds.get("NumberOfFrames") or 1)
     limits.check_frames(n_frames, label)
     limits.check_pixels(columns, rows, label)
+    # Every frame declares the same size: the file's decoded bytes are known from its header.
+    per_frame = -(-int(ds.get("BitsAllocated") or 8) // 8) * int(ds.get("SamplesPerPixel") or 1)
+    for index in range(n_frames):
+        limits.check_bytes(columns, rows, per_frame, f"{label} frame {index}" if n_frames > 1 else label)
     syntax = _transfer_syntax(ds)
     _check_decodable(syntax, label)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -57,18 +64,17 @@ def decode_dicom(data: bytes, limits: DecodeLimits, label: str, bare: bool = Fal
         raise UnsupportedMedia(
             f"{label} has photometric interpretation {photometric or 'none'!r}, which is not supported"
         )
-    frames = []
     try:
         for index, pixels in enumerate(iter_pixels(ds)):
+            limits.check_deadline(f"{label} frame {index}")
             image = _to_rgb(pixels, ds, photometric, index)
-            frames.append(Frame(image=image, frame=index, source_mode=photometric))
-    except (UnsupportedMedia, PayloadTooLarge):
+            yield Frame(image=image, frame=index, source_mode=photometric)
+    except ServiceError:
         raise
     except Exception as exc:
         raise UnsupportedMedia(
             f"{label} could not be decoded with transfer syntax {_name(syntax)}: {_first_line(exc)}"
         ) from exc
-    return frames
 
 
 def _first_line(exc: BaseException) -> str:

@@ -38,6 +38,7 @@ demos of an architecture need. Transformers are served this way too::
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from importlib.util import find_spec
@@ -148,12 +149,15 @@ def embedded_weights_path() -> Path:
 
 
 def read_models_file(path: Path) -> list[ModelSpec]:
-    """Parse a TOML or JSON models file; relative paths are taken from the file's folder."""
+    """Parse a TOML or JSON models file; relative paths are taken from the file's folder, and
+    no path may lead out of it."""
     try:
         text = path.read_text(encoding="utf-8")
         document = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (OSError, ValueError) as exc:
         raise ModelsFileError(f"cannot read models file {path}: {exc}") from exc
+    except RecursionError:  # both parsers recurse once per nesting level
+        raise ModelsFileError(f"cannot read models file {path}: nested too deeply") from None
     entries = document.get("models") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise ModelsFileError(f"models file {path} must hold a list named 'models'")
@@ -166,7 +170,7 @@ def read_models_file(path: Path) -> list[ModelSpec]:
             if key == "weights" and resolved.get(key) == RANDOM_WEIGHTS:
                 continue
             if isinstance(resolved.get(key), str):
-                resolved[key] = _resolve(path.parent, resolved[key])
+                resolved[key] = _resolve(path, key, resolved[key])
         try:
             specs.append(ModelSpec(**resolved))
         except (ValidationError, ValueError) as exc:
@@ -174,11 +178,23 @@ def read_models_file(path: Path) -> list[ModelSpec]:
     return specs
 
 
-def _resolve(base: Path, value: str) -> Path:
+def _resolve(models_file: Path, key: str, value: str) -> Path:
+    """``value`` as a path inside the models file's folder; anything leading out is refused.
+
+    The check is on the written path (``..`` resolved by name, symlinks not followed): labels
+    come back to clients, so ``labels = "../../etc/passwd"`` must not be read, while a link the
+    operator placed in the folder (a Kubernetes ConfigMap mount is made of them) stays usable.
+    """
     if "://" in value:
         raise ModelsFileError(f"{value!r}: only local files are accepted, never URLs")
-    candidate = Path(value).expanduser()
-    return candidate if candidate.is_absolute() else base / candidate
+    folder = Path(os.path.abspath(models_file.parent))
+    candidate = Path(os.path.normpath(folder / Path(value).expanduser()))
+    if not candidate.is_relative_to(folder):
+        raise ModelsFileError(
+            f"models file {models_file}: {key} {value!r} lies outside the models file's folder "
+            f"{folder}; put the file in that folder (or a subfolder) and name it relative to it"
+        )
+    return candidate
 
 
 def registered_specs(models_file: Path | None) -> dict[str, ModelSpec]:

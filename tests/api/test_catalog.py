@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 
@@ -50,3 +51,13 @@ def test_docs_and_ui(client: TestClient) -> None:
     assert root.status_code in (302, 307) and root.headers["location"] == "/ui"
     page = client.get("/ui")
     assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_methods_say_what_they_cost_here(client: TestClient) -> None:
+    methods = {m["name"]: m for m in client.get("/methods").json()["methods"]}
+    gradcam, scorecam, sscam = (methods[n]["cost"] for n in ("gradcam", "scorecam", "sscam"))
+    assert gradcam["heavy"] is False and gradcam["passes"] <= 3
+    assert scorecam["heavy"] is True and scorecam["passes"] >= 1280  # a pass per channel of features.18
+    assert sscam["passes"] == pytest.approx(35 * (scorecam["passes"] - 2) + 2, rel=0.01)
+    assert sscam["seconds"] > scorecam["seconds"] > gradcam["seconds"] > 0
+    assert {c["model"] for c in (gradcam, scorecam)} == {"mobilenet_v2"} and gradcam["layer"] == "features.18"

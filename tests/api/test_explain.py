@@ -96,14 +96,20 @@ def test_overlay_is_the_photo_blended_with_the_colour_map(client: TestClient, ca
     assert np.abs(np.asarray(decode_png(strong["overlay_png"]), np.float32) - original).mean() > 20
 
 
-def test_large_images_have_their_overlays_capped(client: TestClient, coffee_png: bytes) -> None:
+def test_large_images_have_their_overlays_and_original_masks_capped(
+    client: TestClient, coffee_png: bytes
+) -> None:
     big = Image.open(io.BytesIO(coffee_png)).resize((2400, 1600))
     buffer = io.BytesIO()
     big.save(buffer, format="PNG")
     body = explain(client, buffer.getvalue(), outputs="overlay,mask", mask_size="original")
+    image = body["results"][0]["image"]
+    assert (image["width"], image["height"]) == (2400, 1600)  # the file's size, as it was sent
     explanation = body["results"][0]["explanations"][0]
     assert decode_png(explanation["overlay_png"]).size == (1024, 683)
-    assert explanation["mask"]["shape"] == [1600, 2400]
+    # The mask is capped like the overlay (CAMSERVE_MASK_MAX_SIDE defaults to the overlay cap).
+    assert explanation["mask"]["shape"] == [683, 1024]
+    assert explanation["mask"]["scale"] == pytest.approx(1024 / 2400, abs=1e-6)
 
 
 @pytest.mark.parametrize("mask_size, shape", [("input", [224, 224]), ("feature", [7, 7]),

@@ -23,7 +23,7 @@ from service.config import Settings
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE
 
 ROOT = Path(__file__).resolve().parents[2]
-PROFILES = ["gpu", "scale"]
+PROFILES = ["gpu", "scale", "radiology"]
 
 
 # Dockerfile --------------------------------------------------------------------------------
@@ -334,3 +334,17 @@ def test_prometheus_scrapes_metrics_of_every_camserve_service() -> None:
     assert names == camserve
     mounts = services["prometheus"]["volumes"]
     assert any(str(ROOT / "deploy/prometheus.yml") in str(v) for v in mounts)
+
+
+def test_radiology_profile_points_camserve_at_orthanc_with_dicomweb_and_ohif() -> None:
+    services = _compose_config("radiology")["services"]
+    orthanc, camserve = services["orthanc"], services["camserve-radiology"]
+    assert orthanc["profiles"] == ["radiology"] and camserve["profiles"] == ["radiology"]
+    assert orthanc["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert orthanc["environment"]["OHIF_PLUGIN_ENABLED"] == "true"
+    root = orthanc["environment"]["ORTHANC__DICOM_WEB__ROOT"].strip("/")
+    url = camserve["environment"]["CAMSERVE_DICOMWEB_URL"]
+    assert url == f"http://orthanc:{orthanc['ports'][0]['target']}/{root}"
+    assert Settings(dicomweb_url=url).dicomweb_url == url  # the service accepts it as it is
+    assert "orthanc" in camserve["depends_on"]
+    assert "/readyz" in " ".join(camserve["healthcheck"]["test"])

@@ -186,3 +186,25 @@ STILL_KINDS = (
     "tiff-rgb", "tiff-grey16", "tiff-float", "tiff-lzw", "bmp", "bmp-palette", "webp", "webp-lossy",
     "gif",
 )
+
+
+def tiff_pages(count: int) -> bytes:
+    """A little-endian TIFF of ``count`` one-pixel greyscale pages, written IFD by IFD (Pillow's
+    own writer takes minutes for tens of thousands of pages). Every page's strip is the same
+    single byte, right after the header, so the file is about 114 bytes a page."""
+    entries = [  # tag, type (3 SHORT, 4 LONG), value
+        (256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+        (273, 4, 8), (277, 3, 1), (278, 3, 1), (279, 4, 1),
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    first = 10  # 8-byte header, the pixel byte, a pad byte: IFDs start on a word boundary
+    out = [b"II*\x00" + struct.pack("<I", first) + b"\x80\x00"]
+    for page in range(count):
+        following = first + (page + 1) * ifd_size if page + 1 < count else 0
+        body = b"".join(
+            struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3
+                                                 else struct.pack("<I", value))
+            for tag, kind, value in entries
+        )
+        out.append(struct.pack("<H", len(entries)) + body + struct.pack("<I", following))
+    return b"".join(out)

@@ -8,6 +8,7 @@ from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses
 from service.api.schemas import (
     LayerOut,
+    MethodCost,
     MethodOut,
     MethodParamOut,
     MethodsResponse,
@@ -15,7 +16,7 @@ from service.api.schemas import (
     ModelsResponse,
     ModelSummary,
 )
-from service.errors import NotFound, choices
+from service.errors import NotFound, ServiceUnavailable, choices
 from service.models.catalog import ModelInfo
 
 router = APIRouter(tags=["catalog"])
@@ -68,7 +69,19 @@ async def get_model(name: str, engine: EngineDep, settings: SettingsDep) -> Mode
     summary="List every CAM method",
     responses=error_responses(401),
 )
-async def list_methods(engine: EngineDep) -> MethodsResponse:
+async def list_methods(engine: EngineDep, settings: SettingsDep) -> MethodsResponse:
+    try:
+        model = engine.catalog[settings.default_model]
+    except ServiceUnavailable:  # still loading: the list without costs
+        model = None
+
+    def cost(name: str) -> MethodCost | None:
+        if model is None:
+            return None
+        passes, seconds, heavy = engine.method_cost(name, model.name)
+        return MethodCost(model=model.name, layer=model.default_layer, passes=passes,
+                          seconds=round(seconds, 3), heavy=heavy, device=model.device)
+
     return MethodsResponse(
         methods=[
             MethodOut(
@@ -83,6 +96,7 @@ async def list_methods(engine: EngineDep) -> MethodsResponse:
                                    description=p.description)
                     for p in info.params
                 ],
+                cost=cost(info.name),
             )
             for info in engine.methods.values()
         ]

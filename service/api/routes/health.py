@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import EngineDep
+from service.api.deps import EngineDep, require_api_key
 from service.api.errors import error_responses
 from service.api.schemas import HealthResponse
 
@@ -24,11 +26,13 @@ async def healthz(engine: EngineDep) -> HealthResponse:
     summary="Readiness: 503 until every model is loaded and warmed up, and while draining",
     responses={503: {"model": HealthResponse, "description": "not ready (starting, draining or failed)"}},
 )
-async def readyz(engine: EngineDep) -> Response:
+async def readyz(request: Request, engine: EngineDep) -> Response:
     ready = engine.state == "ready"
     status = "ready" if ready else (engine.failure or engine.state)
-    body = HealthResponse(status=status, state=engine.state, queue_depth=engine.queue_depth)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    pacs = getattr(request.app.state, "pacs", None)
+    reachable = await run_in_threadpool(pacs.ping) if pacs is not None else None
+    body = HealthResponse(status=status, state=engine.state, queue_depth=engine.queue_depth, pacs=reachable)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
 
 @router.get(
@@ -40,4 +44,10 @@ async def readyz(engine: EngineDep) -> Response:
                **error_responses(500)},
 )
 async def metrics(request: Request) -> Response:
+    settings = request.app.state.settings
+    if settings.metrics_require_key:
+        # Checked here rather than as a route dependency, so the public schema stays the same.
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+        require_api_key(settings, given if scheme.lower() == "bearer" else None)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,19 +1,16 @@
-"""``POST /predict`` and ``POST /explain``: validate, decode, enqueue, await, render."""
+"""``POST /predict`` and ``POST /explain``: validate, then the one pipeline
+(:mod:`service.api.pipeline`): decode, enqueue, await, render."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Header, Request, Response, UploadFile
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Form, Header, Request, Response
 
 from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
-from service.api.render import explain_results, model_ref, predict_results
 from service.api.schemas import ExplainResponse, PredictResponse
 
 router = APIRouter(tags=["inference"])
@@ -39,20 +36,15 @@ async def predict(
     form: Annotated[PredictForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
-    started = time.perf_counter()
+    timer = pipeline.Timer()
     model = resolve_model(form.model, engine.catalog, settings.default_model)
-    decode_started = time.perf_counter()
-    uploads = await pipeline.decode_sources(await _read(form.file), settings, model)
-    decode_ms = (time.perf_counter() - decode_started) * 1000
     deadline = pipeline.deadline_from(x_request_timeout, settings)
-    results = await engine.submit(pipeline.predict_items(model, uploads, form.topk, deadline))
-    encode_started = time.perf_counter()
-    body = {
-        "request_id": request_id_of(request),
-        "model": model_ref(model),
-        "results": predict_results(model, uploads, results),
-    }
-    return await pipeline.respond(body, results, started, encode_started, decode_ms)
+    prepared = await pipeline.prepare_predict(
+        model, form.topk, await pipeline.read_files(form.file), settings, deadline, engine.admit,
+        timer=timer,
+    )
+    results = await engine.submit(prepared.items)
+    return pipeline.json_response(*await pipeline.finish(prepared, results, request_id_of(request), settings))
 
 
 @router.post(
@@ -73,20 +65,11 @@ async def explain(
     form: Annotated[ExplainForm, Form(media_type="multipart/form-data")],
     x_request_timeout: Timeout = None,
 ) -> Response:
-    started = time.perf_counter()
+    timer = pipeline.Timer()
     plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
-    decode_started = time.perf_counter()
-    uploads = await pipeline.decode_sources(await _read(form.file), settings, plan.model)
-    decode_ms = (time.perf_counter() - decode_started) * 1000
     deadline = pipeline.deadline_from(x_request_timeout, settings)
-    results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
-    encode_started = time.perf_counter()
-    rendered = await run_in_threadpool(
-        explain_results, plan, uploads, results, settings.png_compress_level
+    prepared = await pipeline.prepare_explain(
+        plan, await pipeline.read_files(form.file), settings, deadline, engine.admit, timer=timer
     )
-    body = {"request_id": request_id_of(request), "model": model_ref(plan.model), "results": rendered}
-    return await pipeline.respond(body, results, started, encode_started, decode_ms)
-
-
-async def _read(parts: Sequence[UploadFile]) -> list[pipeline.Source]:
-    return [(part.filename, await part.read()) for part in parts]
+    results = await engine.submit(prepared.items)
+    return pipeline.json_response(*await pipeline.finish(prepared, results, request_id_of(request), settings))

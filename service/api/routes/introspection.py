@@ -142,7 +142,7 @@ async def features(
             f"(modules with a 4-D output): {choices(model.layer_names())}"
         )
     sources = [(form.file.filename, await form.file.read())]
-    upload = (await pipeline.decode_sources(sources, settings, model))[0]
+    upload = (await pipeline.decode_sources(sources, settings, model, display=False))[0]
     maps = await engine.feature_maps(model.name, upload.pixels, layer, form.max_channels)
     grid, columns, rows, tile = tiles.tile_grid(maps.tiles)
     png = await run_in_threadpool(png_base64, grid, settings.png_compress_level)

@@ -11,18 +11,15 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from starlette.concurrency import run_in_threadpool
 
 from service.api import pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
 from service.api.options import ExplainForm, PredictForm, plan_explain, resolve_model
-from service.api.render import explain_results, model_ref, predict_results
 from service.api.schemas import Explanation, ModelRef, PredictResult, Timing
 from service.errors import BadRequest
 
@@ -166,21 +163,22 @@ async def predict(
     request: Request, engine: EngineDep, settings: SettingsDep, model: ModelName,
     body: KServePredictRequest, x_request_timeout: Timeout = None,
 ) -> Response:
-    started = time.perf_counter()
+    timer = pipeline.Timer()
     info = resolve_model(model, engine.catalog, settings.default_model)
     options = body.parameters.model_dump() if body.parameters else {}
     # Already validated field by field against the form's own fields: safe to construct.
     form = PredictForm.model_construct(file=[], model=model, **options)
-    uploads = await pipeline.decode_sources(_sources(body.instances), settings, info, "instances")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
-    results = await engine.submit(pipeline.predict_items(info, uploads, form.topk, deadline))
-    encode_started = time.perf_counter()
-    out = {
-        "request_id": request_id_of(request),
-        "model": model_ref(info),
-        "predictions": predict_results(info, uploads, results),
-    }
-    return await pipeline.respond(out, results, started, encode_started)
+    prepared = await pipeline.prepare_predict(
+        info, form.topk, _sources(body.instances), settings, deadline, engine.admit, "instances",
+        timer=timer,
+    )
+    results = await engine.submit(prepared.items)
+    payload, stages = await pipeline.finish(
+        prepared, results, request_id_of(request), settings,
+        layout=lambda rendered: {"predictions": rendered},
+    )
+    return pipeline.json_response(payload, stages)
 
 
 @router.post(
@@ -195,22 +193,25 @@ async def explain(
     request: Request, engine: EngineDep, settings: SettingsDep, model: ModelName,
     body: KServeExplainRequest, x_request_timeout: Timeout = None,
 ) -> Response:
-    started = time.perf_counter()
+    timer = pipeline.Timer()
     resolve_model(model, engine.catalog, settings.default_model)  # 404 names the path's model
     options = body.parameters.model_dump() if body.parameters else {}
     form = ExplainForm.model_construct(file=[], model=model, **options)
     plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
-    uploads = await pipeline.decode_sources(_sources(body.instances), settings, plan.model, "instances")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
-    results = await engine.submit(pipeline.explain_items(plan, uploads, settings, deadline))
-    encode_started = time.perf_counter()
-    rendered = await run_in_threadpool(
-        explain_results, plan, uploads, results, settings.png_compress_level
+    prepared = await pipeline.prepare_explain(
+        plan, _sources(body.instances), settings, deadline, engine.admit, "instances", timer=timer
     )
-    out = {
-        "request_id": request_id_of(request),
-        "model": model_ref(plan.model),
+    results = await engine.submit(prepared.items)
+    payload, stages = await pipeline.finish(
+        prepared, results, request_id_of(request), settings, layout=_side_by_side
+    )
+    return pipeline.json_response(payload, stages)
+
+
+def _side_by_side(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    """KServe V1's layout: predictions and explanations in two lists, position for position."""
+    return {
         "predictions": [{"image": r["image"], "predictions": r["predictions"]} for r in rendered],
         "explanations": [r["explanations"] for r in rendered],
     }
-    return await pipeline.respond(out, results, started, encode_started)

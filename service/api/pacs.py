@@ -1,0 +1,200 @@
+"""The one PACS the service talks to, over DICOMweb (QIDO-RS, WADO-RS, STOW-RS).
+
+Its address comes from ``CAMSERVE_DICOMWEB_URL`` alone (with ``CAMSERVE_DICOMWEB_TOKEN`` for a
+bearer token, or ``CAMSERVE_DICOMWEB_USER`` and ``CAMSERVE_DICOMWEB_PASSWORD`` for basic auth):
+requests name studies, series and instances by UID, never a URL, so the service cannot be
+turned into a proxy to other hosts. UIDs are checked against DICOM's UID syntax before any
+call. The protocol is ``dicomweb-client``'s; every call has ``CAMSERVE_DICOMWEB_TIMEOUT_S``.
+
+Errors: the PACS has no such study, series or instance -> :class:`NotFound` (what it answered);
+it cannot be reached or does not answer in time -> :class:`PacsUnavailable`, with its address
+in the log only; it refuses a store -> :class:`PacsRefused` with its status.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+from service.config import Settings
+from service.errors import InvalidOption, NotFound, PacsRefused, PacsUnavailable
+
+log = logging.getLogger(__name__)
+
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PING_TIMEOUT_S = 2.0
+PING_EVERY_S = 5.0
+T = TypeVar("T")
+
+
+def check_uid(value: str, what: str) -> str:
+    value = value.strip()
+    if len(value) > 64 or not UID.match(value):
+        raise InvalidOption(f"{what} must be a DICOM UID (digits and dots, at most 64), got {value[:80]!r}")
+    return value
+
+
+class _TimedSession(requests.Session):
+    """A session whose every request has a time limit (dicomweb-client sets none)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout_s)
+        kwargs["allow_redirects"] = False  # a redirect would lead to a host nobody configured
+        return super().request(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Instance:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    dataset: Dataset
+
+    @property
+    def is_image(self) -> bool:
+        return "PixelData" in self.dataset or "FloatPixelData" in self.dataset
+
+    def part10(self) -> bytes:
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, self.dataset, enforce_file_format=True)
+        return buffer.getvalue()
+
+
+class Pacs:
+    def __init__(self, settings: Settings) -> None:
+        if not settings.dicomweb_url:
+            raise RuntimeError("no PACS configured")
+        self.url = settings.dicomweb_url
+        session = _TimedSession(settings.dicomweb_timeout_s)
+        if settings.dicomweb_token:
+            session.headers["Authorization"] = f"Bearer {settings.dicomweb_token}"
+        elif settings.dicomweb_user:
+            session.auth = (settings.dicomweb_user, settings.dicomweb_password or "")
+        self.session = session
+        self.client = DICOMwebClient(url=self.url, session=session)
+        self._seen: tuple[float, str] | None = None  # (when, what ping found)
+
+    # calls (blocking: the routes run them on a thread) -------------------------------------
+
+    def ping(self) -> str:
+        """``reachable``, or why not (for ``/readyz``, which does not fail on it); asked at most
+        every few seconds, with a short time limit, so probes never wait on the PACS."""
+        now = time.monotonic()
+        if self._seen is not None and now - self._seen[0] < PING_EVERY_S:
+            return self._seen[1]
+        try:
+            answer = self.session.get(f"{self.url}/studies", params={"limit": 1}, timeout=PING_TIMEOUT_S)
+            found = "reachable" if answer.status_code < 500 else f"unreachable: HTTP {answer.status_code}"
+        except Exception as exc:
+            found = f"unreachable: {type(exc).__name__}"
+        self._seen = (now, found)
+        return found
+
+    def find(self, study: str, series: str | None, instances: Sequence[str]) -> list[tuple[str, str]]:
+        """(series UID, SOP instance UID) of every instance asked for, in the PACS's order."""
+        found = self._call("search for instances", lambda: self.client.search_for_instances(
+            study_instance_uid=study, series_instance_uid=series,
+            fields=["0020000E", "00080018"],
+        ))
+        listed = [(_value(d, "0020000E"), _value(d, "00080018")) for d in found]
+        pairs = [(se, sop) for se, sop in listed if se and sop]
+        if not pairs:
+            where = f"series {series} of study {study}" if series else f"study {study}"
+            raise NotFound(f"the PACS has no {where}, or no instances in it")
+        if instances:
+            known = {sop for _, sop in pairs}
+            missing = [uid for uid in instances if uid not in known]
+            if missing:
+                scope = "series" if series else "study"
+                raise NotFound(f"the PACS has no instance {missing[0]} in the {scope}")
+            wanted = set(instances)
+            pairs = [(se, sop) for se, sop in pairs if sop in wanted]
+        return pairs
+
+    def retrieve(self, study: str, series: str, sop: str) -> Instance:
+        dataset = self._call("retrieve an instance", lambda: self.client.retrieve_instance(
+            study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+        ))
+        return Instance(study, series, sop, dataset)
+
+    def store(self, study: str, datasets: Sequence[Dataset]) -> list[dict[str, str]]:
+        """STOW-RS into ``study``; what the PACS says it stored."""
+        try:
+            answer = self.client.store_instances(datasets=list(datasets), study_instance_uid=study)
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "no status"
+            log.warning("the PACS refused a store", extra={"pacs": self.url, "status": status})
+            raise PacsRefused(f"the PACS refused to store the results (HTTP {status})") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise self._unavailable("store the results", exc) from None
+        failed = getattr(answer, "FailedSOPSequence", None)
+        if failed:
+            reason = getattr(failed[0], "FailureReason", "unknown")
+            raise PacsRefused(f"the PACS refused {len(failed)} of the results (failure reason {reason})")
+        return [
+            {"sop_class_uid": str(item.ReferencedSOPClassUID),
+             "sop_instance_uid": str(item.ReferencedSOPInstanceUID)}
+            for item in getattr(answer, "ReferencedSOPSequence", [])
+        ]
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if status == 404:
+                raise NotFound(f"the PACS answered 404 when asked to {what}: no such study, series "
+                               "or instance") from None
+            log.warning("the PACS failed", extra={"pacs": self.url, "status": status, "call": what})
+            raise PacsUnavailable(f"the PACS answered HTTP {status} when asked to {what}") from None
+        except (requests.ConnectionError, requests.Timeout, OSError) as exc:
+            raise self._unavailable(what, exc) from None
+
+    def _unavailable(self, what: str, exc: Exception) -> PacsUnavailable:
+        log.warning("the PACS could not be reached", extra={
+            "pacs": self.url, "call": what, "reason": f"{type(exc).__name__}: {exc}"})
+        return PacsUnavailable(f"the PACS could not be reached in time to {what}; retry later")
+
+
+def _value(dataset: dict[str, Any], tag: str) -> str | None:
+    values = dataset.get(tag, {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+def slice_order(instances: Sequence[Instance]) -> list[Instance]:
+    """A series in viewing order: by position along the slice normal where every instance has
+    a position and orientation, else by InstanceNumber, else as the PACS listed them."""
+    def position(ds: Dataset) -> float | None:
+        try:
+            ipp = [float(v) for v in ds.ImagePositionPatient]
+            iop = [float(v) for v in ds.ImageOrientationPatient]
+        except (AttributeError, TypeError, ValueError):
+            return None
+        row, col = iop[:3], iop[3:]
+        normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
+                  row[0] * col[1] - row[1] * col[0])
+        return sum(p * n for p, n in zip(ipp, normal, strict=True))
+
+    positions = [position(i.dataset) for i in instances]
+    if all(p is not None for p in positions):
+        order = sorted(range(len(instances)), key=lambda k: positions[k] or 0.0)
+        return [instances[k] for k in order]
+    numbers = [getattr(i.dataset, "InstanceNumber", None) for i in instances]
+    if all(n is not None for n in numbers):
+        order = sorted(range(len(instances)), key=lambda k: int(numbers[k] or 0))
+        return [instances[k] for k in order]
+    return list(instances)

@@ -1,0 +1,160 @@
+"""POST /dicomweb/explain against a real Orthanc (no mock of the PACS)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import ready_client
+from tests.dicomweb.orthanc import Orthanc, free_port, start_orthanc
+from tests.imaging.dicom_samples import bundled
+
+CT = pydicom.dcmread(io.BytesIO(bundled("CT_small.dcm")))
+MR = pydicom.dcmread(io.BytesIO(bundled("MR_small.dcm")))
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _slice(study: str, series: str, number: int, z: float) -> pydicom.Dataset:
+    """A copy of the CT slice in a series of our own, at height ``z``, numbered ``number``."""
+    ds = pydicom.dcmread(io.BytesIO(bundled("CT_small.dcm")))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [-158.135803, -179.035797, z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    return ds
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+@pytest.fixture(scope="module")
+def series(orthanc: Orthanc) -> dict[str, object]:
+    """The CT and MR samples, a three-slice series uploaded out of order, and a non-image."""
+    orthanc.upload(bundled("CT_small.dcm"))
+    orthanc.upload(bundled("MR_small.dcm"))
+    study, series_uid = generate_uid(), generate_uid()
+    slices = [_slice(study, series_uid, number, z) for number, z in ((3, 10.0), (1, -10.0), (2, 0.0))]
+    for ds in slices:
+        orthanc.upload(_bytes(ds))
+    text = _slice(study, series_uid, 9, 99.0)
+    del text.PixelData
+    text.SOPClassUID = text.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    orthanc.upload(_bytes(text))
+    by_height = [ds.SOPInstanceUID for ds in sorted(slices, key=lambda d: float(d.ImagePositionPatient[2]))]
+    return {"study": study, "series": series_uid, "by_height": by_height, "text": text.SOPInstanceUID}
+
+
+@pytest.fixture(scope="module")
+def client(orthanc: Orthanc) -> Iterator[TestClient]:
+    app = create_app(Settings(warmup=False, dicomweb_url=orthanc.dicomweb))
+    yield from ready_client(app)
+
+
+def _explain(client: TestClient, **body: object) -> dict[str, object]:
+    response = client.post("/dicomweb/explain", json=body)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_a_study_by_uid_is_retrieved_and_explained(client: TestClient, series: dict[str, object]) -> None:
+    body = _explain(client, study_uid=CT.StudyInstanceUID, outputs="mask")
+    (result,) = body["results"]  # type: ignore[misc]
+    assert result["image"]["filename"] == f"{CT.SOPInstanceUID}.dcm"
+    assert result["image"]["width"] == CT.Columns and result["explanations"][0]["method"] == "gradcam"
+    assert body["stored"] == [] and body["skipped"] == []
+
+
+def test_a_series_comes_in_slice_order_and_non_images_are_skipped(
+    client: TestClient, series: dict[str, object]
+) -> None:
+    body = _explain(client, study_uid=series["study"], series_uid=series["series"], outputs="mask")
+    names = [r["image"]["filename"].removesuffix(".dcm") for r in body["results"]]  # type: ignore[union-attr]
+    assert names == series["by_height"]
+    assert body["skipped"] == [{"sop_instance_uid": series["text"],
+                                "reason": "not an image: it has no pixel data"}]
+
+
+def test_instances_by_uid(client: TestClient, series: dict[str, object]) -> None:
+    chosen = series["by_height"][1:]  # type: ignore[index]
+    body = _explain(client, study_uid=series["study"], series_uid=series["series"], instance_uids=chosen)
+    assert [r["image"]["filename"].removesuffix(".dcm") for r in body["results"]] == chosen  # type: ignore[union-attr]
+
+
+def test_unknown_uids_are_404_and_urls_are_refused(client: TestClient, series: dict[str, object]) -> None:
+    unknown = client.post("/dicomweb/explain", json={"study_uid": "1.2.3.4.5.6.7"})
+    assert unknown.status_code == 404 and "1.2.3.4.5.6.7" in unknown.json()["error"]["message"]
+    missing = client.post("/dicomweb/explain", json={
+        "study_uid": series["study"], "series_uid": series["series"], "instance_uids": ["1.2.3"]})
+    assert missing.status_code == 404
+    as_url = client.post("/dicomweb/explain", json={"study_uid": "http://127.0.0.1:1/studies"})
+    assert as_url.status_code == 422 and "UID" in as_url.json()["error"]["message"]
+    with_url = client.post("/dicomweb/explain", json={"study_uid": CT.StudyInstanceUID,
+                                                      "url": "http://127.0.0.1:1/dicom-web"})
+    assert with_url.status_code == 422
+
+
+def test_readiness_reports_the_pacs(client: TestClient) -> None:
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["pacs"] == "reachable"
+
+
+def test_a_series_as_a_job_shows_progress(client: TestClient, series: dict[str, object]) -> None:
+    submitted = client.post("/jobs", json={"study_uid": series["study"], "series_uid": series["series"],
+                                           "methods": "scorecam", "outputs": "mask",
+                                           "method_params": {"scorecam": {"top_k_channels": 24}}})
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["job_id"]
+    seen: list[tuple[str, dict[str, object]]] = []
+    with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+        name = ""
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                seen.append((name, json.loads(line[6:])))
+    final = seen[-1][1]
+    assert seen[-1][0] == "done" and final["status"] == "succeeded"
+    assert [n for n, _ in seen].count("progress") >= 2
+    result = final["result"]
+    assert len(result["results"]) == 3 and result["skipped"][0]["sop_instance_uid"] == series["text"]  # type: ignore[index]
+
+
+def test_an_unreachable_pacs_is_502_without_its_address(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    app = create_app(Settings(warmup=False, dicomweb_url=dead, dicomweb_timeout_s=2))
+    for client in ready_client(app):
+        response = client.post("/dicomweb/explain", json={"study_uid": CT.StudyInstanceUID})
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert error["code"] == "pacs_unavailable" and "127.0.0.1" not in error["message"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["pacs"].startswith("unreachable")
+
+
+def test_without_a_pacs_the_routes_are_404(cat_png: bytes) -> None:
+    app = create_app(Settings(warmup=False))
+    for client in ready_client(app):
+        response = client.post("/dicomweb/explain", json={"study_uid": CT.StudyInstanceUID})
+        assert response.status_code == 404 and "CAMSERVE_DICOMWEB_URL" in response.json()["error"]["message"]
+        assert "pacs" not in client.get("/readyz").json()
