@@ -76,11 +76,6 @@ def test_the_check_sees_torch_when_a_module_imports_it() -> None:
     ]
 
 
-# The one cycle left: service/imaging/decode.py imports dicom.py inside a function and dicom.py
-# imports decode.py's DecodeLimits and Frame helpers. Both files are being rewritten on the
-# decode branch; once it is merged, dicom.py imports DecodeLimits from imaging/limits.py and
-# the frame helpers from a module of their own, and this set must become empty.
-KNOWN_CYCLES = {frozenset({"service.imaging.decode", "service.imaging.dicom"})}
 
 
 def service_sources() -> dict[str, str]:
@@ -158,7 +153,7 @@ def package_graph(graph: Mapping[str, set[str]]) -> dict[str, set[str]]:
 def test_no_two_modules_of_the_service_import_each_other() -> None:
     graph = import_graph(service_sources())
     assert len(graph) > 50 and "service.cams.extractor" in graph["service.engine.worker"]
-    assert cycles(graph) == KNOWN_CYCLES
+    assert cycles(graph) == set()
 
 
 def test_no_two_subpackages_of_the_service_import_each_other() -> None:
