@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir)
     report(outcomes, args.concurrency)
     print("\nstages in this process (median ms, one cat photo 451x300):")
-    from service.engine.fusion import fold_batch_norms
+    from service.models.fold import fold_batch_norms
 
     model = embedded_mobilenet()
     folded = fold_batch_norms(model)

@@ -204,7 +204,7 @@ def measure(bench: Bench, refs: References | None, log: Callable[[str], None],
         if name in EXPENSIVE_NAMES or (only is not None and name not in only):
             continue
         method = get_method(name)
-        reason = method.unsuitable(info)
+        reason = type(method).describe().unsuitable(info)
         if reason:
             log(f"  {name}: skipped, {reason}")
             continue

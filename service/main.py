@@ -23,7 +23,6 @@ from service.api.jobstore import Job, JobStore
 from service.api.middleware import RequestContextMiddleware
 from service.api.pacs import Pacs
 from service.api.routes import catalog, dicomweb, docs, health, inference, introspection, jobs, kserve, ui
-from service.cams import method_names
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -75,7 +74,7 @@ def create_app(
         registered = specs if specs is not None else checked_specs(settings)
         engine = Engine(settings, registered, worker_factory, metrics)
         metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
-        metrics.bind_names((spec.name for spec in registered), method_names())
+        metrics.bind_names((spec.name for spec in registered), list(engine.methods))
         app.state.engine = engine
         app.state.jobs = store
         loading = asyncio.create_task(engine.start(), name="camserve-load")

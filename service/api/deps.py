@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.config import Settings
-from service.engine.engine import Engine
 from service.errors import Unauthorized
+
+if TYPE_CHECKING:  # the engine holds torch; the HTTP layer only calls it
+    from service.engine.engine import Engine
 
 _bearer = HTTPBearer(auto_error=False, description="the service's API key, when one is set")
 
@@ -23,7 +25,7 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-EngineDep = Annotated[Engine, Depends(_engine)]
+EngineDep = Annotated["Engine", Depends(_engine)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 

@@ -7,6 +7,7 @@ an unknown model, method or layer, or an out-of-range class, never reaches the w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,9 +15,9 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.jsonlimits import JsonRefused, loads_bounded
-from service.cams import CAMMethod, get_method, method_names
 from service.errors import BadRequest, InvalidOption, NotFound, choices
 from service.imaging.colormaps import available_colormaps, is_colormap
+from service.methods import MethodInfo
 from service.models.catalog import ModelInfo
 
 OUTPUT_KINDS = ("mask", "overlay", "heatmap", "image", "dicom_pm", "dicom_sc", "dicom_sr")
@@ -137,11 +138,17 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def plan_explain(form: ExplainForm, catalog: dict[str, ModelInfo], default_model: str) -> ExplainPlan:
+def plan_explain(
+    form: ExplainForm,
+    catalog: dict[str, ModelInfo],
+    known: Mapping[str, MethodInfo],
+    default_model: str,
+) -> ExplainPlan:
+    """The checked plan of an explanation; ``catalog`` and ``known`` are the engine's models
+    and methods (``engine.catalog``, ``engine.methods``)."""
     model = resolve_model(form.model, catalog, default_model)
 
     methods = tuple(dict.fromkeys(m.lower() for m in _split(form.methods)))
-    known = method_names()
     if not methods:
         raise InvalidOption(f"methods is empty; valid methods: {choices(known)}")
     unknown = [m for m in methods if m not in known]
@@ -168,9 +175,8 @@ def plan_explain(form: ExplainForm, catalog: dict[str, ModelInfo], default_model
         raise InvalidOption(
             f"unknown colormap {form.colormap!r}; valid colour maps: {choices(available_colormaps())}"
         )
-    _check_linear_head(methods, layers, model)
-    _check_architecture(methods, model)
-    params = _parse_method_params(form.method_params, methods)
+    _check_requirements([known[name] for name in methods], layers, model)
+    params = _parse_method_params(form.method_params, methods, known)
     window = parse_window(form.window)
     return ExplainPlan(model, methods, layers, classes, outputs, form, params, window)
 
@@ -191,35 +197,21 @@ def parse_window(value: str | None) -> tuple[float, float] | None:
     return centre, width
 
 
-def _check_linear_head(methods: tuple[str, ...], layers: tuple[str, ...], model: ModelInfo) -> None:
-    """CAM reads the classifier's weights: refuse it where there is no pooled linear head."""
-    for name in methods:
-        if not CAMMethod.registry[name].needs_linear_head:
-            continue
-        if model.linear_head is None:
-            raise InvalidOption(
-                f"method {name!r} needs global average pooling followed by one linear layer after "
-                f"the target layer, and model {model.name!r} has none ({model.linear_head_problem}); "
-                "use gradcam, which equals CAM on models that have such a head"
-            )
-        outside = [layer for layer in layers if layer not in model.linear_head_layers]
-        if outside:
-            raise InvalidOption(
-                f"method {name!r} only explains the layer its linear head {model.linear_head!r} "
-                f"pools, not {outside[0]!r}; valid layers: {choices(model.linear_head_layers)}"
-            )
-
-
-def _check_architecture(methods: tuple[str, ...], model: ModelInfo) -> None:
-    """Methods built for one kind of network: refuse them on another before any work is queued."""
-    for name in methods:
-        reason = CAMMethod.registry[name].unsuitable(model)
+def _check_requirements(methods: list[MethodInfo], layers: tuple[str, ...], model: ModelInfo) -> None:
+    """What each method declares it needs, checked against the model before any work is
+    queued: the layers its linear head pools (CAM) first, then the kind of network."""
+    for method in methods:
+        refusal = method.layer_refusal(model, layers)
+        if refusal:
+            raise InvalidOption(refusal)
+    for method in methods:
+        reason = method.unsuitable(model)
         if reason:
-            raise InvalidOption(f"method {name!r} cannot explain model {model.name!r}: {reason}")
+            raise InvalidOption(f"method {method.name!r} cannot explain model {model.name!r}: {reason}")
 
 
 def _parse_method_params(
-    value: str | None, methods: tuple[str, ...]
+    value: str | None, methods: tuple[str, ...], known: Mapping[str, MethodInfo]
 ) -> tuple[tuple[str, tuple[tuple[str, object], ...]], ...]:
     if value is None or not value.strip():
         return ()
@@ -241,13 +233,13 @@ def _parse_method_params(
         if not isinstance(options, dict):
             raise InvalidOption(f"method_params[{name!r}] must be an object of parameter values")
         try:
-            method = get_method(name, options)
+            checked = known[name].options(options)
         except ValueError as exc:
-            declared = [p.name for p in CAMMethod.registry[name].params] or ["none"]
+            declared = [p.name for p in known[name].params] or ["none"]
             raise InvalidOption(
                 f"method_params[{name!r}]: {exc}; its parameters: {choices(declared)}"
             ) from None
-        given = {key: method.options[key] for key in options}
+        given = {key: checked[key] for key in options}
         parsed.append((name, tuple(sorted(given.items()))))
     return tuple(sorted(parsed))
 

@@ -140,7 +140,8 @@ def explain_items(
     plan: ExplainPlan, uploads: Sequence[Upload], settings: Settings, deadline: float
 ) -> list[WorkItem]:
     """The work items of an explanation, once its response is known to fit the limit."""
-    check_response_size(plan, uploads, settings)
+    check_response_size(plan, uploads, settings,
+                        more=lambda upload, maps: dicom_results.response_bytes(plan, upload, maps))
     wants_display = bool({"overlay", "heatmap"} & plan.outputs)
     items = []
     for upload in uploads:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +45,16 @@ def original_mask_size(frame: Frame, settings: Settings) -> tuple[int, int]:
     return height, width
 
 
-def check_response_size(plan: ExplainPlan, uploads: Sequence[Upload], settings: Settings) -> None:
-    """Refuse (413) an explanation whose response would be over the limit, before any work."""
+def check_response_size(
+    plan: ExplainPlan, uploads: Sequence[Upload], settings: Settings,
+    more: Callable[[Upload, int], int] | None = None,
+) -> None:
+    """Refuse (413) an explanation whose response would be over the limit, before any work.
+    ``more(upload, maps)``: bytes other parts of the answer add (the DICOM objects)."""
     limit = int(settings.max_response_mb * MB)
-    estimate = sum(_result_bytes(plan, upload, settings) for upload in uploads)
+    maps_per_image = len(plan.methods) * len(plan.classes or (0,))
+    estimate = sum(_result_bytes(plan, upload, settings)
+                   + (more(upload, maps_per_image) if more else 0) for upload in uploads)
     if estimate <= limit:
         return
     maps = len(uploads) * len(plan.methods) * len(plan.classes or (0,))
@@ -85,10 +91,7 @@ def _result_bytes(plan: ExplainPlan, upload: Upload, settings: Settings) -> int:
             per_map += _base64(_png_bound(shown_w, shown_h, channels))
     maps = len(plan.methods) * len(plan.classes or (0,))
     image = _base64(_png_bound(shown_w, shown_h, 3)) if "image" in plan.outputs else 0
-    from service.api import dicom_results  # it imports Upload from here
-
-    dicom = dicom_results.response_bytes(plan, upload, maps)
-    return _PER_RESULT + image + plan.form.topk * _PER_PREDICTION + maps * per_map + dicom
+    return _PER_RESULT + image + plan.form.topk * _PER_PREDICTION + maps * per_map
 
 
 def _png_bound(width: int, height: int, channels: int) -> int:

@@ -13,6 +13,13 @@ from service.cams import fullgrad  # noqa: F401
 from service.cams import saliency  # noqa: F401
 from service.cams import legrad  # noqa: F401
 # isort: on
-from service.cams.base import CAMMethod, MethodParam, get_method, method_names, normalize
+from service.cams.base import (
+    CAMMethod,
+    MethodParam,
+    get_method,
+    method_catalog,
+    method_names,
+    normalize,
+)
 
-__all__ = ["CAMMethod", "MethodParam", "get_method", "method_names", "normalize"]
+__all__ = ["CAMMethod", "MethodParam", "get_method", "method_catalog", "method_names", "normalize"]

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
 from service.cams.gradient import _gradients
 from service.cams.linalg import first_component, kernel_first_component
-
-
-def classifier_weights(modules: dict[str, nn.Module] | object, channels: int) -> Tensor:
-    """The weight matrix (classes, K) of the last linear layer that reads K features."""
-    candidates = [
-        m for m in getattr(modules, "values", lambda: [])()
-        if isinstance(m, nn.Linear) and m.in_features == channels
-    ]
-    if not candidates:
-        raise ValueError(f"no linear layer reads {channels} features: CAM needs a linear head")
-    return candidates[-1].weight
 
 
 class CAM(CAMMethod):
@@ -39,7 +28,7 @@ class CAM(CAMMethod):
     passes = "1 forward (shared)"
 
     def weights(self, context: LayerContext) -> Tensor:
-        matrix = classifier_weights(context.probe.modules, context.activations.shape[1])
+        matrix = context.probe.classifier_weights(context.activations.shape[1])
         return matrix[context.classes].to(context.activations.dtype)
 
 

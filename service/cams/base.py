@@ -16,7 +16,6 @@ not a sum of channel terms overrides :meth:`CAMMethod.saliency`. Defining a subc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,48 +24,10 @@ import torch
 from torch import Tensor
 
 from service.cams.linalg import first_component
+from service.methods import Grid, MethodInfo, MethodParam, check_options
 
 if TYPE_CHECKING:
     from service.cams.probe import Probe
-    from service.models.catalog import ModelInfo
-
-
-@dataclass(frozen=True)
-class MethodParam:
-    """A tunable parameter of a method, as listed by ``GET /methods`` and set per request."""
-
-    name: str
-    type: str  # int | float | bool
-    default: Any
-    description: str
-    minimum: float | None = None
-    maximum: float | None = None
-
-    def check(self, value: object) -> int | float | bool:
-        """The value converted to this parameter's type; ``ValueError`` naming the problem."""
-        if self.type == "bool":
-            if not isinstance(value, bool):
-                raise ValueError(f"{self.name} must be true or false, got {value!r}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{self.name} must be a number, got {value!r}")
-        try:
-            finite = math.isfinite(value)
-        except OverflowError:  # an int too large for a float
-            finite = False
-        if not finite:
-            raise ValueError(f"{self.name} must be a finite number, got {value!r:.40}")
-        if self.type == "int":
-            if float(value) != int(value):
-                raise ValueError(f"{self.name} must be an integer, got {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"{self.name} must be at least {self.minimum:g}, got {value!r}")
-        if self.maximum is not None and value > self.maximum:
-            raise ValueError(f"{self.name} must be at most {self.maximum:g}, got {value!r}")
-        return value
 
 
 @dataclass
@@ -94,10 +55,11 @@ class CAMMethod:
     uses_gradients: ClassVar[bool] = True
     # Runs autograd itself through ``context.probe`` (second-order terms, other targets, noise).
     own_autograd: ClassVar[bool] = False
-    # Ignores the target layers: one map per sample from the whole network (FullGrad).
+    # Ignores the target layers: one map per sample from the whole network (FullGrad); its
+    # ``grid`` must then be ``input``.
     layer_free: ClassVar[bool] = False
-    # Its map lies on the input's grid (one value per input pixel), not on a layer's grid.
-    input_resolution: ClassVar[bool] = False
+    # Where the map lies: the target layer's grid, the input's pixels, or a grid of its own.
+    grid: ClassVar[Grid] = "layer"
     # Needs global average pooling followed by one linear layer after the target layer (CAM).
     needs_linear_head: ClassVar[bool] = False
     # Needs a vision transformer's attention blocks (LeGrad); other models get a ValueError.
@@ -108,39 +70,31 @@ class CAMMethod:
     # What ``passes`` says, as a number: forward-pass equivalents per image and class beyond
     # the shared pass, for a layer of ``channels`` channels (see :meth:`extra_passes`).
     extra_pass_cost: ClassVar[float] = 0.0
-    apply_relu: ClassVar[bool] = True
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
     registry: ClassVar[dict[str, type[CAMMethod]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.layer_free:
-            cls.input_resolution = True
+        if cls.layer_free and cls.grid != "input":
+            raise TypeError(f"{cls.__name__} ignores the target layer: declare grid = 'input'")
         if cls.name:
             if cls.name in CAMMethod.registry:
                 raise ValueError(f"CAM method {cls.name!r} is defined twice")
             CAMMethod.registry[cls.name] = cls
 
     @classmethod
-    def unsuitable(cls, model: ModelInfo) -> str | None:
-        """Why this method cannot explain ``model`` at all, or None when it can."""
-        if cls.needs_transformer and not model.attention_blocks:
-            return model.attention_problem
-        if cls.needs_rectifiers and not model.rectifiers:
-            return (f"it guides gradients through ReLU or ReLU6 modules, and {model.architecture} "
-                    "has none; use saliency or gradcam")
-        return None
+    def describe(cls) -> MethodInfo:
+        """This method's declaration as plain data, for the HTTP layer and the catalogue."""
+        return MethodInfo(
+            name=cls.name, title=cls.title or cls.name, family=cls.family, paper=cls.paper,
+            passes=cls.passes, params=cls.params, grid=cls.grid,
+            uses_gradients=cls.uses_gradients, needs_linear_head=cls.needs_linear_head,
+            needs_transformer=cls.needs_transformer, needs_rectifiers=cls.needs_rectifiers,
+        )
 
     def __init__(self, **options: Any) -> None:
-        declared = {p.name: p for p in self.params}
-        unknown = sorted(set(options) - set(declared))
-        if unknown:
-            raise ValueError(f"method {self.name!r} has no parameter {unknown[0]!r}")
-        self.options: dict[str, Any] = {
-            name: param.check(options[name]) if name in options else param.default
-            for name, param in declared.items()
-        }
+        self.options: dict[str, Any] = check_options(self.name, self.params, options)
 
     def extra_passes(self, channels: int) -> float:
         """Forward passes (or their equivalent in time) this method adds per image and class,
@@ -163,7 +117,7 @@ class CAMMethod:
         """
         terms = self.contributions(context)
         combined = first_component(terms) if context.eigen_smooth else terms.sum(dim=1)
-        return torch.relu(combined) if self.apply_relu else combined
+        return torch.relu(combined)
 
     def fusion_scale(self, normalised: Tensor) -> Tensor:
         """How a layer's normalised map is rescaled before several layers are fused."""
@@ -185,3 +139,8 @@ def get_method(name: str, options: Mapping[str, Any] | None = None) -> CAMMethod
 
 def method_names() -> list[str]:
     return list(CAMMethod.registry)
+
+
+def method_catalog() -> dict[str, MethodInfo]:
+    """Every registered method's declaration, in registration order."""
+    return {name: cls.describe() for name, cls in CAMMethod.registry.items()}

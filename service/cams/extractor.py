@@ -3,10 +3,11 @@
 Activations are captured by forward hooks that swap the layer's output for a fresh leaf
 tensor requiring grad (the model's parameters never require grad). Methods see each layer's
 output, and its gradient, as (B, K, H, W): channels-last outputs and ViT's class and patch
-tokens are reshaped to that grid (:mod:`service.cams.layout`). ``torch.autograd.grad`` of
+tokens are reshaped to that grid (:mod:`service.models.layout`). ``torch.autograd.grad`` of
 the target scores with respect to those leaves then runs backward only from the target layer
 up, and never touches any parameter's ``.grad``. Every method requested on the same layers
-shares that single forward and backward pass. Hooks are removed in ``finally``.
+shares that single forward and backward pass. Hooks are removed in ``finally``
+(:mod:`service.models.hooks`).
 """
 
 from __future__ import annotations
@@ -20,21 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext, normalize
-from service.cams.layout import Layout, layout_of, to_grid
+from service.cams.maps import BatchOutput, SampleMap
 from service.cams.probe import Probe
-
-
-@dataclass
-class SampleMap:
-    method: str
-    class_idx: int
-    grid: Tensor  # (h, w) in [0, 1], on the layer's (largest) grid; input grid if layer-free
-
-
-@dataclass
-class BatchOutput:
-    logits: Tensor  # (B, num_classes), detached
-    maps: list[list[SampleMap]]  # per sample, in (class, method) order
+from service.cams.smoothing import augmented
+from service.models.hooks import forward_hooks
+from service.models.layout import Layout, layout_of, to_grid
 
 
 @dataclass
@@ -57,10 +48,9 @@ def capture(
     """Record each layer's output; with ``with_grad`` as a leaf that gradients can reach.
 
     ``size`` is the model input's (height, width), which tells the output's layout
-    (:mod:`service.cams.layout`): (B, C, H, W), channels last, or a class token and patches.
+    (:mod:`service.models.layout`): (B, C, H, W), channels last, or a class token and patches.
     """
     store: dict[str, Captured] = {}
-    handles = []
 
     def hook_for(name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor:
@@ -78,13 +68,8 @@ def capture(
 
         return hook
 
-    try:
-        for name in layers:
-            handles.append(modules[name].register_forward_hook(hook_for(name)))
+    with forward_hooks((modules[name], hook_for(name)) for name in layers):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def fuse(maps: list[Tensor], scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -117,18 +102,22 @@ def explain_batch(
     *,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
+    lean: nn.Module | None = None,
 ) -> BatchOutput:
     """Maps of every method for every sample's targets (top-1 where a sample names none).
 
     ``eigen_smooth`` reduces each method's channel terms to their first principal component;
     ``aug_smooth`` averages the maps over horizontal flips and rescalings of the input
-    (:mod:`service.cams.smoothing`).
+    (:mod:`service.cams.smoothing`). ``lean``: the model owner's lean copy, for the methods'
+    gradient-free extra passes (:meth:`Probe.lean_logits`).
     """
-    if aug_smooth:
-        from service.cams.smoothing import augmented
 
-        return augmented(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
-    return explain_once(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
+    def once(batch: Tensor, chosen: Sequence[Sequence[int] | None]) -> BatchOutput:
+        return explain_once(
+            model, modules, batch, layers, methods, chosen, eigen_smooth=eigen_smooth, lean=lean
+        )
+
+    return augmented(once, inputs, targets) if aug_smooth else once(inputs, targets)
 
 
 def _grad_mode(methods: Sequence[CAMMethod]) -> AbstractContextManager[object]:
@@ -150,6 +139,7 @@ def explain_once(
     targets: Sequence[Sequence[int] | None],
     *,
     eigen_smooth: bool = False,
+    lean: nn.Module | None = None,
 ) -> BatchOutput:
     """One shared forward (and backward, if any method reads gradients) for all methods."""
     layer_methods = [m for m in methods if not m.layer_free]
@@ -182,6 +172,7 @@ def explain_once(
                 name: store[name].output.detach()[index, :1]
                 for name in hooked if store[name].layout == "tokens"
             },
+            lean=lean,
         )
         contexts = [
             LayerContext(

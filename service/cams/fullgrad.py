@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext
-from service.cams.probe import gather_scores
-
-
-def effective_bias(module: nn.Module) -> Tensor | None:
-    """The bias a layer adds to its output: a convolution's own, or batch norm's folded one.
-
-    In eval mode batch norm computes ``gamma (x - mu) / sqrt(var + eps) + beta``, i.e. a bias
-    ``beta - gamma mu / sqrt(var + eps)`` per channel.
-    """
-    if isinstance(module, nn.BatchNorm2d):
-        if module.running_mean is None or module.running_var is None:
-            return None
-        scale = torch.rsqrt(module.running_var + module.eps)
-        gamma = module.weight if module.weight is not None else torch.ones_like(scale)
-        beta = module.bias if module.bias is not None else torch.zeros_like(scale)
-        return (beta - gamma * module.running_mean * scale).detach()
-    if isinstance(module, nn.Conv2d) and module.bias is not None:
-        return module.bias.detach()
-    return None
 
 
 def channel_normalize(maps: Tensor, eps: float = 1e-7) -> Tensor:
@@ -53,38 +33,16 @@ class FullGrad(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    grid = "input"
     passes = "1 forward (shared) + 1 forward and backward with input and bias gradients"
     extra_pass_cost = 2.0
 
     def saliency(self, context: LayerContext) -> Tensor:
-        model, modules = context.probe.model, context.probe.modules
-        biases = {name: b for name, m in modules.items() if (b := effective_bias(m)) is not None}
-        captured: dict[str, Tensor] = {}
-
-        def hook_for(name: str):  # type: ignore[no-untyped-def]
-            def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
-                # Kept in the graph (the input gradient flows through it); downstream in-place
-                # activations act on the returned copy, so this stays the layer's own output.
-                captured[name] = output
-                return output.clone()
-
-            return hook
-
-        handles = [modules[name].register_forward_hook(hook_for(name)) for name in biases]
-        try:
-            with torch.enable_grad():
-                inputs = context.inputs.detach().clone().requires_grad_(True)
-                logits = model(inputs)
-                names = list(captured)
-                found = torch.autograd.grad(
-                    gather_scores(logits, context.classes).sum(), [inputs, *(captured[n] for n in names)]
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
+        biases = context.probe.biases()
+        inputs, input_gradient, gradients = context.probe.gradients_at(list(biases), context.classes)
         size = inputs.shape[-2:]
-        total = channel_normalize((found[0] * inputs.detach()).abs()).sum(dim=1)
-        for name, grad in zip(names, found[1:], strict=True):
+        total = channel_normalize((input_gradient * inputs).abs()).sum(dim=1)
+        for name, grad in gradients.items():
             terms = channel_normalize((biases[name][None, :, None, None] * grad).abs()).sum(dim=1)
             upsampled = F.interpolate(terms[:, None], size=size, mode="bilinear", align_corners=False)
             total = total + upsampled[:, 0]

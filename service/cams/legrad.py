@@ -4,49 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import VisionTransformer
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
-from service.cams.layout import token_grid
 from service.cams.probe import Probe, gather_scores
-
-
-@dataclass
-class Transformer:
-    """What LeGrad reads of a ViT: its encoder blocks and the classifier after them."""
-
-    blocks: list[tuple[nn.Module, nn.MultiheadAttention]]
-    norm: nn.Module  # the encoder's final norm
-    head: nn.Module  # the classification head
-
-
-def transformer_parts(model: nn.Module) -> Transformer:
-    """A torchvision ViT's blocks, final norm and head; ValueError naming the need otherwise."""
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"legrad needs a vision transformer (torchvision's VisionTransformer, e.g. vit_b_16): "
-            f"it differentiates the attention maps of the encoder blocks, and "
-            f"{type(model).__name__} has none; use gradcam or another method on this model"
-        )
-    blocks = []
-    for block in model.encoder.layers:
-        attention = getattr(block, "self_attention", None)
-        if not isinstance(attention, nn.MultiheadAttention):
-            raise ValueError("legrad needs encoder blocks whose self_attention is nn.MultiheadAttention")
-        if (
-            not attention.batch_first
-            or not attention._qkv_same_embed_dim
-            or attention.bias_k is not None
-            or attention.add_zero_attn
-        ):
-            raise ValueError("legrad needs batch-first self-attention with one Q/K/V projection")
-        blocks.append((block, attention))
-    return Transformer(blocks, model.encoder.ln, model.heads)
+from service.models.hooks import forward_hooks
+from service.models.layout import token_grid
 
 
 def attention_with_probabilities(
@@ -96,6 +62,7 @@ class LeGrad(CAMMethod):
     uses_gradients = False
     own_autograd = True
     needs_transformer = True
+    grid = "own"  # the patch grid, whatever the target layer
     passes = "1 forward (shared) + 1 forward recording attention + 1 short backward per block"
     extra_pass_cost = 2.0
     params = (
@@ -114,12 +81,12 @@ class LeGrad(CAMMethod):
         last = self._last
         if last is not None and last[0] is context.probe and torch.equal(last[1], context.classes):
             return last[2]
-        found = self._relevance(context.probe.model, context.inputs, context.classes)
+        found = self._relevance(context.probe, context.inputs, context.classes)
         self._last = (context.probe, context.classes, found)
         return found
 
-    def _relevance(self, model: nn.Module, inputs: Tensor, classes: Tensor) -> Tensor:
-        parts = transformer_parts(model)
+    def _relevance(self, probe: Probe, inputs: Tensor, classes: Tensor) -> Tensor:
+        parts = probe.transformer()
         blocks = parts.blocks[-int(self.options["blocks"]):] if self.options["blocks"] else parts.blocks
         tokens: list[Tensor] = []
         probabilities: list[Tensor] = []
@@ -138,24 +105,20 @@ class LeGrad(CAMMethod):
 
             return hook
 
-        handles = []
-        try:
-            for block, attention in blocks:
-                handles.append(attention.register_forward_hook(recompute_for(attention)))
-                handles.append(block.register_forward_hook(record_tokens))
-            with torch.enable_grad():
-                model(inputs.detach().clone())
-                maps = []
-                for index, (z, p) in enumerate(zip(tokens, probabilities, strict=True)):
-                    pooled = z[:, 0] if self.options["class_token"] else z.mean(dim=1)
-                    scores = gather_scores(parts.head(parts.norm(pooled)), classes)
-                    (gradient,) = torch.autograd.grad(
-                        scores.sum(), [p], retain_graph=index < len(tokens) - 1
-                    )
-                    maps.append(gradient.relu().mean(dim=(1, 2))[:, 1:])
-        finally:
-            for handle in handles:
-                handle.remove()
+        recording = forward_hooks(
+            pair for block, attention in blocks
+            for pair in ((attention, recompute_for(attention)), (block, record_tokens))
+        )
+        with recording, torch.enable_grad():
+            probe.logits(inputs.detach().clone())
+            maps = []
+            for index, (z, p) in enumerate(zip(tokens, probabilities, strict=True)):
+                pooled = z[:, 0] if self.options["class_token"] else z.mean(dim=1)
+                scores = gather_scores(parts.head(parts.norm(pooled)), classes)
+                (gradient,) = torch.autograd.grad(
+                    scores.sum(), [p], retain_graph=index < len(tokens) - 1
+                )
+                maps.append(gradient.relu().mean(dim=(1, 2))[:, 1:])
         relevance = torch.stack(maps).mean(dim=0)  # (B, T - 1)
         grid = token_grid(relevance.shape[1], (int(inputs.shape[-2]), int(inputs.shape[-1])))
         if grid is None:

@@ -10,14 +10,14 @@ worker for heavy requests) every chunk boundary:
 - stops the explanation with :class:`PassesCancelled` when its request was cancelled (client
   gone, job cancelled) or its deadline has passed, so its remaining chunks never run;
 - hands the device to waiting work (:class:`Turn`): light requests first, then the other heavy
-  ones in turn, but only while this thread holds no hook (:mod:`service.cams.hooks`), so
+  ones in turn, but only while this thread holds no hook (:mod:`service.models.hooks`), so
   nothing of this request stays on the model while another request's pass runs through it;
 - counts the passes done, for progress and the measured pass rate;
 - sizes the next chunk so it takes about ``budget_s`` at the rate measured so far (never more
   rows than the method's ``batch_size``), so a chunk is bounded by time, not by a count that
   would mean 50 ms on one device and 2 s on another.
 
-Only plain Python lives here: the engine and the methods both import it, torch-free.
+No tensor is touched here: the engine and the methods both import it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.cams import hooks
+from service.models import hooks
 
 _local = threading.local()
 

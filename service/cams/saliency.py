@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext
-from service.cams.probe import gather_scores
-
-RECTIFIERS = (nn.ReLU, nn.ReLU6)
+from service.models.anatomy import RECTIFIERS
+from service.models.hooks import forward_hook
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -38,33 +37,22 @@ class _PositiveGradient(torch.autograd.Function):
 def guided_relus(model: nn.Module) -> Iterator[int]:
     """While active, every ReLU / ReLU6 module of ``model`` back-propagates only positive
     gradients (on top of its own zeroing where its input was inactive). Yields how many
-    rectifiers were found; functional ``F.relu`` calls are not seen."""
+    rectifiers were found; functional ``F.relu`` calls are not seen, and a model without
+    rectifier modules is a ValueError."""
 
     def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
         return _PositiveGradient.apply(output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RECTIFIERS)]
-    try:
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
+    rectifiers = [m for m in model.modules() if isinstance(m, RECTIFIERS)]
+    if not rectifiers:
+        raise ValueError("guided backpropagation needs ReLU or ReLU6 modules in the model")
+    with forward_hook(rectifiers, hook):
+        yield len(rectifiers)
 
 
 def input_gradient(context: LayerContext, guided: bool = False) -> Tensor:
     """``dY_c/dX`` (B, C, H, W) for each sample's class, optionally through guided ReLUs."""
-    model = context.probe.model
-    with torch.enable_grad():
-        inputs = context.inputs.detach().clone().requires_grad_(True)
-        if guided:
-            with guided_relus(model) as found:
-                if not found:
-                    raise ValueError("guided backpropagation needs ReLU or ReLU6 modules in the model")
-                logits = model(inputs)
-        else:
-            logits = model(inputs)
-        (gradient,) = torch.autograd.grad(gather_scores(logits, context.classes).sum(), [inputs])
-    return gradient
+    return context.probe.input_gradient(context.classes, around=guided_relus if guided else None)
 
 
 def channel_max(gradient: Tensor) -> Tensor:
@@ -89,6 +77,7 @@ class Saliency(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    grid = "input"
     passes = "1 forward (shared) + 1 forward and backward to the input"
     extra_pass_cost = 2.0
 
@@ -114,6 +103,7 @@ class GuidedBackprop(CAMMethod):
     uses_gradients = False
     own_autograd = True
     layer_free = True
+    grid = "input"
     needs_rectifiers = True
     passes = "1 forward (shared) + 1 forward and backward through guided ReLUs"
     extra_pass_cost = 2.0
@@ -137,7 +127,7 @@ class GuidedGradCAM(CAMMethod):
     family = "gradient"
     paper = "Selvaraju et al. 2017, arXiv 1610.02391"
     own_autograd = True
-    input_resolution = True
+    grid = "input"
     needs_rectifiers = True
     passes = "1 forward + 1 backward (shared) + 1 forward and backward through guided ReLUs"
     extra_pass_cost = 2.0

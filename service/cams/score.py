@@ -29,7 +29,6 @@ from torch import Tensor
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
 from service.cams.passes import chunked
-from service.cams.twin import twin_forward
 
 
 def channel_masks(activations: Tensor, eps: float = 1e-8) -> Tensor:
@@ -107,7 +106,7 @@ class ScoreCAM(CAMMethod):
                     up = F.interpolate(masks[b, chunk][:, None], size=size, mode="bilinear",
                                        align_corners=False)
                     masked = self.vary(up, draw, generator) * context.inputs[b]
-                    logits = twin_forward(context.probe.model, masked)
+                    logits = context.probe.lean_logits(masked)
                     total[start:stop] += logits[:, context.classes[b]] - baseline[b]
             scores[b, indices] = total / self.draws()
         return torch.softmax(scores, dim=1).nan_to_num(0.0)

@@ -8,14 +8,17 @@ the original map's grid, unflipped), and the six normalised maps are averaged an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from service.cams.base import CAMMethod, normalize
-from service.cams.extractor import BatchOutput, SampleMap, explain_once
+from service.cams.base import normalize
+from service.cams.maps import BatchOutput, SampleMap
 from service.cams.passes import boundary
+
+# Explains a batch of inputs for the given targets (None: the top-1 class) in one shared pass.
+Explain = Callable[[Tensor, Sequence[Sequence[int] | None]], BatchOutput]
 
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
     (flip, scale) for flip in (False, True) for scale in (1.0, 1.1, 0.9)
@@ -39,27 +42,16 @@ def restore(grid: Tensor, flip: bool, size: tuple[int, int]) -> Tensor:
     return grid
 
 
-def augmented(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    inputs: Tensor,
-    layers: Sequence[str],
-    methods: Sequence[CAMMethod],
-    targets: Sequence[Sequence[int] | None],
-    *,
-    eigen_smooth: bool = False,
-) -> BatchOutput:
-    """:func:`explain_once` averaged over :data:`AUGMENTATIONS`; logits of the original image."""
-    base = explain_once(model, modules, inputs, layers, methods, targets, eigen_smooth=eigen_smooth)
+def augmented(explain: Explain, inputs: Tensor, targets: Sequence[Sequence[int] | None]) -> BatchOutput:
+    """``explain`` (:func:`service.cams.extractor.explain_once` on the request's layers and
+    methods) averaged over :data:`AUGMENTATIONS`; the logits are the original image's."""
+    base = explain(inputs, targets)
     # The classes the original image chose (its top-1 where none was named) hold for every variant.
     chosen = [list(dict.fromkeys(m.class_idx for m in sample)) for sample in base.maps]
     sums = [[m.grid.clone() for m in sample] for sample in base.maps]
     for flip, scale in AUGMENTATIONS[1:]:
         boundary()  # each variant is a pass of its own, and a point where others may run
-        variant = explain_once(
-            model, modules, augment(inputs, flip, scale), layers, methods, chosen,
-            eigen_smooth=eigen_smooth,
-        )
+        variant = explain(augment(inputs, flip, scale), chosen)
         for b, sample in enumerate(variant.maps):
             for i, found in enumerate(sample):
                 size = (sums[b][i].shape[0], sums[b][i].shape[1])

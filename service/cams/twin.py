@@ -5,28 +5,28 @@ mobilenet_v2's last layer), never needs gradients through those passes, and domi
 of every request that asks for it. Its passes go through a twin of the served model that does
 the same arithmetic in fewer steps:
 
-- batch normalisation folded into the convolution before it (``torch.fx``'s conv/BN fusion, the
+- batch normalisation folded into the convolution before it (:mod:`service.models.fold`, the
   same folding an inference compiler applies: ``W' = W * g / s``, ``b' = (b - m) * g / s + beta``);
 - weights in channels-last layout, the layout oneDNN's CPU convolutions and CUDA's tensor cores
   run fastest, fed channels-last inputs.
 
 The twin's logits equal the model's up to float rounding (about 1e-5 on mobilenet_v2's logits).
 A model that ``torch.fx`` cannot trace (data-dependent control flow), or one already folded and
-channels-last (the worker's copy, :mod:`service.engine.fusion`), gets no twin: the model itself
-is used. Twins are built once per model object, under a lock, and live as long as it.
+channels-last (the worker's copy, folded the same way), gets no twin: the model itself is used.
+Twins are built once per model object, under a lock, and live as long as it.
 The served model is never modified.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.fx.experimental.optimization import fuse
+
+from service.models.fold import conv_bn_pairs, folded_copy, traced_graph
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,24 @@ def build_twin(model: nn.Module) -> nn.Module:
     trace or is already folded and channels-last."""
     if already_lean(model):
         return model
-    source = copy.deepcopy(model).eval()
+    graph = traced_graph(model)
+    if graph is None:  # the model itself still works
+        log.info("no folded twin for %s: it cannot be traced", type(model).__name__)
+        return model
+    folded = folded_copy(model, conv_bn_pairs(model, graph)).module.eval()
     # Hooks copied along with the modules must not fire in the twin's passes.
-    for module in source.modules():
+    for module in folded.modules():
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-    try:
-        folded = fuse(source, inplace=True)
-    except Exception as error:  # tracing fails in many ways; the model itself still works
-        log.info("no folded twin for %s: %s", type(model).__name__, error)
-        return model
     for parameter in folded.parameters():
         parameter.requires_grad_(False)
     return folded.to(memory_format=torch.channels_last).eval()
 
 
 def twin_of(model: nn.Module) -> nn.Module:
-    """The cached twin of ``model`` (built on first use)."""
+    """The cached twin of ``model`` (built on first use); ``model`` itself when already lean."""
+    if already_lean(model):  # not cached: an entry whose value is its own key would never go
+        return model
     with _lock:
         twin = _twins.get(model)
         if twin is None:

@@ -39,8 +39,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from service.cams import method_catalog
 from service.cams.passes import PassesCancelled, PassRun
 from service.config import Settings
 from service.engine import cost
@@ -49,9 +51,12 @@ from service.engine.pool import WorkerDied, WorkerFactory, WorkerLike, WorkerSlo
 from service.engine.worker import Worker, available_cores, resolve_devices, warm_batch_sizes
 from service.errors import DeadlineExceeded, InvalidOption, QueueFull, ServiceError, ServiceUnavailable
 from service.logs import request_state
+from service.methods import MethodInfo
 from service.metrics import Metrics
 from service.models.catalog import ModelInfo
 from service.models.spec import ModelSpec
+from service.quality import introspection
+from service.quality.tiles import FeatureMaps, KernelMode, Kernels
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ class Engine:
         self.state = "starting"
         self.failure: str | None = None
         self._catalog: dict[str, ModelInfo] = {}
+        # Every method's declaration as plain data: what the HTTP layer validates against.
+        self.methods: dict[str, MethodInfo] = method_catalog()
         self.slots: list[WorkerSlot] = []
         self._pending: deque[WorkItem] = deque()
         self._in_flight = 0
@@ -230,6 +237,22 @@ class Engine:
             raise ServiceUnavailable("no worker is running; retry shortly", headers={"Retry-After": "1"})
         worker = slot.worker
         return await slot._thread.call(lambda: fn(worker.models[model]))  # type: ignore[union-attr]
+
+    async def feature_maps(
+        self, model: str, pixels: np.ndarray, layer: str, max_channels: int
+    ) -> FeatureMaps:
+        """``layer``'s activation maps for one image (:func:`introspection.feature_maps`)."""
+        found: FeatureMaps = await self.run(
+            model, lambda loaded: introspection.feature_maps(loaded, pixels, layer, max_channels)
+        )
+        return found
+
+    async def kernels(self, model: str, layer: str, mode: KernelMode, max_kernels: int) -> Kernels:
+        """A convolution's kernels as tiles (:func:`introspection.kernels`)."""
+        found: Kernels = await self.run(
+            model, lambda loaded: introspection.kernels(loaded, layer, mode, max_kernels)
+        )
+        return found
 
     # submission ------------------------------------------------------------------------
 

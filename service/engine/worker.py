@@ -18,12 +18,12 @@ from torch import nn
 
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
-from service.engine.fusion import Folded, fold_batch_norms
+from service.engine.faithfulness import add_faithfulness
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
+from service.models.fold import Folded
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
-from service.quality.serving import add_faithfulness
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Worker:
     """Owns the models of one device. ``threads`` sets torch's intra-op threads (0: the cores);
     ``channels_last`` stores conv weights and inputs NHWC, which is faster for conv nets;
     ``fold_batch_norm`` computes through a copy of each model with batch norm folded into the
-    convolutions before it (:mod:`service.engine.fusion`) whenever a request's methods and
+    convolutions before it (:mod:`service.models.fold`) whenever a request's methods and
     layers see the same values there as in the model itself."""
 
     def __init__(
@@ -89,7 +89,6 @@ class Worker:
         self.channels_last = channels_last
         self.fold_batch_norm = fold_batch_norm
         self.models: dict[str, LoadedModel] = {}
-        self.folded: dict[str, Folded] = {}
         # One image's forward pass in seconds, measured in warm-up (the slowest model's).
         self.seconds_per_pass: float | None = None
 
@@ -99,20 +98,19 @@ class Worker:
         for spec in specs:
             started = time.perf_counter()
             loaded = load_model(spec, self.device)
-            folded = fold_batch_norms(loaded.module) if self.fold_batch_norm else None
-            if self.channels_last:
-                loaded.module.to(memory_format=torch.channels_last)
-                if folded is not None:
-                    folded.module.to(memory_format=torch.channels_last)
+            loaded.make_lean(self.fold_batch_norm, self.channels_last)
             self.models[spec.name] = loaded
-            if folded is not None:
-                self.folded[spec.name] = folded
             log.info(
                 "model loaded",
                 extra={"model": spec.name, "device": str(self.device),
                        "ms": round((time.perf_counter() - started) * 1000, 1)},
             )
         return {name: loaded.info() for name, loaded in self.models.items()}
+
+    @property
+    def folded(self) -> dict[str, Folded]:
+        """Each model's lean copy, by model name (models with nothing to fold have none)."""
+        return {name: m.lean for name, m in self.models.items() if m.lean is not None}
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """A forward and a Grad-CAM pass per model and batch size, so no request pays set-up."""
@@ -158,6 +156,7 @@ class Worker:
                 [item.explain.classes if item.explain else None for item in items],
                 eigen_smooth=spec.eigen_smooth,
                 aug_smooth=spec.aug_smooth,
+                lean=loaded.lean.module if loaded.lean is not None else None,
             )
             logits, per_sample_maps = output.logits, output.maps
         probabilities = logits.detach().float().softmax(dim=1)
@@ -193,20 +192,10 @@ class Worker:
     def _network(
         self, loaded: LoadedModel, layers: Sequence[str], methods: Sequence[CAMMethod]
     ) -> tuple[nn.Module, dict[str, nn.Module]]:
-        """The folded copy of the model when it gives these methods on these layers the same
-        values as the model itself, else the model.
-
-        Methods that run their own autograd or work on the input (guided backprop, FullGrad,
-        saliency) read the model's modules and biases; they get the model itself.
-        """
-        folded = self.folded.get(loaded.spec.name)
-        if (
-            folded is None
-            or folded.changed.intersection(layers)
-            or any(method.own_autograd or method.layer_free for method in methods)
-        ):
-            return loaded.module, loaded.modules
-        return folded.module, folded.modules
+        """What ``loaded`` computes these methods on these layers through
+        (:meth:`LoadedModel.network`): methods that run their own autograd or work on the input
+        (guided backprop, FullGrad, saliency) need the model's own modules and biases."""
+        return loaded.network(layers, exact=any(m.own_autograd or m.layer_free for m in methods))
 
     def _finish_maps(
         self, items: Sequence[WorkItem], per_sample_maps: Sequence[Sequence[SampleMap]]

@@ -28,8 +28,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.errors import PayloadTooLarge, ServiceError, UnsupportedMedia
-from service.imaging.decode import (
-    DecodeLimits,
+from service.imaging.frames import (
     Frame,
     Window,
     grey_to_rgb,
@@ -38,6 +37,7 @@ from service.imaging.decode import (
     window_of,
     window_to_uint8,
 )
+from service.imaging.limits import DecodeLimits
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")

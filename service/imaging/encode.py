@@ -32,10 +32,6 @@ def display_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def mask_to_list(mask: np.ndarray) -> list[list[float]]:
-    return np.asarray(mask, dtype=np.float32).round(6).tolist()
-
-
 def mask_to_base64(mask: np.ndarray) -> str:
     """Little-endian float32, row-major."""
     raw = np.ascontiguousarray(mask, dtype="<f4").tobytes()

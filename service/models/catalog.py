@@ -11,7 +11,7 @@ class LayerInfo:
     shape: tuple[int, int, int]  # (channels, height, width) at the model's input size
     kind: str  # the module's class name, e.g. Conv2d
     # How the output holds that grid: nchw, nhwc (channels last) or tokens (class token, then
-    # patches); see service.cams.layout.
+    # patches); see service.models.layout.
     layout: str = "nchw"
 
 

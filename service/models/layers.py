@@ -2,7 +2,7 @@
 
 A candidate layer is any named module whose output holds a spatial grid: a 4-D tensor
 (N, C, H, W), a channels-last (N, H, W, C) grid (Swin), or a class token followed by patch tokens
-(N, 1 + H*W, C) (ViT); :mod:`service.cams.layout` tells them apart by shape. One probe forward
+(N, 1 + H*W, C) (ViT); :mod:`service.models.layout` tells them apart by shape. One probe forward
 pass with hooks on every module records them in the order they fire, and one backward pass
 tells which of them the classifier's input depends on position by position.
 """
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from service.cams.layout import Layout, grid_shape, layout_of, to_grid
 from service.models.catalog import LayerInfo
+from service.models.hooks import forward_hooks
+from service.models.layout import Layout, grid_shape, layout_of, to_grid
 
 
 @dataclass
@@ -78,7 +79,6 @@ def _fire(
     records: dict[str, _Firing] = {}
     last_leaf_input: list[Tensor] = []
     counter = iter(range(1 << 30))
-    handles = []
 
     def recorder(name: str, container: bool):  # type: ignore[no-untyped-def]
         def hook(_m: nn.Module, inputs: tuple[object, ...], output: object) -> None:
@@ -93,17 +93,13 @@ def _fire(
 
         return hook
 
-    try:
-        for name, child in module.named_modules():
-            if name:
-                container = any(True for _ in child.children())
-                handles.append(child.register_forward_hook(recorder(name, container)))
-        probe = torch.zeros(1, 3, *input_size, device=device, requires_grad=True)
-        with torch.enable_grad():
-            module(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    recorders = [
+        (child, recorder(name, any(True for _ in child.children())))
+        for name, child in module.named_modules() if name
+    ]
+    probe = torch.zeros(1, 3, *input_size, device=device, requires_grad=True)
+    with forward_hooks(recorders), torch.enable_grad():
+        module(probe)
     firings = sorted(records.values(), key=lambda f: f.order)
     return firings, (last_leaf_input[0] if last_leaf_input else None)
 

@@ -1,6 +1,10 @@
-"""Turning a :class:`ModelSpec` into a resident, frozen ``nn.Module``.
+"""Turning a :class:`ModelSpec` into a resident, frozen ``nn.Module`` and the object that owns it.
 
-Only the engine's worker calls :func:`load_model`; the result never leaves that worker.
+Only the engine's worker calls :func:`load_model`; the :class:`LoadedModel` never leaves that
+worker. It is the one owner of everything about the model: the module, its lean copy (batch
+norm folded into the convolutions, channels-last; :mod:`service.models.fold`), which of the two
+a computation may run through, and its capability map (:meth:`LoadedModel.info`: the layers,
+CAM's linear head, a ViT's attention blocks, the rectifiers).
 :func:`verify_weights` is cheap and torch-free, so start-up can refuse a wrong file at once.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +20,10 @@ import torch
 import torchvision
 from torch import nn
 
-from service.cams.head import LinearHead, find_linear_head
-from service.cams.legrad import transformer_parts
-from service.cams.saliency import RECTIFIERS
+from service.models.anatomy import rectifiers, transformer_parts
 from service.models.catalog import LayerInfo, ModelInfo
+from service.models.fold import Folded, fold_batch_norms
+from service.models.head import LinearHead, find_linear_head
 from service.models.layers import inspect_layers
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
 
@@ -38,6 +43,31 @@ class LoadedModel:
     default_layer: str
     device: torch.device
     modules: dict[str, nn.Module] = field(repr=False, default_factory=dict)
+    # The lean copy, built once by make_lean: batch norm folded (and channels-last when asked).
+    lean: Folded | None = field(repr=False, default=None)
+
+    def make_lean(self, fold_batch_norm: bool, channels_last: bool) -> None:
+        """Build the lean copy (with ``fold_batch_norm``; a model with nothing to fold has
+        none) and, with ``channels_last``, store the convolution weights of the model and of
+        its copy in channels-last layout, which is faster for conv nets."""
+        self.lean = fold_batch_norms(self.module) if fold_batch_norm else None
+        if channels_last:
+            self.module.to(memory_format=torch.channels_last)
+            if self.lean is not None:
+                self.lean.module.to(memory_format=torch.channels_last)
+
+    def network(self, layers: Sequence[str], exact: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
+        """The module (and its modules by name) to compute through: the lean copy when it gives
+        ``layers`` the same outputs as the model, else the model itself.
+
+        Folding changes the output of a folded convolution (it becomes its batch norm's), so a
+        layer among those gets the model; so does ``exact`` work, which reads the model's own
+        modules, biases or input gradients (guided backprop, FullGrad, second-order terms).
+        """
+        lean = self.lean
+        if lean is None or exact or lean.changed.intersection(layers):
+            return self.module, self.modules
+        return lean.module, lean.modules
 
     def info(self) -> ModelInfo:
         spec = self.spec
@@ -74,7 +104,7 @@ class LoadedModel:
             linear_head_problem=head.reason,
             attention_blocks=blocks,
             attention_problem=problem,
-            rectifiers=sum(isinstance(m, RECTIFIERS) for m in self.module.modules()),
+            rectifiers=rectifiers(self.module),
             modalities=spec.modalities,
             domain=spec.domain,
         )

@@ -44,7 +44,7 @@ def test_every_method_is_served(client: TestClient, cat_png: bytes, name: str) -
     assert explanation["class_idx"] == EGYPTIAN_CAT
     mask = feature_mask(body)
     # FullGrad and the saliency family map the input's grid, not the layer's.
-    assert mask.shape == ((224, 224) if CAMMethod.registry[name].input_resolution else (7, 7))
+    assert mask.shape == ((224, 224) if CAMMethod.registry[name].grid == "input" else (7, 7))
     assert np.isfinite(mask).all() and mask.min() == 0.0 and mask.max() == pytest.approx(1.0)
 
 
@@ -77,7 +77,7 @@ def test_cam_without_a_linear_head_is_refused_before_queueing(app) -> None:
                                        outputs="mask", colormap="jet", aug_smooth=False,
                                        eigen_smooth=False, method_params=None)
     with pytest.raises(InvalidOption, match=r"needs global average pooling.*no linear layer"):
-        plan_explain(form, {"mobilenet_v2": headless}, "mobilenet_v2")
+        plan_explain(form, {"mobilenet_v2": headless}, app.state.engine.methods, "mobilenet_v2")
 
 
 def test_method_params_change_the_map(client: TestClient, cat_png: bytes) -> None:

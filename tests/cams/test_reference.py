@@ -2,9 +2,10 @@
 
 Maps are compared at the layer's own grid (pytorch-grad-cam is told the target size is that grid,
 so its resize is the identity). The libraries run on a copy of the model whose parameters require
-grad, as they need; ours stays frozen. Thresholds follow /work/shared/CAM_METHODS.md: identical
-maps where both libraries agree; where they differ from the paper, the paper is followed and the
-agreement measured on these photos is the bound.
+grad, as they need; ours stays frozen. Thresholds follow the project's formula sheet of CAM
+methods (CAM_METHODS.md, kept beside the repository, not in it): identical maps where both
+libraries agree; where they differ from the paper, the paper is followed and the agreement
+measured on these photos is the bound.
 """
 
 from __future__ import annotations

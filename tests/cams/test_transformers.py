@@ -21,9 +21,9 @@ from torchcam.methods import LeGrad as ReferenceLeGrad
 from service.cams import CAMMethod, get_method
 from service.cams.base import LayerContext
 from service.cams.extractor import explain_batch
-from service.cams.layout import to_grid, to_native
 from service.config import Settings
 from service.main import create_app
+from service.models.layout import to_grid, to_native
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
 from tests.cams.conftest import pearson

@@ -76,7 +76,7 @@ def test_a_model_that_cannot_be_traced_is_used_as_it_is() -> None:
 
 
 def test_a_model_already_folded_and_channels_last_is_its_own_twin(mobilenet: LoadedModel) -> None:
-    from service.engine.fusion import fold_batch_norms
+    from service.models.fold import fold_batch_norms
 
     folded = fold_batch_norms(mobilenet.module)
     assert folded is not None

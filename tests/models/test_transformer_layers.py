@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from service.cams.layout import layout_of, token_grid
 from service.models.layers import inspect_layers
+from service.models.layout import layout_of, token_grid
 from service.models.loader import build_module
 from service.models.spec import ModelSpec, read_models_file
 

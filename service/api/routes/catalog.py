@@ -16,7 +16,6 @@ from service.api.schemas import (
     ModelsResponse,
     ModelSummary,
 )
-from service.cams import CAMMethod
 from service.errors import NotFound, ServiceUnavailable, choices
 from service.models.catalog import ModelInfo
 
@@ -88,19 +87,19 @@ async def list_methods(engine: EngineDep, settings: SettingsDep) -> MethodsRespo
     return MethodsResponse(
         methods=[
             MethodOut(
-                name=cls.name,
-                title=cls.title or cls.name,
-                family=cls.family,
-                uses_gradients=cls.uses_gradients,
-                passes=cls.passes,
-                paper=cls.paper,
+                name=info.name,
+                title=info.title,
+                family=info.family,
+                uses_gradients=info.uses_gradients,
+                passes=info.passes,
+                paper=info.paper,
                 parameters=[
                     MethodParamOut(name=p.name, type=p.type, default=p.default,
                                    description=p.description)
-                    for p in cls.params
+                    for p in info.params
                 ],
-                cost=cost(cls.name),
+                cost=cost(info.name),
             )
-            for cls in CAMMethod.registry.values()
+            for info in engine.methods.values()
         ]
     )

@@ -167,7 +167,7 @@ async def dicomweb_explain(
 ) -> Response:
     timer = pipeline.Timer()
     pacs = pacs_of(request)
-    plan = plan_explain(body.form(), engine.catalog, settings.default_model)
+    plan = plan_explain(body.form(), engine.catalog, engine.methods, settings.default_model)
     gathered = await gather(pacs, body, settings.max_images_per_request)
     deadline = pipeline.deadline_from(request.headers.get("x-request-timeout"), settings)
     prepared = await pipeline.prepare_explain(plan, gathered.sources(), settings, deadline, engine.admit,
@@ -185,7 +185,7 @@ async def dicomweb_job(
     """``POST /jobs`` with the JSON body (routed here by :func:`json_jobs`)."""
     timer = pipeline.Timer()
     pacs = pacs_of(request)
-    plan = plan_explain(body.form(), engine.catalog, settings.default_model)
+    plan = plan_explain(body.form(), engine.catalog, engine.methods, settings.default_model)
     gathered = await gather(pacs, body, settings.max_series_images)
     prepared = await pipeline.prepare_explain(
         plan, gathered.sources(), _series_settings(settings),

@@ -77,7 +77,7 @@ async def explain(
     accept: Annotated[str | None, Header(description=ACCEPT_DESCRIPTION)] = None,
 ) -> Response:
     timer = pipeline.Timer()
-    plan = plan_explain(form, engine.catalog, settings.default_model)
+    plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
     multipart = dicom_results.accepts_multipart(accept)
     if multipart and not dicom_results.wanted(plan):
         raise InvalidOption(

@@ -22,7 +22,7 @@ from service.api.schemas import ImageInfo, ModelRef
 from service.errors import InvalidOption, NotFound, choices
 from service.imaging.encode import png_base64
 from service.models.catalog import ModelInfo
-from service.quality import introspection as net
+from service.quality import tiles
 
 router = APIRouter(tags=["introspection"])
 
@@ -143,10 +143,8 @@ async def features(
         )
     sources = [(form.file.filename, await form.file.read())]
     upload = (await pipeline.decode_sources(sources, settings, model, display=False))[0]
-    maps: net.FeatureMaps = await engine.run(
-        model.name, lambda loaded: net.feature_maps(loaded, upload.pixels, layer, form.max_channels)
-    )
-    grid, columns, rows, tile = net.tile_grid(maps.tiles)
+    maps = await engine.feature_maps(model.name, upload.pixels, layer, form.max_channels)
+    grid, columns, rows, tile = tiles.tile_grid(maps.tiles)
     png = await run_in_threadpool(png_base64, grid, settings.png_compress_level)
     return FeaturesResponse(
         request_id=request_id_of(request),
@@ -155,7 +153,7 @@ async def features(
         layer=layer,
         shape=maps.shape,
         grid_png=png,
-        grid=GridInfo(columns=columns, rows=rows, tile_size=tile, separator=net.SEPARATOR,
+        grid=GridInfo(columns=columns, rows=rows, tile_size=tile, separator=tiles.SEPARATOR,
                       shown=len(maps.tiles)),
         order="mean_activation_desc",
         channels=[
@@ -201,10 +199,8 @@ async def kernels(
         raise InvalidOption(
             f"layer {layer!r} of model {model.name!r} is {what}; valid Conv2d layers: {choices(valid)}"
         )
-    found: net.Kernels = await engine.run(
-        model.name, lambda loaded: net.kernels(loaded, layer, mode, max_kernels)
-    )
-    grid, columns, rows, tile = net.tile_grid(found.tiles, colour=found.separator_colour)
+    found = await engine.kernels(model.name, layer, mode, max_kernels)
+    grid, columns, rows, tile = tiles.tile_grid(found.tiles, colour=found.separator_colour)
     png = await run_in_threadpool(png_base64, grid, settings.png_compress_level)
     return KernelsResponse(
         model=ModelRef.model_validate(model_ref(model)),
@@ -213,6 +209,6 @@ async def kernels(
         groups=found.groups,
         rendering=found.rendering,
         grid_png=png,
-        grid=GridInfo(columns=columns, rows=rows, tile_size=tile, separator=net.SEPARATOR,
+        grid=GridInfo(columns=columns, rows=rows, tile_size=tile, separator=tiles.SEPARATOR,
                       shown=len(found.tiles)),
     )

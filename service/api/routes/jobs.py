@@ -57,7 +57,7 @@ async def submit_job(
     store = _store(request)
     request_id = request_id_of(request)
     timer = pipeline.Timer()
-    plan = plan_explain(form, engine.catalog, settings.default_model)
+    plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
     prepared = await pipeline.prepare_explain(
         plan, await pipeline.read_files(form.file), settings,
         time.monotonic() + settings.job_timeout_s, engine.admit, timer=timer,

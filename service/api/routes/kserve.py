@@ -197,7 +197,7 @@ async def explain(
     resolve_model(model, engine.catalog, settings.default_model)  # 404 names the path's model
     options = body.parameters.model_dump() if body.parameters else {}
     form = ExplainForm.model_construct(file=[], model=model, **options)
-    plan = plan_explain(form, engine.catalog, settings.default_model)
+    plan = plan_explain(form, engine.catalog, engine.methods, settings.default_model)
     if dicom_results.wanted(plan):
         raise InvalidOption("DICOM outputs (dicom_pm, dicom_sc, dicom_sr) are answered by "
                             "POST /explain and POST /jobs, not by the KServe protocol")

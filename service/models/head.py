@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from service.models.hooks import forward_hooks, forward_pre_hook
+
 
 @dataclass(frozen=True)
 class LinearHead:
@@ -49,16 +51,14 @@ def find_linear_head(
     def record_input(_m: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         head_input.append(inputs[0].detach().clone())
 
-    handles = [modules[name].register_forward_hook(record(name)) for name in layers]
-    handles.append(head.register_forward_pre_hook(record_input))
-    try:
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn((1, 3, *input_size), generator=generator).to(device)
-        with torch.inference_mode():
-            logits = model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn((1, 3, *input_size), generator=generator).to(device)
+    with (
+        forward_hooks((modules[name], record(name)) for name in layers),
+        forward_pre_hook(head, record_input),
+        torch.inference_mode(),
+    ):
+        logits = model(probe)
     pooled_source = outputs.get(default_layer)
     if pooled_source is None or not head_input:
         return LinearHead(None, (), "the default layer or the linear layer did not run")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from service.cams.extractor import SampleMap
+from service.cams.maps import SampleMap
 from service.engine.jobs import ItemResult, WorkItem
 from service.quality.faithfulness import faithfulness, to_input_size
 

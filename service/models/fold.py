@@ -9,6 +9,10 @@ now the batch norm's; those names are returned so callers can avoid hooking them
 
 Pairs are found on the ``torch.fx`` graph: a convolution whose only user is a batch norm,
 each module called exactly once. A model that cannot be traced is not folded.
+
+This is the one place batch norm's eval-mode affine map is written down
+(:func:`batch_norm_affine`): the worker's folded copy, the Score-CAM family's twin
+(:mod:`service.cams.twin`) and FullGrad's bias terms (:func:`effective_bias`) all read it here.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +37,50 @@ class Folded:
     changed: frozenset[str]  # convolutions whose output is now their batch norm's output
 
 
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(convolution, batch norm) module names where the batch norm is all the convolution feeds."""
+def batch_norm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor] | None:
+    """``(scale, shift)`` per channel with ``norm(x) = scale * x + shift`` in eval mode:
+    ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``; None without running
+    statistics."""
+    if norm.running_mean is None or norm.running_var is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale.detach(), shift.detach()
+
+
+def effective_bias(module: nn.Module) -> Tensor | None:
+    """The bias a layer adds to its output: a convolution's own, or batch norm's folded one.
+
+    In eval mode batch norm computes ``gamma (x - mu) / sqrt(var + eps) + beta``, i.e. a bias
+    ``beta - gamma mu / sqrt(var + eps)`` per channel (:func:`batch_norm_affine`).
+    """
+    if isinstance(module, nn.BatchNorm2d):
+        affine = batch_norm_affine(module)
+        return None if affine is None else affine[1]
+    if isinstance(module, nn.Conv2d) and module.bias is not None:
+        return module.bias.detach()
+    return None
+
+
+def traced_graph(model: nn.Module) -> fx.Graph | None:
+    """The model's ``torch.fx`` graph; None when it cannot be traced (data-dependent control
+    flow and the like)."""
     try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as exc:  # tracing fails on data-dependent control flow
-        log.info("batch norm not folded: the model cannot be traced", extra={"reason": str(exc)})
+        return fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing fails in many ways
+        log.info("the model cannot be traced", extra={"reason": str(exc)})
+        return None
+
+
+def conv_bn_pairs(model: nn.Module, graph: fx.Graph | None = None) -> list[tuple[str, str]]:
+    """(convolution, batch norm) module names where the batch norm is all the convolution feeds;
+    none when the model cannot be traced. ``graph``: the model's trace, if already made."""
+    graph = graph if graph is not None else traced_graph(model)
+    if graph is None:
         return []
     modules = dict(model.named_modules())
     calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
@@ -67,21 +109,22 @@ def fold_batch_norms(model: nn.Module) -> Folded | None:
     if model.training:
         raise ValueError("batch norm can only be folded in eval mode")
     pairs = conv_bn_pairs(model)
-    if not pairs:
-        return None
+    return folded_copy(model, pairs) if pairs else None
+
+
+def folded_copy(model: nn.Module, pairs: list[tuple[str, str]]) -> Folded:
+    """A copy of ``model`` with the given (convolution, batch norm) pairs folded (a plain copy
+    when there are none): ``W' = W * scale``, ``b' = b * scale + shift``, the batch norm an
+    ``nn.Identity``."""
     folded = copy.deepcopy(model)
     modules = dict(folded.named_modules())
     with torch.no_grad():
         for conv_name, norm_name in pairs:
             conv, norm = modules[conv_name], modules[norm_name]
             assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
-            assert norm.running_mean is not None and norm.running_var is not None
-            scale = torch.rsqrt(norm.running_var + norm.eps)
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            shift = -norm.running_mean * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias
+            affine = batch_norm_affine(norm)
+            assert affine is not None
+            scale, shift = affine
             if conv.bias is not None:
                 shift = shift + conv.bias * scale
             conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
