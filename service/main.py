@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -55,9 +55,11 @@ def create_app(
     settings: Settings | None = None,
     worker_factory: WorkerFactory | None = None,
     specs: list[ModelSpec] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app; ``worker_factory`` swaps the torch workers for fakes in tests; ``specs``, from
-    :func:`checked_specs`, spares the lifespan checking the weights a second time."""
+    :func:`checked_specs`, spares the lifespan checking the weights a second time; ``on_fatal``
+    is called with the reason when a device fails beyond repair (``python -m service`` exits)."""
     settings = settings or get_settings()
     metrics = Metrics(settings.max_batch_size)
 
@@ -73,6 +75,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registered = specs if specs is not None else checked_specs(settings)
         engine = Engine(settings, registered, worker_factory, metrics)
+        engine.on_fatal = on_fatal
         metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
         metrics.bind_names((spec.name for spec in registered), method_names())
         app.state.engine = engine

@@ -6,6 +6,7 @@ numpy arrays and Python numbers.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -137,6 +138,14 @@ class Worker:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error: collect what the failed batch left in reference
+        cycles, then hand CUDA's cached blocks back so the halves find contiguous memory."""
+        gc.collect()
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
         """One batch of compatible items (same model, methods and layers)."""
