@@ -230,7 +230,8 @@ class Worker:
             spec = item.explain
             for sample in samples:
                 assert spec is not None
-                wanted.append((sample.grid, spec.mask_size or _size(sample.grid)))
+                size = spec.mask_size if spec.mask_wanted else None  # unsent: not resized
+                wanted.append((sample.grid, size or _size(sample.grid)))
                 wanted.append((sample.grid, spec.display_size))
         arrays = _resize_all(wanted)
         out: list[list[tuple[np.ndarray, np.ndarray | None]]] = []
