@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -51,8 +52,18 @@ def test_health_checks_turn_503_after_a_fatal_device_error() -> None:
 
 
 def test_python_m_service_exits_70_after_a_fatal_device_error(tmp_path: Path) -> None:
+    serve_then_fail(tmp_path, {})
+
+
+@pytest.mark.cuda
+def test_a_real_device_side_assert_makes_python_m_service_exit_70(tmp_path: Path) -> None:
+    serve_then_fail(tmp_path, {"CAMSERVE_TEST_REAL_CUDA_FAULT": "1"})
+
+
+def serve_then_fail(tmp_path: Path, extra_env: dict[str, str]) -> None:
+    """One request answered, then the faulting one 503, then the process exits 70."""
     port = free_port()
-    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_WARMUP": "false"}
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_WARMUP": "false", **extra_env}
     env.pop("CAMSERVE_API_KEY", None)
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
