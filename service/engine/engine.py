@@ -127,7 +127,7 @@ class Engine:
         # PNG and JSON take a small share of them between batches.
         threads = self.settings.torch_threads or available_cores()
         return Worker(device, threads, channels_last=self.settings.channels_last,
-                      fold_batch_norm=self.settings.fold_batch_norm)
+                      fold_batch_norm=self.settings.fold_batch_norm, precision=self.settings.precision)
 
     # lifecycle -------------------------------------------------------------------------
 

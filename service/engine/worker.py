@@ -6,11 +6,13 @@ numpy arrays and Python numbers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -27,6 +29,9 @@ from service.models.spec import ModelSpec
 from service.quality.serving import add_faithfulness
 
 log = logging.getLogger(__name__)
+
+# CAMSERVE_PRECISION: the dtype the model's forward runs in under autocast, on CUDA only.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -84,8 +89,12 @@ class Worker:
         threads: int = 0,
         channels_last: bool = True,
         fold_batch_norm: bool = True,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = device
+        self.precision = precision
         self.threads = threads
         self.channels_last = channels_last
         self.fold_batch_norm = fold_batch_norm
@@ -97,6 +106,14 @@ class Worker:
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or available_cores())
+        if self.device.type == "cuda":
+            # Set, not inherited from torch's defaults: fp32 means fp32 (maps agree with the
+            # CPU's); bf16 and fp16 take TF32 for what autocast leaves in float32. cuDNN picks
+            # its fastest kernels per shape, once each (the warm-up's batch sizes).
+            tf32 = self.precision != "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = True
         for spec in specs:
             started = time.perf_counter()
             loaded = load_model(spec, self.device)
@@ -123,7 +140,7 @@ class Worker:
             module, modules = self._network(loaded, (loaded.default_layer,), [gradcam])
             for size in batch_sizes:
                 inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
-                with torch.inference_mode():
+                with torch.inference_mode(), self.autocast():
                     module(inputs)
                     if size == max(batch_sizes):  # warm now: what one image's pass costs here
                         self._synchronize()
@@ -132,8 +149,16 @@ class Worker:
                         self._synchronize()
                         per_image = (time.perf_counter() - began) / size
                         self.seconds_per_pass = max(self.seconds_per_pass or 0.0, per_image)
-                explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
+                with self.autocast():
+                    explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
         self._synchronize()
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """The model's forward in ``precision`` on CUDA (CAM maths stays float32: the
+        extractor hands methods float32 activations, gradients and logits); else unchanged."""
+        if self.device.type != "cuda" or self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=PRECISIONS[self.precision])
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -155,19 +180,20 @@ class Worker:
         spec = items[0].explain
         if spec is None:
             module, _ = self._network(loaded, (), [])
-            with torch.inference_mode():
+            with torch.inference_mode(), self.autocast():
                 logits = module(inputs)
             per_sample_maps: list[list[SampleMap]] = [[] for _ in items]
         else:
             params = dict(spec.method_params)
             methods = [get_method(name, dict(params.get(name, ()))) for name in spec.methods]
             module, modules = self._network(loaded, spec.layers, methods)
-            output = explain_batch(
-                module, modules, inputs, spec.layers, methods,
-                [item.explain.classes if item.explain else None for item in items],
-                eigen_smooth=spec.eigen_smooth,
-                aug_smooth=spec.aug_smooth,
-            )
+            with self.autocast():
+                output = explain_batch(
+                    module, modules, inputs, spec.layers, methods,
+                    [item.explain.classes if item.explain else None for item in items],
+                    eigen_smooth=spec.eigen_smooth,
+                    aug_smooth=spec.aug_smooth,
+                )
             logits, per_sample_maps = output.logits, output.maps
         probabilities = logits.detach().float().softmax(dim=1)
         top = torch.topk(probabilities, k=min(max(item.topk for item in items), probabilities.shape[1]))
@@ -191,7 +217,8 @@ class Worker:
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
-            add_faithfulness(module, inputs, items, per_sample_maps, results)
+            with self.autocast():
+                add_faithfulness(module, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - started) * 1000

@@ -125,8 +125,9 @@ class _ModelReplica:
         verify_weights(spec)
         device = replica_device(self.settings.device)
         threads = self.settings.torch_threads or _assigned_cpus()
-        channels_last = self.settings.channels_last
-        self.slot = WorkerSlot(0, device, lambda d: Worker(d, threads, channels_last=channels_last))
+        channels_last, precision = self.settings.channels_last, self.settings.precision
+        self.slot = WorkerSlot(0, device, lambda d: Worker(d, threads, channels_last=channels_last,
+                                                           precision=precision))
         warm = warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
         self.info = (await self.slot.start([spec], warm))[model]
         log.info("model replica ready", extra={"model": model, "device": str(device)})

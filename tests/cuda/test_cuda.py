@@ -77,6 +77,9 @@ def test_cuda_maps_equal_the_cpu_maps(name: str, models: dict[str, LoadedModel],
     cpu, cuda = _maps(models["cpu"], name), _maps(models["cuda"], name)
     assert cpu.shape == cuda.shape
     assert np.isfinite(cuda).all()
+    if name == "sscam":  # its noise is drawn on the device, by that device's generator
+        assert np.array_equal(cuda, _maps(models["cuda"], name)), "the same seed, the same map"
+        return
     for a, b in zip(cpu, cuda, strict=True):
         assert _pearson(a, b) >= 0.9999, name
 
@@ -166,3 +169,27 @@ def test_every_visible_gpu_computes() -> None:
 
     asyncio.run(test())
     assert set(_Counting.computed) == {str(d) for d in devices}, _Counting.computed
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam"])
+def test_bf16_maps_are_close_to_the_cpu_fp32_maps(name: str) -> None:
+    """CAMSERVE_PRECISION=bf16 through the worker as it serves (folded, channels-last)."""
+    spec = embedded_default()
+    workers = {"cpu": Worker(torch.device("cpu")), "cuda": Worker(torch.device("cuda", 0), precision="bf16")}
+    for worker in workers.values():
+        worker.load([spec])
+
+    async def masks(worker: Worker) -> list[np.ndarray]:
+        params = tuple(sorted(PARAMS.get(name, {}).items()))
+        explain = ExplainSpec((name,), ("features.18",), None, (224, 224), None,
+                              method_params=((name, params),) if params else ())
+        rng = np.random.default_rng(3)
+        loop = asyncio.get_running_loop()
+        items = [WorkItem("mobilenet_v2", rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), 1, explain,
+                          time.monotonic() + 600, loop.create_future()) for _ in range(4)]
+        return [r.explanations[0].mask for r in worker.compute(items)]
+
+    cpu, cuda = asyncio.run(masks(workers["cpu"])), asyncio.run(masks(workers["cuda"]))
+    for a, b in zip(cpu, cuda, strict=True):
+        assert np.isfinite(b).all()
+        assert _pearson(a, b) >= 0.999, name
