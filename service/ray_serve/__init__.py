@@ -52,7 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
-from service.engine.pool import WorkerSlot
+from service.engine.pool import WorkerSlot, is_fatal_device_error
 from service.engine.worker import Worker, resolve_devices, warm_batch_sizes
 from service.logs import configure_logging
 from service.main import create_app
@@ -130,19 +130,37 @@ class _ModelReplica:
                                                            precision=precision))
         warm = warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
         self.info = (await self.slot.start([spec], warm))[model]
+        self.device_failed: str | None = None
         log.info("model replica ready", extra={"model": model, "device": str(device)})
 
     def describe(self) -> ModelInfo:
         return self.info
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose device failed is replaced by a fresh one."""
+        if self.device_failed is not None:
+            raise RuntimeError(f"this replica's device failed: {self.device_failed}")
+
     async def compute(self, items: list[RemoteItem]) -> list[ItemResult]:
+        if self.device_failed is not None:
+            raise ReplicaDeviceFailed("this model replica's device failed; it is being replaced")
         loop = asyncio.get_running_loop()
         work = [
             WorkItem(model=item.model, pixels=item.pixels, topk=item.topk, explain=item.explain,
                      deadline=float("inf"), future=loop.create_future(), request_id=item.request_id)
             for item in items
         ]
-        return await self.slot.compute(work)
+        try:
+            return await self.slot.compute(work)
+        except Exception as exc:
+            if not is_fatal_device_error(exc):
+                raise
+            # Only this replica's process is poisoned: fail its health check so Serve replaces
+            # it, and tell the ingress in words that do not read as its own device's failure.
+            self.device_failed = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            log.critical("fatal device error in a model replica; failing its health check",
+                         extra={"reason": self.device_failed})
+            raise ReplicaDeviceFailed("this model replica's device failed; it is being replaced") from None
 
     def __del__(self) -> None:
         slot = getattr(self, "slot", None)
@@ -158,6 +176,10 @@ def replica_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cpu")
     return resolve_devices(setting)[0]
+
+
+class ReplicaDeviceFailed(RuntimeError):
+    """A model replica's device failed; Serve replaces the replica (an ordinary, retried error)."""
 
 
 class RemoteWorker:
@@ -180,7 +202,13 @@ class RemoteWorker:
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
         payload = [RemoteItem(i.model, i.pixels, i.topk, i.explain, i.request_id) for i in items]
-        results: list[ItemResult] = self.handles[items[0].model].compute.remote(payload).result()
+        try:
+            results: list[ItemResult] = self.handles[items[0].model].compute.remote(payload).result()
+        except Exception as exc:
+            if is_fatal_device_error(exc):  # a replica's device, never the ingress's own (it has none)
+                log.error("a model replica's device failed", extra={"reason": str(exc)[:300]})
+                raise ReplicaDeviceFailed("a model replica's device failed; Serve replaces it") from None
+            raise
         return results
 
 

@@ -256,3 +256,57 @@ def test_the_ingress_keeps_several_batches_in_flight(cat_png: bytes) -> None:
         assert not model.barrier.broken
     finally:
         running.close()
+
+
+def test_a_fatal_device_error_in_a_replica_fails_its_health_check_not_the_ingress() -> None:
+    from service.engine.pool import is_fatal_device_error
+    from service.ray_serve import ReplicaDeviceFailed
+    from tests.engine.fakes import FATAL_MESSAGE
+
+    class _FailingSlot:
+        async def compute(self, work: list[Any]) -> list[Any]:
+            raise RuntimeError(FATAL_MESSAGE)
+
+        def close(self) -> None:  # the replica's __del__ closes its slot
+            pass
+
+    replica = _ModelReplica.__new__(_ModelReplica)
+    replica.slot, replica.device_failed = _FailingSlot(), None  # type: ignore[assignment]
+    replica.check_health()  # healthy until the device fails
+    loop = _ReplicaLoop()
+    try:
+        with pytest.raises(ReplicaDeviceFailed) as failed:
+            loop.run(replica.compute([]))
+        assert not is_fatal_device_error(failed.value), "the ingress must not take it for its own"
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            replica.check_health()  # Serve replaces the replica
+        with pytest.raises(ReplicaDeviceFailed):
+            loop.run(replica.compute([]))  # and it computes nothing more meanwhile
+    finally:
+        loop.close()
+
+    class _FatalHandle:
+        class compute:  # handle.compute.remote(...).result(), as Serve's
+            @staticmethod
+            def remote(payload: Any) -> Any:
+                class _Failed:
+                    def result(self, timeout_s: float | None = None) -> Any:
+                        raise RuntimeError(FATAL_MESSAGE)  # what a Ray error's text may carry
+
+                return _Failed()
+
+    import asyncio as _asyncio
+    import time as _time
+
+    import numpy as np
+
+    from service.engine.jobs import WorkItem
+
+    async def one() -> None:
+        item = WorkItem("mobilenet_v2", np.zeros((2, 2, 3), np.uint8), 1, None, _time.monotonic() + 5,
+                        _asyncio.get_running_loop().create_future())
+        with pytest.raises(ReplicaDeviceFailed) as raised:
+            RemoteWorker({"mobilenet_v2": _FatalHandle()}).compute([item])  # type: ignore[dict-item]
+        assert not is_fatal_device_error(raised.value)
+
+    _asyncio.run(one())
