@@ -27,6 +27,19 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from its own index (CPU or CUDA build); the project then finds it satisfied.
 RUN pip install --index-url ${TORCH_INDEX} --extra-index-url https://pypi.org/simple ${TORCH_SPEC}
+# Fail the build when pip found another torch than asked for: the version in TORCH_SPEC, and for
+# a CUDA index (.../whl/cuXYZ) a CUDA build of that CUDA version (a CPU wheel from PyPI would
+# otherwise satisfy the spec and the GPU image would silently serve on the CPU).
+RUN python -c "import os, re, torch; \
+spec, index = os.environ.get('TORCH_SPEC', ''), os.environ.get('TORCH_INDEX', '').rstrip('/'); \
+asked = re.search(r'torch==([0-9][0-9.]*)', spec); \
+found = torch.__version__.split('+')[0]; \
+assert asked is None or found == asked.group(1), f'torch {torch.__version__} installed, {asked.group(1)} asked'; \
+cu = re.search(r'/whl/cu([0-9]+)([0-9])$', index); \
+want = cu and cu.group(1) + '.' + cu.group(2); \
+assert not want or torch.version.cuda, f'torch {torch.__version__} has no CUDA, {index} was asked'; \
+assert not want or torch.version.cuda == want, f'torch has CUDA {torch.version.cuda}, {want} asked'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service

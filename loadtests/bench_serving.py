@@ -211,11 +211,12 @@ def own_cpu_s() -> float:
 
 async def load(
     base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome, warm_up_s: float = 0.0,
-    server_pid: int | None = None,
+    server_pid: int | None = None, form: dict[str, str] | None = None,
 ) -> None:
     """``concurrency`` clients posting back to back for ``warm_up_s`` unrecorded, then for
     ``duration_s``; results added to ``outcome``, with the CPU time the server process
-    ``server_pid`` and this process spent meanwhile."""
+    ``server_pid`` and this process spent meanwhile. ``form``: the /explain form (FORM)."""
+    data = form if form is not None else FORM
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
 
@@ -223,7 +224,7 @@ async def load(
             started = time.perf_counter()
             try:
                 response = await client.post(
-                    "/explain", files={"file": ("chelsea.png", image, "image/png")}, data=FORM)
+                    "/explain", files={"file": ("chelsea.png", image, "image/png")}, data=data)
             except httpx.HTTPError:
                 if record:
                     outcome.errors[0] = outcome.errors.get(0, 0) + 1  # 0: no HTTP answer
@@ -308,7 +309,8 @@ def stop(servers: list[Server]) -> None:
 
 
 def bench(
-    configs: list[Config], concurrency: int, duration_s: float, rounds: int, workdir: Path
+    configs: list[Config], concurrency: int, duration_s: float, rounds: int, workdir: Path,
+    form: dict[str, str] | None = None,
 ) -> list[Outcome]:
     """Every config measured for ``duration_s`` in all, in ``rounds`` turns."""
     # Imported here, not on the first response: importing the service (and torch) takes the
@@ -320,8 +322,11 @@ def bench(
     try:
         for round_ in range(rounds):
             for server in servers:
+                # The baselines always send their own response (lists + overlay): only camserve's
+                # form changes.
                 asyncio.run(load(server.base, image, concurrency, duration_s / rounds, server.outcome,
-                                 warm_up_s=WARM_UP_S if round_ == 0 else 0.0, server_pid=server.process.pid))
+                                 warm_up_s=WARM_UP_S if round_ == 0 else 0.0, server_pid=server.process.pid,
+                                 form=None if server.config.name.startswith("baseline") else form))
             done = ", ".join(f"{s.config.name} {s.outcome.throughput:.2f}" for s in servers)
             print(f"  round {round_ + 1}/{rounds}: req/s so far {done}", flush=True)
         for server in servers:
@@ -406,8 +411,11 @@ def model_costs(model: Any, name: str, repeats: int = 10) -> dict[str, float]:
 STAGES = ("decode", "queue", "compute", "render", "json")
 
 
-def report(outcomes: list[Outcome], concurrency: int) -> None:
-    print(f"\n/explain, Grad-CAM, mask (lists) + overlay PNG, chelsea.png, concurrency {concurrency}")
+def report(outcomes: list[Outcome], concurrency: int, form: dict[str, str] | None = None) -> None:
+    form = form or FORM
+    mask = ("lists" if form["mask_encoding"] == "list"
+            else f"base64 {form.get('mask_dtype', 'float32')}")
+    print(f"\n/explain, Grad-CAM, mask ({mask}) + overlay PNG, chelsea.png, concurrency {concurrency}")
     print("(cpu: CPU ms per answered request, of the server process and of the load client)")
     print(f"{'config':<14} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
           f"{'batch':>6} {'cpu srv':>8} {'cpu cli':>8}")
@@ -454,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="turns the configs are measured in")
     parser.add_argument("--only", default="batched,unbatched,baseline,baseline-typed",
                         help="comma-separated configs")
+    parser.add_argument("--mask-encoding", choices=("list", "base64"), default="list",
+                        help="camserve's mask encoding (default list, as the baselines send)")
+    parser.add_argument("--mask-dtype", choices=("float32", "float16", "uint8"), default="float32",
+                        help="camserve's base64 mask element type (default float32)")
     parser.add_argument("--serve-baseline", choices=("plain", "typed"), nargs="?", const="plain",
                         help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=8001, help=argparse.SUPPRESS)
@@ -481,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"bench: {len(chosen)} servers, {args.duration:.0f} s each in {args.rounds} rounds at "
           f"concurrency {args.concurrency}; server logs in {workdir}", flush=True)
-    outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir)
-    report(outcomes, args.concurrency)
+    form = {**FORM, "mask_encoding": args.mask_encoding, "mask_dtype": args.mask_dtype}
+    outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir, form)
+    report(outcomes, args.concurrency, form)
     print("\nstages in this process (median ms, one cat photo 451x300):")
     from service.models.fold import fold_batch_norms
 

@@ -12,6 +12,12 @@ SIGTERM, or SIGINT, stops at once the usual uvicorn way.
 
 Connections get the timeouts and the bound of :mod:`service.connections`. A models file or
 setting that cannot be used stops start-up with one line saying why (exit status 1).
+
+A fatal device error (a sticky CUDA error such as a device-side assert or an illegal memory
+access, after which no kernel can run in this process) is answered 503 to every request
+queued or running, turns ``/healthz`` and ``/readyz`` to 503, is logged with its reason, and
+the process exits with status 70 (``EX_SOFTWARE``) once the answers have gone out, so that
+the container's restart policy or the orchestrator brings up a fresh process.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pydantic import ValidationError
 import service.openmp  # noqa: F401  (before torch loads: see its docstring)
 from service.config import Settings, get_settings
 from service.connections import ConnectionGuard, descriptor_bound, linger_bytes
+from service.engine.pool import WorkerFactory
 from service.logs import configure_logging
 from service.main import checked_specs, create_app
 from service.models.loader import ModelLoadError
@@ -40,6 +47,7 @@ from service.shutdown import InFlight
 log = logging.getLogger("service")
 
 _ANSWERS_OUT_S = 5.0  # after a timed-out drain, time for the 503s and finished answers to go out
+EXIT_DEVICE_FAILED = 70  # sysexits' EX_SOFTWARE: a device failed beyond repair; restart the process
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,7 +58,17 @@ class DrainingServer(uvicorn.Server):
         self.in_flight = in_flight
         self.drain_timeout_s = drain_timeout_s
         self.cut_short: int | None = None  # set when the drain deadline passed with work running
+        self.device_failed: str | None = None  # set by a fatal device error: exit 70
         self._drain: asyncio.Task[None] | None = None
+
+    def fatal(self, reason: str) -> None:
+        """The engine's ``on_fatal`` (on the event loop): stop serving, then exit 70."""
+        if self.device_failed is None:
+            self.device_failed = reason
+            log.critical("exiting with status %d so that the process is restarted: %s",
+                         EXIT_DEVICE_FAILED, reason, extra={"reason": reason})
+        self.config.timeout_graceful_shutdown = int(_ANSWERS_OUT_S)  # the 503s are out already
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         engine = getattr(self.app.state, "engine", None)
@@ -109,7 +127,8 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = None) -> None:
+    """Run the server; ``worker_factory`` replaces the torch workers (tests of the exit paths)."""
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -118,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging(getattr(logging, args.log_level.upper()))
     settings, specs = _usable_settings()
-    app = create_app(settings, specs=specs)
+    # The engine calls back on a fatal device error; the server is built below.
+    app = create_app(settings, worker_factory, specs=specs, on_fatal=lambda reason: server.fatal(reason))
     in_flight = InFlight(app)
     max_connections = descriptor_bound(settings.max_connections)
     if max_connections < settings.max_connections:
@@ -138,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     server = DrainingServer(config, app, in_flight, settings.drain_timeout_s)
     server.run()
+    if server.device_failed is not None:
+        _exit_now(EXIT_DEVICE_FAILED)
     if server.cut_short is not None:
         _exit_now(0)
 

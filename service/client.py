@@ -197,12 +197,18 @@ def _checked(response: httpx.Response) -> dict[str, Any]:
 
 
 def decode_mask(mask: Mapping[str, Any] | None) -> np.ndarray | None:
-    """A mask of the contract (``list`` or ``base64`` encoding) as a float32 numpy array."""
+    """A mask of the contract (``list`` or ``base64`` encoding, any ``dtype``: float32,
+    float16, uint8 as value x 255) as a float32 numpy array in [0, 1]."""
     if mask is None:
         return None
     shape = tuple(int(n) for n in mask["shape"])
     if mask["encoding"] == "base64":
-        return np.frombuffer(base64.b64decode(mask["data"]), dtype="<f4").reshape(shape).astype(np.float32)
+        dtype = str(mask.get("dtype", "float32"))
+        wire = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}.get(dtype)
+        if wire is None:
+            raise ValueError(f"unknown mask dtype {dtype!r}")
+        values = np.frombuffer(base64.b64decode(mask["data"]), dtype=wire).reshape(shape).astype(np.float32)
+        return values / np.float32(255.0) if dtype == "uint8" else values
     return np.asarray(mask["data"], dtype=np.float32).reshape(shape)
 
 

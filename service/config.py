@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         True, description="run a forward and a CAM pass per model and batch size before ready"
     )
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="CUDA only: the model's forward under autocast in this dtype; CAM maths "
+        "stays float32, and fp32 turns TF32 off"
+    )
     fold_batch_norm: bool = Field(
         True, description="compute through a copy of each model with batch norm folded into its convolutions"
     )

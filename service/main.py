@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +30,9 @@ from service.engine.pool import WorkerFactory
 from service.metrics import Metrics, MetricsMiddleware
 from service.models.loader import verify_weights
 from service.models.spec import ModelSpec, registered_specs
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +59,13 @@ def create_app(
     settings: Settings | None = None,
     worker_factory: WorkerFactory | None = None,
     specs: list[ModelSpec] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    devices: Sequence[torch.device] | None = None,
 ) -> FastAPI:
     """The app; ``worker_factory`` swaps the torch workers for fakes in tests; ``specs``, from
-    :func:`checked_specs`, spares the lifespan checking the weights a second time."""
+    :func:`checked_specs`, spares the lifespan checking the weights a second time; ``on_fatal``
+    is called with the reason when a device fails beyond repair (``python -m service`` exits);
+    ``devices`` overrides ``CAMSERVE_DEVICE`` (one engine slot each)."""
     settings = settings or get_settings()
     metrics = Metrics(settings.max_batch_size)
 
@@ -72,7 +80,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registered = specs if specs is not None else checked_specs(settings)
-        engine = Engine(settings, registered, worker_factory, metrics)
+        engine = Engine(settings, registered, worker_factory, metrics, devices)
+        engine.on_fatal = on_fatal
         metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.in_flight)
         metrics.bind_names((spec.name for spec in registered), list(engine.methods))
         app.state.engine = engine

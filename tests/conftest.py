@@ -15,6 +15,19 @@ from service.main import create_app
 DATA = Path(__file__).parent / "data"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA device: the only skips."""
+    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in cuda:
+        item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 def ready_client(app: FastAPI) -> Iterator[TestClient]:
     """A TestClient whose app has finished loading and warming its models."""
     with TestClient(app) as client:

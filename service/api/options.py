@@ -81,8 +81,12 @@ class ExplainForm(PredictForm):
         examples=["input"],
     )
     mask_encoding: Literal["list", "base64"] = Field(
-        "list", description="nested lists of floats, or base64 of little-endian float32, row-major",
+        "list", description="nested lists of floats, or base64 of the mask_dtype values, row-major",
         examples=["list"],
+    )
+    mask_dtype: Literal["float32", "float16", "uint8"] = Field(
+        "float32", description="for base64 masks: little-endian float32 or float16, or uint8 "
+        "(value x 255, rounded); lists are always floats", examples=["float32"],
     )
     colormap: str = Field(
         "jet", description=f"colour map: {', '.join(available_colormaps())}", examples=["jet"]

@@ -164,6 +164,7 @@ def explain_items(
             aug_smooth=plan.form.aug_smooth,
             method_params=plan.method_params,
             evaluate_steps=plan.form.eval_steps if plan.form.evaluate else None,
+            mask_wanted="mask" in plan.outputs,
         )
         items.append(_item(plan.model, upload, plan.form.topk, spec, deadline))
     return items

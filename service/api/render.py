@@ -37,6 +37,7 @@ _LIST_VALUE = 15
 _PER_EXPLANATION = 512
 _PER_RESULT = 1024
 _PER_PREDICTION = 96
+_MASK_BYTES = {"float32": 4, "float16": 2, "uint8": 1}  # per value of a base64 mask
 
 
 def original_mask_size(frame: Frame, settings: Settings) -> tuple[int, int]:
@@ -84,7 +85,7 @@ def _result_bytes(plan: ExplainPlan, upload: Upload, settings: Settings) -> int:
         )
         values = height * width
         per_map += (values * _LIST_VALUE + height * 2 if plan.form.mask_encoding == "list"
-                    else _base64(4 * values))
+                    else _base64(_MASK_BYTES[plan.form.mask_dtype] * values))
     shown_w, shown_h = encode.display_size(frame.width, frame.height, settings.overlay_max_side)
     for output, channels in (("overlay", 3), ("heatmap", 4)):
         if output in plan.outputs:
@@ -220,11 +221,12 @@ def _explanation(
         body["faithfulness"] = item.faithfulness
     if "mask" in plan.outputs:
         mask = np.ascontiguousarray(item.mask, dtype=np.float32)
+        base64_mask = form.mask_encoding == "base64"
         body["mask"] = {
             "shape": list(mask.shape),
-            "dtype": "float32",
+            "dtype": form.mask_dtype if base64_mask else "float32",  # lists are always floats
             "encoding": form.mask_encoding,
-            "data": encode.mask_to_base64(mask) if form.mask_encoding == "base64" else mask,
+            "data": encode.mask_to_base64(mask, form.mask_dtype) if base64_mask else mask,
             # The longer side of an original-size mask is capped: say by how much.
             "scale": (round(max(mask.shape) / max(frame.width, frame.height), 6)
                       if form.mask_size == "original" else None),

@@ -62,9 +62,11 @@ class Prediction(_Schema):
 
 class Mask(_Schema):
     shape: tuple[int, int] = Field(description="(height, width) of the mask", examples=[[224, 224]])
-    dtype: Literal["float32"] = Field(description="element type", examples=["float32"])
+    dtype: Literal["float32", "float16", "uint8"] = Field(
+        description="element type of a base64 mask (the request's mask_dtype; uint8 is value x 255, "
+        "rounded); `float32` for lists", examples=["float32"])
     encoding: Literal["list", "base64"] = Field(
-        description="`list`: nested lists of floats; `base64`: little-endian float32, row-major",
+        description="`list`: nested lists of floats; `base64`: little-endian `dtype` values, row-major",
         examples=["list"],
     )
     data: list[list[float]] | str = Field(

@@ -176,12 +176,14 @@ def explain_once(
         )
         contexts = [
             LayerContext(
+                # float32 whatever the forward ran in (CAMSERVE_PRECISION): the methods' small
+                # epsilons and sums stay meaningful; a no-op for a float32 forward.
                 layer=name,
-                activations=store[name].grid().detach()[index],
-                gradients=gradient,
+                activations=store[name].grid().detach()[index].float(),
+                gradients=None if gradient is None else gradient.float(),
                 inputs=inputs[index],
                 classes=class_tensor,
-                logits=logits.detach()[index],
+                logits=logits.detach()[index].float(),
                 probe=probe,
                 eigen_smooth=eigen_smooth,
             )
@@ -190,7 +192,7 @@ def explain_once(
         # Layer-free methods (FullGrad) see the inputs in place of a layer's activations.
         whole = LayerContext(
             layer="", activations=inputs[index], gradients=None, inputs=inputs[index],
-            classes=class_tensor, logits=logits.detach()[index], probe=probe,
+            classes=class_tensor, logits=logits.detach()[index].float(), probe=probe,
             eigen_smooth=eigen_smooth,
         )
         with torch.no_grad():

@@ -12,6 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Small symmetric float64 eigen-decompositions go to the CPU and back (two small copies): on
+# a GPU cuSOLVER's float64 path costs several launches and syncs per call and float64 is slow
+# on most GPUs, while a 49x49 or 196x196 matrix takes the CPU well under a millisecond.
+# (Read from the code and the issue; to be confirmed by make gpu-check's eigencam timings.)
+_HOST_EIGH_MAX = 512
+
+
+def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    if matrix.device.type == "cuda" and matrix.shape[-1] <= _HOST_EIGH_MAX:
+        values, vectors = torch.linalg.eigh(matrix.cpu())
+        return values.to(matrix.device), vectors.to(matrix.device)
+    values, vectors = torch.linalg.eigh(matrix)
+    return values, vectors
+
 
 def _centred(terms: Tensor) -> Tensor:
     """(B, K, H, W) -> (B, HW, K) with each channel's mean over positions removed."""
@@ -36,10 +50,10 @@ def first_component(terms: Tensor) -> Tensor:
     matrix = _centred(terms)
     positions, channels = matrix.shape[1:]
     if positions <= channels:
-        values, vectors = torch.linalg.eigh(matrix @ matrix.transpose(1, 2))
+        values, vectors = _eigh(matrix @ matrix.transpose(1, 2))
         projection = vectors[:, :, -1] * values[:, -1:].clamp_min(0.0).sqrt()
     else:
-        _, vectors = torch.linalg.eigh(matrix.transpose(1, 2) @ matrix)
+        _, vectors = _eigh(matrix.transpose(1, 2) @ matrix)
         projection = (matrix @ vectors[:, :, -1:])[:, :, 0]
     return _signed(projection, terms)
 
@@ -57,6 +71,6 @@ def kernel_first_component(terms: Tensor, gamma: float | None = None, coef0: flo
     kernel = torch.tanh(scale * (matrix @ matrix.transpose(1, 2)) + coef0)
     ones = torch.full((positions, positions), 1.0 / positions, dtype=kernel.dtype, device=kernel.device)
     centred = kernel - ones @ kernel - kernel @ ones + ones @ kernel @ ones
-    values, vectors = torch.linalg.eigh(centred)
+    values, vectors = _eigh(centred)
     projection = vectors[:, :, -1] * values[:, -1:].clamp_min(0.0).sqrt()
     return _signed(projection, terms)

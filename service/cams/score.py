@@ -94,20 +94,24 @@ class ScoreCAM(CAMMethod):
         baseline = context.logits.gather(1, context.classes[:, None])[:, 0]
         # Channels never run keep -inf: softmax gives them weight 0.
         scores = torch.full(acts.shape[:2], float("-inf"), dtype=acts.dtype, device=acts.device)
+        # Python ints once: indexing with a 0-d CUDA tensor would wait for the GPU every chunk.
+        classes = [int(c) for c in context.classes.tolist()]
         for b, indices in enumerate(self.channels(acts)):
             if indices.numel() == 0:
                 continue
             total = torch.zeros(indices.numel(), dtype=acts.dtype, device=acts.device)
             for draw in range(self.draws()):
                 # One generator per sample and draw: a map never depends on its batch neighbours.
-                generator = torch.Generator().manual_seed(int(self.options.get("seed", 0)) + draw)
+                # On the inputs' device, so a GPU's noise is drawn there (CPU: as before).
+                generator = torch.Generator(device=acts.device)
+                generator.manual_seed(int(self.options.get("seed", 0)) + draw)
                 for start, stop in chunked(indices.numel(), batch_size, key="masked"):
                     chunk = indices[start:stop]
                     up = F.interpolate(masks[b, chunk][:, None], size=size, mode="bilinear",
                                        align_corners=False)
                     masked = self.vary(up, draw, generator) * context.inputs[b]
                     logits = context.probe.lean_logits(masked)
-                    total[start:stop] += logits[:, context.classes[b]] - baseline[b]
+                    total[start:stop] += logits[:, classes[b]].to(acts.dtype) - baseline[b]
             scores[b, indices] = total / self.draws()
         return torch.softmax(scores, dim=1).nan_to_num(0.0)
 
@@ -137,8 +141,10 @@ class SSCAM(ScoreCAM):
         return int(self.options["num_samples"])
 
     def vary(self, masks: Tensor, draw: int, generator: torch.Generator) -> Tensor:
-        noise = torch.randn(masks.shape, generator=generator).to(masks.device, masks.dtype)
-        return masks + float(self.options["std"]) * noise
+        # Drawn where the masks are, with the generator of that device: on a GPU, no CPU-side
+        # normals and no copy per chunk (its numbers differ from the CPU's for the same seed).
+        noise = torch.randn(masks.shape, generator=generator, device=masks.device, dtype=torch.float32)
+        return masks + float(self.options["std"]) * noise.to(masks.dtype)
 
 
 class ISCAM(ScoreCAM):

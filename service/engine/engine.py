@@ -20,12 +20,17 @@ chunk boundary. Before anything is queued, a request whose passes exceed
 measured on this device, is refused with 422.
 
 Faults stay with their input: a failing batch is retried image by image, a CUDA out-of-memory
-error splits the batch in halves, and a worker whose thread dies is rebuilt. Expired or
-abandoned images are dropped before they are computed.
+error splits the batch in halves (after the error's frames are let go and the device's cached
+memory released) and caps later batches of that kind at the largest size that fitted, and a
+worker whose thread dies is rebuilt. Expired or abandoned images are dropped before they are
+computed. A sticky CUDA error (:func:`service.engine.pool.is_fatal_device_error`) is not
+retried: the device is unusable until the process restarts, so everything queued or running
+is answered 503, the state turns ``fatal`` and :attr:`Engine.on_fatal` is called (``python -m
+service`` exits with status 70 so that the container restarts).
 
 States: ``starting`` (loading and warming up), ``ready``, ``draining`` (finishing accepted work,
 refusing new), ``stopped``, ``failed`` (no worker could be loaded; the reason is kept for
-``/readyz``).
+``/readyz``), ``fatal`` (a device failed beyond repair; ``/healthz`` turns 503 too).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import logging
 import math
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -47,7 +53,14 @@ from service.cams.passes import PassesCancelled, PassRun
 from service.config import Settings
 from service.engine import cost
 from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
-from service.engine.pool import WorkerDied, WorkerFactory, WorkerLike, WorkerSlot, is_out_of_memory
+from service.engine.pool import (
+    WorkerDied,
+    WorkerFactory,
+    WorkerLike,
+    WorkerSlot,
+    is_fatal_device_error,
+    is_out_of_memory,
+)
 from service.engine.worker import Worker, available_cores, resolve_devices, warm_batch_sizes
 from service.errors import DeadlineExceeded, InvalidOption, QueueFull, ServiceError, ServiceUnavailable
 from service.logs import request_state
@@ -108,13 +121,20 @@ class Engine:
         self._dispatcher: asyncio.Task[None] | None = None
         self._dead_slots: set[int] = set()  # slots whose worker could not be replaced
         self._seconds_per_pass = 0.02  # one image's forward pass; measured, for the budget
+        # Called once, with the reason, when a device fails beyond repair (state "fatal").
+        self.on_fatal: Callable[[str], None] | None = None
+        self._computing: dict[int, list[WorkItem]] = {}  # each slot's light batch being computed
+        # Out-of-memory memory, per kind of batch (_fit_key): the smallest size that ran out,
+        # and the largest smaller size that fitted since; later batches are capped at it.
+        self._too_big: dict[tuple[object, ...], int] = {}
+        self._fitted: dict[tuple[object, ...], int] = {}
 
     def _real_worker(self, device: torch.device) -> WorkerLike:
         # Every core goes to torch: a batch of 8 splits well over the cores, while decoding,
         # PNG and JSON take a small share of them between batches.
         threads = self.settings.torch_threads or available_cores()
         return Worker(device, threads, channels_last=self.settings.channels_last,
-                      fold_batch_norm=self.settings.fold_batch_norm)
+                      fold_batch_norm=self.settings.fold_batch_norm, precision=self.settings.precision)
 
     # lifecycle -------------------------------------------------------------------------
 
@@ -172,7 +192,9 @@ class Engine:
             if not drained:
                 log.warning("drain timed out", extra={"queue_depth": self.queue_depth,
                                                       "in_flight": self._in_flight})
-        self.state = "stopped"
+        fatal = self.state == "fatal"
+        if not fatal:  # a failed device stays visible to the health checks until the exit
+            self.state = "stopped"
         stopping = [*self._runners, *([self._dispatcher] if self._dispatcher else [])]
         for task in stopping:
             task.cancel()
@@ -187,7 +209,7 @@ class Engine:
         if self._heavy_tasks:
             await asyncio.wait(list(self._heavy_tasks), timeout=5.0)
         for slot in self.slots:  # a computation still running after a timed-out drain is abandoned
-            slot.close(timeout_s=5.0 if drained else 0.0)
+            slot.close(timeout_s=5.0 if drained and not fatal else 0.0)
 
     def _busy(self) -> bool:
         return self._in_flight > 0 or any(
@@ -197,8 +219,8 @@ class Engine:
     @property
     def catalog(self) -> dict[str, ModelInfo]:
         """The served models; asking before they are loaded is answered 503, not "unknown"."""
-        if self.state in ("starting", "failed"):
-            reason = self.failure if self.state == "failed" else "the models are still loading"
+        if self.state in ("starting", "failed", "fatal"):
+            reason = self.failure if self.state != "starting" else "the models are still loading"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
         return self._catalog
 
@@ -230,7 +252,7 @@ class Engine:
         ``model``; ``fn`` must return plain data (numpy, Python), never torch objects.
         """
         if self.state != "ready":
-            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
+            reason = self.failure if self.state in ("failed", "fatal") else f"the service is {self.state}"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
         slot = next((s for s in self.slots if s.worker is not None), None)
         if slot is None or slot._thread is None:
@@ -260,7 +282,7 @@ class Engine:
         """Raise what :meth:`submit` would for a request of ``images`` images (not ready,
         draining, queue full), so a route can refuse before paying for its decode."""
         if self.state != "ready":
-            reason = self.failure if self.state == "failed" else f"the service is {self.state}"
+            reason = self.failure if self.state in ("failed", "fatal") else f"the service is {self.state}"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
         if len(self._pending) + images > self.settings.max_queue:
             self._purge_abandoned()
@@ -396,8 +418,11 @@ class Engine:
         while True:
             batch = await self._next_batch()
             self._in_flight += len(batch)
+            self._computing[slot.index] = batch
             try:
                 await self._compute(slot, batch)
+                if self.state == "fatal":  # the device's context is gone: nothing more runs here
+                    return
             except asyncio.CancelledError:  # stopped with work running: answer it, never drop it
                 for item in batch:
                     _fail(item, ServiceUnavailable("the service stopped before this image was computed"))
@@ -413,6 +438,7 @@ class Engine:
                 log.error("runner stopped", extra={"worker": slot.name, "reason": str(exc)})
                 return
             finally:
+                self._computing.pop(slot.index, None)
                 self._in_flight -= len(batch)
                 self._changed.set()
 
@@ -424,10 +450,11 @@ class Engine:
                 first = await self._oldest()
                 batch, key = [first], first.batch_key()
                 closes = first.enqueued + max_delay
+                size = self._batch_cap(first, max_size)
                 while True:
-                    self._take_compatible(batch, key, max_size)
+                    self._take_compatible(batch, key, size)
                     remaining = closes - time.monotonic()
-                    if len(batch) >= max_size or remaining <= 0:
+                    if len(batch) >= size or remaining <= 0:
                         break
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
@@ -475,33 +502,103 @@ class Engine:
         live = [item for item in batch if self._live(item)]
         if not live:
             return
+        if self.state == "fatal":  # a split or a retry after the device failed
+            for item in live:
+                _fail(item, self._fatal_error())
+            return
         started = time.monotonic()
         for item in live:
             item.started = started
+        failure = ""
         try:
             results = await slot.compute(live)
             if len(results) != len(live):
                 raise RuntimeError(f"the worker returned {len(results)} results for {len(live)} images")
         except WorkerDied:
             log.exception("worker died", extra={"worker": slot.name, "batch_size": len(live)})
+            failure = "died"
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                self._fatal(slot, exc, live)
+                return
+            if is_out_of_memory(exc) and len(live) > 1:
+                log.warning("out of memory; splitting the batch",
+                            extra={"worker": slot.name, "batch_size": len(live)})
+                failure = "oom"
+            else:
+                log.exception("batch failed", extra={"worker": slot.name, "model": live[0].model,
+                                                     "batch_size": len(live)})
+                failure = "error"
+            # The traceback's frames hold the failed batch's tensors, and a cycle through the
+            # awaited future would keep them until the cyclic collector runs: let them go now.
+            traceback.clear_frames(exc.__traceback__)
+        # Out of the handler, so nothing refers to the failed batch's tensors any more.
+        if not failure:
+            self._note_fit(live)
+            self._finish(slot, live, results, started)
+        elif failure == "died":
             if self.metrics:
                 self.metrics.worker_restarts.inc()
             await self._replace(slot)
             await self._retry_alone(slot, live, "the worker crashed while computing this image")
-            return
-        except Exception as exc:
-            if is_out_of_memory(exc) and len(live) > 1:
-                log.warning("out of memory; splitting the batch",
-                            extra={"worker": slot.name, "batch_size": len(live)})
-                half = len(live) // 2
-                await self._compute(slot, live[:half])
-                await self._compute(slot, live[half:])
-                return
-            log.exception("batch failed", extra={"worker": slot.name, "model": live[0].model,
-                                                 "batch_size": len(live)})
+        elif failure == "oom":
+            key = _fit_key(live[0])
+            self._too_big[key] = min(self._too_big.get(key, len(live)), len(live))
+            try:
+                await slot.release_memory()
+            except Exception:  # a worker that cannot release shows it on the next batch
+                log.exception("releasing device memory failed", extra={"worker": slot.name})
+            half = len(live) // 2
+            await self._compute(slot, live[:half])
+            await self._compute(slot, live[half:])
+        else:
             await self._retry_alone(slot, live, "the explanation failed inside the service")
-            return
-        self._finish(slot, live, results, started)
+
+    def _batch_cap(self, first: WorkItem, max_size: int) -> int:
+        """At most ``max_size``; for a kind of batch that ran out of memory, the largest size
+        that fitted since (half the size that did not, until one has)."""
+        key = _fit_key(first)
+        too_big = self._too_big.get(key)
+        if too_big is None:
+            return max_size
+        return max(1, min(max_size, self._fitted.get(key, too_big // 2)))
+
+    def _note_fit(self, items: list[WorkItem]) -> None:
+        key = _fit_key(items[0])
+        too_big = self._too_big.get(key)
+        if too_big is not None and len(items) < too_big:
+            self._fitted[key] = max(self._fitted.get(key, 0), len(items))
+
+    def _fatal_error(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"the service's device failed and this instance is restarting ({self.failure}); "
+            "retry on another instance or in a few seconds", headers={"Retry-After": "5"},
+        )
+
+    def _fatal(self, slot: WorkerSlot, exc: BaseException, items: Sequence[WorkItem]) -> None:
+        """A device failed beyond repair: answer everything queued and running with 503, turn
+        the health checks to 503, and tell whoever runs the process (``on_fatal``)."""
+        first = self.state != "fatal"
+        if first:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            self.state = "fatal"
+            self.failure = f"fatal device error on {slot.device}: {detail}"
+            log.critical("fatal device error: answering 503 and exiting so the process restarts",
+                         exc_info=exc, extra={"worker": slot.name, "device": str(slot.device),
+                                              "reason": self.failure})
+        self._dead_slots.add(slot.index)
+        error = self._fatal_error()
+        for item in (*items, *(i for b in self._computing.values() for i in b),
+                     *self._running_heavy.values(), *self._pending, *self._heavy_pending):
+            _fail(item, error)  # a running heavy item stops at its next pass boundary
+        self._pending.clear()
+        self._heavy_pending.clear()
+        self._changed.set()
+        if first and self.on_fatal is not None:
+            try:
+                self.on_fatal(self.failure or "fatal device error")
+            except Exception:
+                log.exception("the fatal-error callback failed")
 
     async def _retry_alone(self, slot: WorkerSlot, items: list[WorkItem], reason: str) -> None:
         if len(items) == 1:
@@ -591,7 +688,10 @@ class Engine:
         except WorkerDied as exc:
             log.error("heavy explanation's worker died", extra={"worker": slot.name, "reason": str(exc)})
             _fail(item, ServiceUnavailable("the worker failed; retry shortly"))
-        except Exception:
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                self._fatal(slot, exc, [item])
+                return
             log.exception("heavy explanation failed", extra={"worker": slot.name, "model": item.model})
             _fail(item, ServiceError(
                 "the explanation failed inside the service; the service keeps serving, please retry"
@@ -639,6 +739,11 @@ class Engine:
         if self.metrics:
             self.metrics.observe_batch(first.model, str(slot.device), len(items),
                                        [q / 1000 for q in queue_ms], finished - started)
+
+
+def _fit_key(item: WorkItem) -> tuple[object, ...]:
+    """What decides a batch's memory: its model, methods, layers and options, and input shape."""
+    return (*item.batch_key(), item.pixels.shape)
 
 
 def _note_request(state: dict[str, Any] | None, items: Sequence[WorkItem]) -> None:

@@ -27,6 +27,9 @@ class ExplainSpec:
     method_params: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     # Faithfulness scores with this many deletion/insertion steps (service.quality); None: none.
     evaluate_steps: int | None = None
+    # False when the response carries no mask (outputs without "mask"): the worker then leaves
+    # each map at its own grid instead of resizing it to mask_size and copying that to the host.
+    mask_wanted: bool = True
 
     def options_key(self) -> tuple[object, ...]:
         """What besides methods and layers decides whether two items can share a pass."""

@@ -37,6 +37,9 @@ class WorkerLike(Protocol):
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None: ...
 
+    # Optional: ``release_memory()``, called on the worker's thread after an out-of-memory
+    # error, returns cached device memory (the torch worker empties CUDA's cache).
+
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]: ...
 
 
@@ -51,6 +54,43 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA (or MPS) ran out of memory: a smaller batch may still fit."""
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+# Messages of the CUDA errors that leave the process's CUDA context unusable ("sticky"): every
+# later kernel launch on it fails too, so only a new process can serve again.
+_STICKY_CUDA_ERRORS = (
+    "device-side assert triggered",
+    "an illegal memory access was encountered",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "uncorrectable ecc error",
+    "unrecoverable",
+    "cuda error: launch timed out",
+    "hardware stack error",
+    "cublas_status_execution_failed",
+    "cudnn_status_execution_failed",
+    "cudnn_status_internal_error",
+)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A CUDA error after which the device cannot be used again in this process (a
+    device-side assert, an illegal memory access, ...): the service must answer 503 and exit
+    so that its container restarts. Out-of-memory is not one (a smaller batch may fit).
+
+    Every ``torch.AcceleratorError`` counts: the few CUDA errors that leave the context usable
+    cost one restart when taken for fatal, while a sticky one taken for an ordinary error
+    fails every request until someone restarts the process by hand."""
+    if is_out_of_memory(exc) or not isinstance(exc, RuntimeError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    message = str(exc).lower()
+    return any(sign in message for sign in _STICKY_CUDA_ERRORS) and (
+        "cuda" in message or "cublas" in message or "cudnn" in message
     )
 
 
@@ -73,19 +113,23 @@ class WorkerThread:
 
     def _run(self) -> None:
         while (call := self._calls.get()) is not None:
-            fn, args, future = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                with self._turns.light():
-                    result = fn(*args)
-            except Exception as exc:
-                future.set_exception(exc)
-            except BaseException as exc:
-                future.set_exception(WorkerDied(f"the worker thread ended: {exc!r}"))
-                raise
-            else:
-                future.set_result(result)
+            self._one(*call)
+            del call  # no reference to the last call's arguments or error while waiting
+
+    def _one(self, fn: Callable[..., Any], args: tuple[Any, ...],
+             future: concurrent.futures.Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with self._turns.light():
+                result = fn(*args)
+        except Exception as exc:
+            future.set_exception(exc)
+        except BaseException as exc:
+            future.set_exception(WorkerDied(f"the worker thread ended: {exc!r}"))
+            raise
+        else:
+            future.set_result(result)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.alive:
@@ -148,6 +192,14 @@ class WorkerSlot:
             raise WorkerDied(f"{self.name} has no worker")
         results: list[ItemResult] = await self._thread.call(self._worker.compute, items)
         return results
+
+    async def release_memory(self) -> None:
+        """Have the worker give back cached device memory, on its own thread (after an
+        out-of-memory error, before the batch is split); nothing for a worker without the hook."""
+        release = getattr(self._worker, "release_memory", None)
+        if self._thread is None or not callable(release):
+            return
+        await self._thread.call(release)
 
     async def compute_heavy(self, item: WorkItem, run: passes.PassRun) -> ItemResult:
         """One heavy item on a thread of its own, holding the device's turn between its pass

@@ -6,10 +6,13 @@ numpy arrays and Python numbers.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -26,6 +29,9 @@ from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# CAMSERVE_PRECISION: the dtype the model's forward runs in under autocast, on CUDA only.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -83,8 +89,12 @@ class Worker:
         threads: int = 0,
         channels_last: bool = True,
         fold_batch_norm: bool = True,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = device
+        self.precision = precision
         self.threads = threads
         self.channels_last = channels_last
         self.fold_batch_norm = fold_batch_norm
@@ -95,6 +105,14 @@ class Worker:
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or available_cores())
+        if self.device.type == "cuda":
+            # Set, not inherited from torch's defaults: fp32 means fp32 (maps agree with the
+            # CPU's); bf16 and fp16 take TF32 for what autocast leaves in float32. cuDNN picks
+            # its fastest kernels per shape, once each (the warm-up's batch sizes).
+            tf32 = self.precision != "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = True
         for spec in specs:
             started = time.perf_counter()
             loaded = load_model(spec, self.device)
@@ -120,7 +138,7 @@ class Worker:
             module, modules = self._network(loaded, (loaded.default_layer,), [gradcam])
             for size in batch_sizes:
                 inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
-                with torch.inference_mode():
+                with torch.inference_mode(), self.autocast():
                     module(inputs)
                     if size == max(batch_sizes):  # warm now: what one image's pass costs here
                         self._synchronize()
@@ -129,12 +147,28 @@ class Worker:
                         self._synchronize()
                         per_image = (time.perf_counter() - began) / size
                         self.seconds_per_pass = max(self.seconds_per_pass or 0.0, per_image)
-                explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
+                with self.autocast():
+                    explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
         self._synchronize()
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """The model's forward in ``precision`` on CUDA (CAM maths stays float32: the
+        extractor hands methods float32 activations, gradients and logits); else unchanged."""
+        if self.device.type != "cuda" or self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=PRECISIONS[self.precision])
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error: collect what the failed batch left in reference
+        cycles, then hand CUDA's cached blocks back so the halves find contiguous memory."""
+        gc.collect()
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
         """One batch of compatible items (same model, methods and layers)."""
@@ -144,20 +178,21 @@ class Worker:
         spec = items[0].explain
         if spec is None:
             module, _ = self._network(loaded, (), [])
-            with torch.inference_mode():
+            with torch.inference_mode(), self.autocast():
                 logits = module(inputs)
             per_sample_maps: list[list[SampleMap]] = [[] for _ in items]
         else:
             params = dict(spec.method_params)
             methods = [get_method(name, dict(params.get(name, ()))) for name in spec.methods]
             module, modules = self._network(loaded, spec.layers, methods)
-            output = explain_batch(
-                module, modules, inputs, spec.layers, methods,
-                [item.explain.classes if item.explain else None for item in items],
-                eigen_smooth=spec.eigen_smooth,
-                aug_smooth=spec.aug_smooth,
-                lean=loaded.lean.module if loaded.lean is not None else None,
-            )
+            with self.autocast():
+                output = explain_batch(
+                    module, modules, inputs, spec.layers, methods,
+                    [item.explain.classes if item.explain else None for item in items],
+                    eigen_smooth=spec.eigen_smooth,
+                    aug_smooth=spec.aug_smooth,
+                    lean=loaded.lean.module if loaded.lean is not None else None,
+                )
             logits, per_sample_maps = output.logits, output.maps
         probabilities = logits.detach().float().softmax(dim=1)
         top = torch.topk(probabilities, k=min(max(item.topk for item in items), probabilities.shape[1]))
@@ -181,7 +216,8 @@ class Worker:
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
-            add_faithfulness(module, inputs, items, per_sample_maps, results)
+            with self.autocast():
+                add_faithfulness(module, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - started) * 1000
@@ -210,7 +246,8 @@ class Worker:
             spec = item.explain
             for sample in samples:
                 assert spec is not None
-                wanted.append((sample.grid, spec.mask_size or _size(sample.grid)))
+                size = spec.mask_size if spec.mask_wanted else None  # unsent: not resized
+                wanted.append((sample.grid, size or _size(sample.grid)))
                 wanted.append((sample.grid, spec.display_size))
         arrays = _resize_all(wanted)
         out: list[list[tuple[np.ndarray, np.ndarray | None]]] = []

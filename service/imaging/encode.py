@@ -32,14 +32,27 @@ def display_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def mask_to_base64(mask: np.ndarray) -> str:
-    """Little-endian float32, row-major."""
-    raw = np.ascontiguousarray(mask, dtype="<f4").tobytes()
+# The element types a base64 mask may travel as, little-endian (uint8: value x 255, rounded).
+MASK_DTYPES = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}
+
+
+def mask_to_base64(mask: np.ndarray, dtype: str = "float32") -> str:
+    """A mask in [0, 1] as base64 of ``dtype`` values, row-major (see :data:`MASK_DTYPES`)."""
+    if dtype == "uint8":
+        # Rounded into a uint8 buffer directly: no float64 temporary of the whole mask.
+        scaled = np.multiply(mask, 255.0, dtype=np.float32)
+        raw = np.rint(scaled, out=scaled).astype(np.uint8).tobytes()
+    else:
+        raw = np.ascontiguousarray(mask, dtype=MASK_DTYPES[dtype]).tobytes()
     return base64.b64encode(raw).decode("ascii")
 
 
-def mask_from_base64(data: str, shape: tuple[int, ...]) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(shape)
+def mask_from_base64(data: str, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+    """The float32 mask :func:`mask_to_base64` encoded."""
+    values = np.frombuffer(base64.b64decode(data), dtype=MASK_DTYPES[dtype]).reshape(shape)
+    if dtype == "uint8":
+        return values.astype(np.float32) / np.float32(255.0)
+    return values.astype(np.float32)
 
 
 def png_bytes(pixels: np.ndarray, compress_level: int = 3) -> bytes:

@@ -237,6 +237,52 @@ def test_build_time_weights_check_fails_the_build_on_a_wrong_file(
         exec(compile(_weights_check(), "Dockerfile RUN", "exec"), {})
 
 
+def _torch_check() -> tuple[Instruction, str]:
+    (ins,) = [ins for ins in _instructions() if ins.keyword == "RUN" and "torch.version.cuda" in ins.args]
+    argv = shlex.split(ins.args)
+    assert argv[:2] == ["python", "-c"]
+    return ins, argv[2]
+
+
+def _run_torch_check(monkeypatch: pytest.MonkeyPatch, index: str, spec: str | None = None) -> None:
+    """What the build's ``python -c`` does with these build arguments (ARGs are its environment)."""
+    monkeypatch.setenv("TORCH_INDEX", index)
+    monkeypatch.setenv("TORCH_SPEC", spec if spec is not None else _args_defaults()["TORCH_SPEC"])
+    exec(compile(_torch_check()[1], "Dockerfile RUN", "exec"), {})
+
+
+def test_the_build_checks_the_installed_torch_right_after_installing_it() -> None:
+    ins, _ = _torch_check()
+    instructions = _instructions()
+    install = next(i for i, x in enumerate(instructions)
+                   if x.keyword == "RUN" and "--index-url ${TORCH_INDEX}" in x.args)
+    assert instructions.index(ins) == install + 1 and ins.stage == instructions[install].stage
+
+
+def test_torch_check_passes_for_the_torch_asked_for(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    _run_torch_check(monkeypatch, "https://download.pytorch.org/whl/cpu",
+                     f"torch=={torch.__version__.split('+')[0]} torchvision==0.0")
+    assert f"torch {torch.__version__}" in capsys.readouterr().out
+    if torch.version.cuda:  # this machine's torch is a CUDA build: check it as the CUDA image would
+        major, minor = torch.version.cuda.split(".")[:2]
+        _run_torch_check(monkeypatch, f"https://download.pytorch.org/whl/cu{major}{minor}/",
+                         f"torch=={torch.__version__.split('+')[0]}")
+
+
+def test_torch_check_fails_the_build_on_another_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    with pytest.raises(AssertionError, match="asked"):
+        _run_torch_check(monkeypatch, "https://download.pytorch.org/whl/cpu", "torch==1.0.0")
+    # A CUDA index whose CUDA version is not the installed torch's (or a CPU-only torch).
+    with pytest.raises(AssertionError, match="CUDA"):
+        _run_torch_check(monkeypatch, "https://download.pytorch.org/whl/cu101",
+                         f"torch=={torch.__version__.split('+')[0]}")
+
+
 # docker-compose ----------------------------------------------------------------------------
 
 
@@ -291,6 +337,11 @@ def test_gpu_profile_reserves_a_gpu_and_builds_cuda_torch() -> None:
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX"]
     assert gpu["environment"]["CAMSERVE_DEVICE"].startswith("cuda")
+    # nvidia-smi and NVML need "utility" as well as "compute" in the container.
+    assert set(gpu["environment"]["NVIDIA_DRIVER_CAPABILITIES"].split(",")) >= {"compute", "utility"}
+    # The host work for a GPU's images (decode, overlays, JSON) needs more cores than the CPU service.
+    cpu_limit = float(services["camserve"]["deploy"]["resources"]["limits"]["cpus"])
+    assert float(gpu["deploy"]["resources"]["limits"]["cpus"]) >= max(8.0, 4 * cpu_limit)
 
 
 def _nginx() -> str:

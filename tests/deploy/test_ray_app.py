@@ -182,3 +182,131 @@ def test_request_id_header_once_behind_serves_proxy() -> None:
         assert "x-request-id" not in client.get("/", headers={"X-Request-ID": "abc"}).headers
         # a different id (the app replaced an unusable one) is kept
         assert client.get("/", headers={"X-Request-ID": "bad id"}).headers["x-request-id"] == "generated"
+
+
+def test_an_explicit_gpu_request_needs_no_gpu_in_the_cluster_at_build_time() -> None:
+    # An autoscaled cluster adds its GPU nodes later: the request must not depend on them.
+    _, models = _deployments(build_app({"gpus_per_replica": 1}))
+    assert models["mobilenet_v2"].ray_actor_options["num_gpus"] == 1
+    _, models = _deployments(build_app({"settings": {"device": "cuda"}}))
+    assert models["mobilenet_v2"].ray_actor_options["num_gpus"] == 1
+    _, models = _deployments(build_app({"gpus_per_replica": 0, "settings": {"device": "cuda"}}))
+    assert not models["mobilenet_v2"].ray_actor_options.get("num_gpus")
+
+
+def test_a_replica_takes_the_device_ray_assigned_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    import torch
+
+    from service.ray_serve import replica_device
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])  # Ray shows it as the only one: cuda:0
+    assert replica_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert replica_device("auto") == torch.device("cpu"), "no GPU reserved: none taken"
+    assert replica_device("cpu") == torch.device("cpu")
+
+
+class _SlowModel:
+    """A model deployment's handle whose batches return only once ``together`` of them are
+    being computed at once (a barrier): one batch at a time would never get there."""
+
+    def __init__(self, together: int) -> None:
+        from service.models.spec import embedded_default
+        from tests.engine.fakes import model_info
+
+        self.info = model_info(embedded_default())
+        self.barrier = threading.Barrier(together, timeout=30)
+        self.describe = _Call(lambda: self.info)
+        self.compute = _Call(self._compute)
+
+    def _compute(self, items: list[Any]) -> list[Any]:
+        from service.engine.jobs import ItemResult
+
+        self.barrier.wait()
+        return [ItemResult([(1, 1.0)], [], 0.0, 1.0) for _ in items]
+
+
+class _Call:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> _Response:
+        return _Response(self.fn(*args))
+
+
+def test_the_ingress_keeps_several_batches_in_flight(cat_png: bytes) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.ray_serve import _Ingress
+
+    model = _SlowModel(together=3)
+    values = Settings(max_batch_size=1, max_batch_delay_ms=0).model_dump(mode="json")
+    ingress = _Ingress(values, {"mobilenet_v2": model}, batches_in_flight=3)  # type: ignore[dict-item]
+    app = ingress.__serve_build_asgi_app__()
+    running = ready_client(app)
+    client = next(running)
+    try:
+        assert len(app.state.engine.slots) == 3
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: client.post(
+                "/predict", files={"file": ("c.png", cat_png, "image/png")}, data={"topk": "1"}), range(3)))
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        assert not model.barrier.broken
+    finally:
+        running.close()
+
+
+def test_a_fatal_device_error_in_a_replica_fails_its_health_check_not_the_ingress() -> None:
+    from service.engine.pool import is_fatal_device_error
+    from service.ray_serve import ReplicaDeviceFailed
+    from tests.engine.fakes import FATAL_MESSAGE
+
+    class _FailingSlot:
+        async def compute(self, work: list[Any]) -> list[Any]:
+            raise RuntimeError(FATAL_MESSAGE)
+
+        def close(self) -> None:  # the replica's __del__ closes its slot
+            pass
+
+    replica = _ModelReplica.__new__(_ModelReplica)
+    replica.slot, replica.device_failed = _FailingSlot(), None  # type: ignore[assignment]
+    replica.check_health()  # healthy until the device fails
+    loop = _ReplicaLoop()
+    try:
+        with pytest.raises(ReplicaDeviceFailed) as failed:
+            loop.run(replica.compute([]))
+        assert not is_fatal_device_error(failed.value), "the ingress must not take it for its own"
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            replica.check_health()  # Serve replaces the replica
+        with pytest.raises(ReplicaDeviceFailed):
+            loop.run(replica.compute([]))  # and it computes nothing more meanwhile
+    finally:
+        loop.close()
+
+    class _FatalHandle:
+        class compute:  # handle.compute.remote(...).result(), as Serve's
+            @staticmethod
+            def remote(payload: Any) -> Any:
+                class _Failed:
+                    def result(self, timeout_s: float | None = None) -> Any:
+                        raise RuntimeError(FATAL_MESSAGE)  # what a Ray error's text may carry
+
+                return _Failed()
+
+    import asyncio as _asyncio
+    import time as _time
+
+    import numpy as np
+
+    from service.engine.jobs import WorkItem
+
+    async def one() -> None:
+        item = WorkItem("mobilenet_v2", np.zeros((2, 2, 3), np.uint8), 1, None, _time.monotonic() + 5,
+                        _asyncio.get_running_loop().create_future())
+        with pytest.raises(ReplicaDeviceFailed) as raised:
+            RemoteWorker({"mobilenet_v2": _FatalHandle()}).compute([item])  # type: ignore[dict-item]
+        assert not is_fatal_device_error(raised.value)
+
+    _asyncio.run(one())

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,9 @@ import pytest
 from service.ray_serve import APP_NAME, INGRESS_NAME, build_app, model_deployment_name, read_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVE_CONFIG = ROOT / "deploy" / "serve_config.yaml"
+SERVE_CONFIG = ROOT / "deploy" / "serve_config.yaml"  # a GPU cluster's
+CPU_CONFIG = ROOT / "deploy" / "serve_config.cpu.yaml"  # this machine's, for the live test
+CONFIGS = pytest.mark.parametrize("config", [SERVE_CONFIG, CPU_CONFIG], ids=["gpu", "cpu"])
 START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 120.0
 
@@ -73,7 +76,7 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.ray_serve", "--port", str(port), "--num-cpus", "2",
-             "--config", str(SERVE_CONFIG)],
+             "--config", str(CPU_CONFIG)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = RayServe(proc, f"http://127.0.0.1:{port}", log, marker)
@@ -153,8 +156,9 @@ def test_serves_the_contract_through_ray_and_stops_cleanly(ray_serve: RayServe, 
     )
 
 
-def test_serve_config_names_the_deployments_the_app_builds() -> None:
-    args = read_serve_config(SERVE_CONFIG)
+@CONFIGS
+def test_serve_config_names_the_deployments_the_app_builds(config: Path) -> None:
+    args = read_serve_config(config)
     app = build_app(args)
     ingress = app._bound_deployment
     assert ingress.name == INGRESS_NAME
@@ -175,12 +179,52 @@ def test_serve_config_names_the_deployments_the_app_builds() -> None:
     assert model.init_args[0]["max_batch_size"] == args["settings"]["max_batch_size"]
 
 
-def test_serve_config_is_a_valid_serve_deploy_config() -> None:
+@CONFIGS
+def test_serve_config_is_a_valid_serve_deploy_config(config: Path) -> None:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(config.read_text()))
     (application,) = schema.applications
     assert application.import_path == "service.ray_serve:build_app"
     assert application.route_prefix == "/"
     assert {d.name for d in application.deployments} == {INGRESS_NAME, model_deployment_name("mobilenet_v2")}
+
+
+def _resources_after_serve_applies(config: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each deployment's Ray resources once Serve has built the app from the config's args and
+    applied the config's deployment options, with Serve's own code (as ``serve deploy`` does)."""
+    from ray.serve._private.application_state import override_deployment_info
+    from ray.serve._private.build_app import build_app as serve_build_app
+    from ray.serve._private.deployment_info import DeploymentInfo
+    from ray.serve.schema import ServeDeploySchema
+
+    (application,) = ServeDeploySchema.model_validate(config).applications
+    # Handles stand in as names: Serve's own would look for a running controller.
+    built = serve_build_app(build_app(application.args), name=APP_NAME,
+                            make_deployment_handle=lambda deployment, _app: deployment.name)
+    infos = {d.name: DeploymentInfo(d._deployment_config, d._replica_config, 0, "")
+             for d in built.deployments}
+    applied = override_deployment_info(infos, application)
+    return {name: dict(info.replica_config.resource_dict) for name, info in applied.items()}
+
+
+def test_the_gpu_config_keeps_its_gpu_request_when_serve_applies_it() -> None:
+    import yaml
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    resources = _resources_after_serve_applies(config)
+    assert resources[model_deployment_name("mobilenet_v2")].get("GPU") == 1
+    assert not resources[INGRESS_NAME].get("GPU"), "the ingress holds no model"
+    # What the old config did: resources named without num_gpus replace the code's GPU request.
+    for deployment in config["applications"][0]["deployments"]:
+        deployment.get("ray_actor_options", {}).pop("num_gpus", None)
+    dropped = _resources_after_serve_applies(config)
+    assert not dropped[model_deployment_name("mobilenet_v2")].get("GPU")
+
+
+def test_the_cpu_config_asks_for_no_gpu() -> None:
+    import yaml
+
+    resources = _resources_after_serve_applies(yaml.safe_load(CPU_CONFIG.read_text()))
+    assert not any(r.get("GPU") for r in resources.values())

@@ -25,6 +25,9 @@ from service.models.catalog import LayerInfo, ModelInfo
 from service.models.spec import ModelSpec, embedded_default
 
 WAIT_S = 20.0  # upper bound on any wait; a correct engine answers in milliseconds
+# What torch raises (as RuntimeError, or torch.AcceleratorError) after a failed device assert.
+FATAL_MESSAGE = ("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously "
+                 "reported at some other API call, so the stacktrace below might be incorrect.")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class Script:
     poison: set[int] = field(default_factory=set)  # tags whose batch raises ValueError
     killers: set[int] = field(default_factory=set)  # tags whose batch ends the worker thread
     oom_above: int | None = None  # batches larger than this raise OutOfMemoryError
+    fatal: set[int] = field(default_factory=set)  # tags whose batch raises a sticky CUDA error
+    released: int = 0  # release_memory() calls (after out-of-memory errors)
     batches: list[list[int]] = field(default_factory=list)  # every compute call, in order
     built: int = 0  # workers the factory built
     builds_allowed: int | None = None  # the factory fails after this many
@@ -114,6 +119,8 @@ class FakeWorker:
             script.batches.append(tags)
         script.notify()
         script.gate.wait(WAIT_S)
+        if script.fatal & set(tags):
+            raise RuntimeError(FATAL_MESSAGE)
         if script.oom_above is not None and len(items) > script.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         if script.killers & set(tags):
@@ -121,6 +128,10 @@ class FakeWorker:
         if script.poison & set(tags):
             raise ValueError(f"poisoned input among {tags}")
         return [ItemResult([(tag, 1.0)], [], 0.0, 1.5) for tag in tags]
+
+    def release_memory(self) -> None:
+        with self.script._lock:
+            self.script.released += 1
 
 
 def model_info(spec: ModelSpec) -> ModelInfo:

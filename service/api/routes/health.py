@@ -15,9 +15,20 @@ from service.api.schemas import HealthResponse
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=HealthResponse, summary="Liveness: 200 while the process serves")
-async def healthz(engine: EngineDep) -> HealthResponse:
-    return HealthResponse(status="ok", state=engine.state, queue_depth=engine.queue_depth)
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    summary="Liveness: 200 while the process serves; 503 once a device has failed beyond repair",
+    responses={503: {"model": HealthResponse, "description":
+                     "a fatal device error (state `fatal`): the process is exiting to be restarted"}},
+)
+async def healthz(engine: EngineDep) -> Response:
+    # A sticky CUDA error leaves the process unable to compute until it restarts: say so to
+    # the orchestrator as well as exiting (service.engine.engine, "fatal").
+    alive = engine.state != "fatal"
+    body = HealthResponse(status="ok" if alive else (engine.failure or engine.state), state=engine.state,
+                          queue_depth=engine.queue_depth)
+    return JSONResponse(body.model_dump(), status_code=200 if alive else 503)
 
 
 @router.get(

@@ -1,0 +1,267 @@
+"""``python -m service.gpucheck`` (``make gpu-check``): everything only a GPU can show, in one run.
+
+Without a CUDA device it prints one line and exits 0. With one, within about 8 minutes, it:
+
+1. runs the tests marked ``cuda`` (CUDA maps against CPU maps for every method, out-of-memory
+   splitting on the device, a real device-side assert ending ``python -m service`` with 70,
+   every visible GPU computing);
+2. runs ``python -m service.bench --device cuda --quick``;
+3. times the bare GPU work of a batch of 64 (forward, and Grad-CAM's forward plus backward);
+4. runs the serving benchmark on the GPU (``python -m service``, Grad-CAM on the cat photo,
+   base64 float16 mask plus overlay PNG) at concurrency 16, 64 and 256, sampling the GPU's
+   utilisation meanwhile (NVML through pynvml when installed, else ``nvidia-smi``);
+
+and writes ``build/gpu-check/report.md`` with the device, driver, torch and CUDA versions and
+every figure, plus each step's output beside it. The exit status is 1 when a step failed.
+Nothing here asserts a timing: the report is for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+NO_CUDA = "no CUDA device: nothing to check"
+CONCURRENCY = (16, 64, 256)
+SERVING_FORM = {"methods": "gradcam", "outputs": "mask,overlay", "mask_size": "input",
+                "mask_encoding": "base64", "mask_dtype": "float16"}
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    seconds: float
+    output: str = ""
+
+
+@dataclass
+class Report:
+    started: float = field(default_factory=time.monotonic)
+    budget_s: float = 480.0
+    steps: list[Step] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)
+    bare: dict[str, float] = field(default_factory=dict)
+    serving: list[dict[str, object]] = field(default_factory=list)
+
+    def left(self, reserve_s: float = 0.0) -> float:
+        return self.budget_s - (time.monotonic() - self.started) - reserve_s
+
+
+def device_facts() -> dict[str, str]:
+    facts = {
+        "devices": ", ".join(f"{i}: {torch.cuda.get_device_name(i)}"
+                             for i in range(torch.cuda.device_count())),
+        "torch": torch.__version__,
+        "CUDA (torch)": str(torch.version.cuda),
+        "cuDNN": str(torch.backends.cudnn.version()),
+    }
+    smi = _nvidia_smi(["--query-gpu=driver_version,memory.total", "--format=csv,noheader"])
+    facts["driver, memory"] = smi.strip().splitlines()[0] if smi.strip() else "unknown (no nvidia-smi)"
+    facts["host CPUs"] = str(os.cpu_count())
+    return facts
+
+
+def _nvidia_smi(args: list[str]) -> str:
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return ""
+    try:
+        return subprocess.run([binary, *args], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+class UtilisationSampler:
+    """The GPU's utilisation (percent, device 0) every ``interval_s`` until stopped."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-util", daemon=True)
+        self._read = self._reader()
+
+    def _reader(self):  # type: ignore[no-untyped-def]
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:  # no pynvml, or no NVML through it: ask nvidia-smi
+            def smi() -> float | None:
+                out = _nvidia_smi(["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"])
+                return float(out.strip()) if out.strip() else None
+
+            return smi
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            value = self._read()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self) -> UtilisationSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None
+
+
+def run_step(report: Report, name: str, argv: list[str], timeout_s: float) -> Step:
+    print(f"gpu-check: {name} (at most {timeout_s:.0f} s)", flush=True)
+    began = time.monotonic()
+    try:
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, timeout_s),
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        step = Step(name, done.returncode == 0, time.monotonic() - began, done.stdout + done.stderr)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        step = Step(name, False, time.monotonic() - began, out + f"\n(stopped after {timeout_s:.0f} s)")
+    report.steps.append(step)
+    return step
+
+
+def bare_gpu_rates(batch: int = 64, repeats: int = 20) -> dict[str, float]:
+    """Images/s of mobilenet_v2's forward and of Grad-CAM (forward + partial backward) at
+    ``batch`` on cuda:0, timed with the benchmark's own code (service.bench)."""
+    from service.bench import Bench, sample_input
+    from service.cams import get_method
+    from service.models.loader import load_model
+    from service.models.spec import embedded_default
+
+    device = torch.device("cuda", 0)
+    loaded = load_model(embedded_default(), device)
+    bench = Bench(loaded, sample_input(loaded, device), repeats)
+    forward_ms = bench.forward_ms(batch)
+    gradcam_ms = bench.ours([get_method("gradcam")], batch, repeats)
+    return {f"forward, batch {batch}": batch / forward_ms * 1000,
+            f"Grad-CAM, batch {batch}": batch / gradcam_ms * 1000}
+
+
+def serving(report: Report, duration_s: float) -> None:
+    """``python -m service`` on cuda:0, loaded at each concurrency in turn."""
+    from loadtests import bench_serving as bs
+
+    env = {"CAMSERVE_DEVICE": "cuda", "CAMSERVE_MAX_BATCH_SIZE": "64", "CAMSERVE_MAX_QUEUE": "4096",
+           "CAMSERVE_MAX_BATCH_DELAY_MS": "2", "CAMSERVE_MAX_CONNECTIONS": "2048"}
+    config = bs.Config("gpu", [sys.executable, "-m", "service", "--log-level", "warning"], env, "/readyz")
+    workdir = REPO / "build" / "gpu-check"
+    image = bs.IMAGE.read_bytes()
+    (server,) = bs.launch([config], workdir)
+    try:
+        for concurrency in CONCURRENCY:
+            if report.left() < duration_s + 10:
+                report.serving.append({"concurrency": concurrency,
+                                       "note": "not run: the time budget was spent"})
+                continue
+            outcome = bs.Outcome(f"c{concurrency}")
+            with UtilisationSampler() as sampler:
+                asyncio.run(bs.load(server.base, image, concurrency, duration_s, outcome, warm_up_s=3.0,
+                                    server_pid=server.process.pid, form=SERVING_FORM))
+            report.serving.append({
+                "concurrency": concurrency, "requests": len(outcome.latencies),
+                "explanations/s": outcome.throughput, "p50 ms": outcome.percentile(0.5) * 1000,
+                "p99 ms": outcome.percentile(0.99) * 1000, "errors": dict(outcome.errors),
+                "server CPU ms/request": outcome.cpu_ms(outcome.server_cpu_s),
+                "GPU util % (mean)": sampler.mean(), "GPU util samples": len(sampler.samples),
+            })
+            print(f"gpu-check: serving at concurrency {concurrency}: {outcome.throughput:.0f} explanations/s",
+                  flush=True)
+        report.facts["serving mean batch"] = f"{bs.mean_batch_size(server.base) or 0:.1f}"
+    finally:
+        bs.stop([server])
+
+
+def render(report: Report) -> str:
+    lines = ["# camserve GPU check", "", f"Run {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in "
+             f"{time.monotonic() - report.started:.0f} s.", "", "| fact | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report.facts.items()]
+    lines += ["", "## Steps", "", "| step | result | seconds |", "|---|---|---|"]
+    lines += [f"| {s.name} | {'ok' if s.ok else 'FAILED'} | {s.seconds:.0f} |" for s in report.steps]
+    if report.bare:
+        lines += ["", "## Bare GPU work (cuda:0, mobilenet_v2, 224x224)", "",
+                  "| work | images/s |", "|---|---|"]
+        lines += [f"| {k} | {v:,.0f} |" for k, v in report.bare.items()]
+    if report.serving:
+        keys = ["concurrency", "requests", "explanations/s", "p50 ms", "p99 ms", "errors",
+                "server CPU ms/request", "GPU util % (mean)", "GPU util samples"]
+        lines += ["", "## Serving (python -m service on cuda:0; Grad-CAM, cat photo, base64 float16 mask "
+                  "+ overlay PNG)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for row in report.serving:
+            if "note" in row:
+                lines.append(f"| {row['concurrency']} | {row['note']} |" + " |" * (len(keys) - 2))
+                continue
+            lines.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+    for step in report.steps:
+        lines += ["", f"## Output: {step.name}", "", "```", step.output.strip()[-6000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items()) or "0"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.gpucheck", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "gpu-check", help="report folder")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="time for everything (default 480)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds measured per concurrency")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(NO_CUDA)
+        return 0
+    report = Report(budget_s=args.budget_s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.facts = device_facts()
+    py = sys.executable
+    # Reserve time for the steps after each one: bench 100 s, bare rates 30 s, serving ~90 s.
+    run_step(report, "pytest -m cuda", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+                                        "tests"], report.left(reserve_s=240))
+    run_step(report, "python -m service.bench --device cuda --quick",
+             [py, "-m", "service.bench", "--device", "cuda", "--quick", "--threads", "4"],
+             min(120.0, report.left(reserve_s=150)))
+    began = time.monotonic()
+    try:
+        report.bare = bare_gpu_rates()
+        report.steps.append(Step("bare GPU rates", True, time.monotonic() - began))
+    except Exception as exc:  # the report says what failed; the other steps still run
+        report.steps.append(Step("bare GPU rates", False, time.monotonic() - began, repr(exc)))
+    began = time.monotonic()
+    try:
+        serving(report, args.duration)
+        report.steps.append(Step("serving benchmark", True, time.monotonic() - began))
+    except Exception as exc:
+        report.steps.append(Step("serving benchmark", False, time.monotonic() - began, repr(exc)))
+    path = args.out / "report.md"
+    path.write_text(render(report))
+    print(f"gpu-check: report in {path}", flush=True)
+    return 0 if all(step.ok for step in report.steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
