@@ -9,10 +9,12 @@ output), so they share nothing with the service's batched tail passes.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
@@ -261,3 +263,24 @@ def test_pointing_and_energy_at_least_those_of_top_k_score_cam(mobilenet: Loaded
     assert recipro.pointing_game > random.pointing_game
     assert recipro.energy >= score.energy - 0.02
     assert recipro.energy > random.energy
+
+
+def test_served_listed_and_refused_over_http(client: TestClient, cat_png: bytes):
+    listed = {m["name"]: m for m in client.get("/methods").json()["methods"]}
+    for name in ("reciprocam", "vit_reciprocam"):
+        assert listed[name]["family"] == "perturbation" and not listed[name]["uses_gradients"]
+        assert {p["name"] for p in listed[name]["parameters"]} == {"gaussian", "batch_size"}
+    response = client.post(
+        "/explain", files={"file": ("cat.png", cat_png, "image/png")},
+        data={"methods": "reciprocam", "mask_size": "feature", "outputs": "mask",
+              "method_params": json.dumps({"reciprocam": {"gaussian": True}})},
+        headers={"X-Request-Timeout": "600"},
+    )
+    assert response.status_code == 200, response.text
+    explanation = response.json()["results"][0]["explanations"][0]
+    assert explanation["method"] == "reciprocam" and explanation["mask"]["shape"] == [7, 7]
+    refused = client.post("/explain", files={"file": ("cat.png", cat_png, "image/png")},
+                          data={"methods": "vit_reciprocam"})
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["message"]
+    assert "vision transformer" in message and "use reciprocam" in message
