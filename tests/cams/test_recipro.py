@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
+from service.bench import main as bench_main
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.base import LayerContext
 from service.cams.extractor import explain_batch
@@ -284,3 +285,15 @@ def test_served_listed_and_refused_over_http(client: TestClient, cat_png: bytes)
     assert refused.status_code == 422, refused.text
     message = refused.json()["error"]["message"]
     assert "vision transformer" in message and "use reciprocam" in message
+
+
+def test_the_benchmark_lists_reciprocam_against_a_forward_pass(capsys: pytest.CaptureFixture[str]):
+    bench_main(["--methods", "reciprocam,vit_reciprocam", "--no-references", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "vit_reciprocam: skipped" in out and "vision transformer" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1]
+            for line in out.splitlines() if line.startswith("| ")}
+    assert "vit_reciprocam" not in rows
+    passes, ms1, ratio1, ms8, ratio8 = (cell.strip() for cell in rows["reciprocam"])
+    assert "per grid position" in passes
+    assert float(ms1) > 0 and float(ratio1) > 0 and float(ms8) > 0 and float(ratio8) > 0
