@@ -27,6 +27,7 @@ from service.cams.tail import _TAILS, tail_of
 from service.engine.cost import is_heavy, item_passes
 from service.engine.jobs import ExplainSpec
 from service.evaluate import evaluate, read_folder
+from service.evaluate import main as evaluate_main
 from service.models.loader import LoadedModel
 
 LAYER = "features"
@@ -297,3 +298,12 @@ def test_the_benchmark_lists_reciprocam_against_a_forward_pass(capsys: pytest.Ca
     passes, ms1, ratio1, ms8, ratio8 = (cell.strip() for cell in rows["reciprocam"])
     assert "per grid position" in passes
     assert float(ms1) > 0 and float(ratio1) > 0 and float(ms8) > 0 and float(ratio8) > 0
+
+
+def test_evaluate_params_are_checked_before_any_work():
+    with pytest.raises(SystemExit, match="not among the methods"):
+        evaluate_main([str(EVAL), "--methods", "gradcam", "--params", '{"scorecam": {"top_k_channels": 8}}'])
+    with pytest.raises(SystemExit, match="JSON object"):
+        evaluate_main([str(EVAL), "--methods", "scorecam", "--params", "top_k=8"])
+    with pytest.raises(SystemExit, match="no parameter"):
+        evaluate_main([str(EVAL), "--methods", "reciprocam", "--params", '{"reciprocam": {"k": 1}}'])
