@@ -14,6 +14,8 @@ scored by:
 - deletion and insertion AUC (RISE, Petsiuk et al. 2018) at the model's input size, ``--steps``
   steps: lower deletion and higher insertion are better; ``ins-del`` sums both up.
 
+``--params`` sets methods' parameters as ``/explain``'s ``method_params`` does, e.g.
+``'{"scorecam": {"top_k_channels": 128}}'``; such a row is labelled with them.
 The table goes to stdout; ``--json PATH`` also writes the rows. A method that cannot run on the
 model (CAM without a linear head, a transformer-only method) gets a row saying why.
 ``tests/data/eval`` is a small generated set to run it on (see its ``generate.py``).
@@ -25,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,26 +90,30 @@ def read_folder(folder: Path, num_classes: int) -> list[Sample]:
 
 def evaluate(
     loaded: LoadedModel, samples: Sequence[Sample], methods: Sequence[str], layers: Sequence[str],
-    steps: int, batch_size: int = 8,
+    steps: int, batch_size: int = 8, params: Mapping[str, Mapping[str, object]] | None = None,
 ) -> list[Row]:
-    """One row per method, averaged over ``samples``."""
+    """One row per method, averaged over ``samples``; ``params``: options per method name."""
     size = loaded.spec.input_size
     inputs = torch.cat([model_input(loaded, resize_for_model(s.image, size)) for s in samples])
     classes = torch.tensor([s.class_idx for s in samples], device=inputs.device)
     rows = []
     for name in tracked(methods, len(methods), "evaluating"):
+        options = dict((params or {}).get(name, {}))
+        label = " ".join([name, *(f"{k}={v}" for k, v in options.items())])
         try:
-            rows.append(_score(loaded, samples, inputs, classes, name, layers, steps, batch_size))
+            rows.append(_score(loaded, samples, inputs, classes, name, options, label, layers,
+                               steps, batch_size))
         except Exception as exc:  # a method that does not fit this model gets a row saying so
-            rows.append(Row(name, len(samples), error=f"{type(exc).__name__}: {exc}"))
+            rows.append(Row(label, len(samples), error=f"{type(exc).__name__}: {exc}"))
     return rows
 
 
 def _score(
     loaded: LoadedModel, samples: Sequence[Sample], inputs: torch.Tensor, classes: torch.Tensor,
-    name: str, layers: Sequence[str], steps: int, batch_size: int,
+    name: str, options: Mapping[str, object], label: str, layers: Sequence[str], steps: int,
+    batch_size: int,
 ) -> Row:
-    method = get_method(name)
+    method = get_method(name, options)
     started = time.perf_counter()
     grids = []
     for start in range(0, len(samples), batch_size):
@@ -124,7 +130,7 @@ def _score(
     maps = torch.stack([resize_map(g.float(), loaded.spec.input_size) for g in grids])
     scores = faithfulness(loaded.module, inputs, maps, classes, steps=steps)
     return Row(
-        method=name,
+        method=label,
         images=len(samples),
         pointing_game=float(np.mean(hits)),
         energy=float(np.mean(energies)),
@@ -170,6 +176,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("folder", type=Path, help="folder with the images and labels.jsonl")
     parser.add_argument("--methods", help="comma-separated methods (default: every registered one)")
+    parser.add_argument("--params", help='methods\' parameters as JSON, e.g. '
+                        '\'{"scorecam": {"top_k_channels": 128}}\'')
     parser.add_argument("--model", default="mobilenet_v2", help="registered model name")
     parser.add_argument("--models-file", type=Path, help="a models file, as CAMSERVE_MODELS_FILE")
     parser.add_argument("--layer", help="target layer(s), comma-separated (default: the model's)")
@@ -177,6 +185,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     return parser.parse_args(argv)
+
+
+def parse_params(text: str | None, methods: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``--params``: a JSON object keyed by method name, each value the method's options."""
+    if not text:
+        return {}
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise SystemExit(f"--params must be a JSON object, got {text!r}") from None
+    if not isinstance(document, dict) or not all(isinstance(v, dict) for v in document.values()):
+        raise SystemExit('--params must map method names to objects, e.g. '
+                         '{"scorecam": {"top_k_channels": 128}}')
+    for name, options in document.items():
+        if name not in methods:
+            raise SystemExit(f"--params names {name!r}, which is not among the methods evaluated")
+        try:
+            get_method(name, options)
+        except ValueError as exc:
+            raise SystemExit(f"--params for {name}: {exc}") from None
+    return document
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown method {unknown[0]!r}; valid methods: {', '.join(known)}")
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
+    params = parse_params(args.params, methods)
     samples = read_folder(args.folder, specs[args.model].num_classes)
     loaded = load_model(specs[args.model], torch.device(args.device))
     layers = [part.strip() for part in args.layer.split(",")] if args.layer else [loaded.default_layer]
@@ -198,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(layer not in valid for layer in layers):
         raise SystemExit(f"unknown layer in {args.layer!r}; valid layers: {', '.join(valid)}")
     correct = top1_correct(loaded, samples)
-    rows = evaluate(loaded, samples, methods, layers, args.steps)
+    rows = evaluate(loaded, samples, methods, layers, args.steps, params=params)
     print(f"{len(samples)} images in {args.folder}; model {args.model}, layer {','.join(layers)}, "
           f"{args.steps} steps; top-1 correct {correct}/{len(samples)}")
     print("higher is better: pointing, energy, insertion, ins-del; lower is better: deletion")

@@ -8,6 +8,7 @@ from service.cams import gradient  # noqa: F401  (each module registers its meth
 from service.cams import activation  # noqa: F401
 from service.cams import score  # noqa: F401
 from service.cams import ablation  # noqa: F401
+from service.cams import recipro  # noqa: F401
 from service.cams import secondorder  # noqa: F401
 from service.cams import fullgrad  # noqa: F401
 from service.cams import saliency  # noqa: F401

@@ -35,7 +35,7 @@ class AblationCAM(CAMMethod):
         MethodParam("batch_size", "int", 64, "ablated copies per pass (1..1024)", 1, 1024),
     )
 
-    def extra_passes(self, channels: int) -> float:
+    def extra_passes(self, channels: int, grid: tuple[int, int] | None = None) -> float:
         return channels * self.extra_pass_cost
 
     def weights(self, context: LayerContext) -> Tensor:

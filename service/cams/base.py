@@ -68,7 +68,7 @@ class CAMMethod:
     needs_rectifiers: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward + 1 backward (shared)"
     # What ``passes`` says, as a number: forward-pass equivalents per image and class beyond
-    # the shared pass, for a layer of ``channels`` channels (see :meth:`extra_passes`).
+    # the shared pass, for a layer of ``channels`` channels on a ``grid`` (see :meth:`extra_passes`).
     extra_pass_cost: ClassVar[float] = 0.0
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
@@ -96,9 +96,10 @@ class CAMMethod:
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = check_options(self.name, self.params, options)
 
-    def extra_passes(self, channels: int) -> float:
+    def extra_passes(self, channels: int, grid: tuple[int, int] | None = None) -> float:
         """Forward passes (or their equivalent in time) this method adds per image and class,
-        on a layer of ``channels`` channels; the scheduler and the request budget read it."""
+        on a layer of ``channels`` channels whose grid is ``grid`` (height, width; None when
+        unknown); the scheduler and the request budget read it."""
         return self.extra_pass_cost
 
     def weights(self, context: LayerContext) -> Tensor:

@@ -29,7 +29,7 @@ from service.cams.tail import tail_of
 from service.cams.twin import twin_forward
 from service.models.anatomy import Transformer, transformer_parts
 from service.models.fold import effective_bias
-from service.models.hooks import forward_hook, forward_hooks
+from service.models.hooks import forward_hook, forward_hooks, forward_pre_hook
 from service.models.layout import Layout, layout_of, to_grid, to_native
 
 
@@ -58,6 +58,10 @@ def differentiable_attention() -> AbstractContextManager[object]:
 def gather_scores(logits: Tensor, classes: Tensor) -> Tensor:
     """Each row's score for its own class: (N, C), (N,) -> (N,)."""
     return logits.gather(1, classes.view(-1, 1)).squeeze(1)
+
+
+class _Reached(Exception):
+    """Stops a forward pass once :meth:`Probe.input_of` has what it needs."""
 
 
 class Probe:
@@ -110,6 +114,29 @@ class Probe:
     def transformer(self) -> Transformer:
         """The model's encoder blocks, final norm and head; ValueError when it is no ViT."""
         return transformer_parts(self.model)
+
+    def module_names(self, modules: Sequence[nn.Module]) -> list[str]:
+        """Each module's path in the model ("" for one that is not among its named modules)."""
+        names = {id(module): name for name, module in self.modules.items()}
+        return [names.get(id(module), "") for module in modules]
+
+    def input_of(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        """What ``module`` receives (its first argument) when the model runs on ``inputs``;
+        the pass stops there, the rest never runs."""
+        found: list[Tensor] = []
+
+        def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            found.append(args[0].detach())
+            raise _Reached
+
+        try:
+            with forward_pre_hook(module, record):
+                self.model(inputs)
+        except _Reached:
+            pass
+        if not found:
+            raise RuntimeError("the module did not run in the model's forward pass")
+        return found[0]
 
     def classifier_weights(self, channels: int) -> Tensor:
         """The weight matrix (classes, K) of the last linear layer that reads ``channels`` = K

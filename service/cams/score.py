@@ -65,7 +65,7 @@ class ScoreCAM(CAMMethod):
         """How many masked passes each channel gets (noise samples, integration steps)."""
         return 1
 
-    def extra_passes(self, channels: int) -> float:
+    def extra_passes(self, channels: int, grid: tuple[int, int] | None = None) -> float:
         top_k = int(self.options["top_k_channels"])
         return float(min(top_k, channels) if top_k else channels) * self.draws()
 

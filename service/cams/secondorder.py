@@ -118,7 +118,7 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         MethodParam("seed", "int", 0, "seed of the noise (0..2^31-1)", 0, 2**31 - 1),
     )
 
-    def extra_passes(self, channels: int) -> float:
+    def extra_passes(self, channels: int, grid: tuple[int, int] | None = None) -> float:
         return 2.0 * int(self.options["num_samples"])  # a forward and a backward per copy
 
     def weights(self, context: LayerContext) -> Tensor:

@@ -2,7 +2,7 @@
 
 Every method says what it adds beyond the shared pass per image and class
 (:meth:`service.cams.base.CAMMethod.extra_passes`, from its parameters and the target layer's
-channels). An item costs the shared pass, a backward per class round, its methods' extra
+channels and grid). An item costs the shared pass, a backward per class round, its methods' extra
 passes for each class and layer, ``aug_smooth``'s five more variants of all of that, and the
 faithfulness curves (``2 * steps + 2`` per map) when it asked for them. The scheduler reads this
 to tell light work from heavy, and the engine to refuse a request it could not finish in time.
@@ -25,12 +25,13 @@ def item_passes(spec: ExplainSpec | None, model: ModelInfo) -> int:
         return 1
     rounds = len(spec.classes) if spec.classes else 1
     params = dict(spec.method_params)
-    channels = {layer.name: layer.shape[0] for layer in model.layers}
+    shapes = {layer.name: layer.shape for layer in model.layers}
     extra = 0.0
     for name in spec.methods:
         method = get_method(name, dict(params.get(name, ())))
         for layer in spec.layers:
-            extra += method.extra_passes(channels.get(layer, 0))
+            channels, height, width = shapes.get(layer, (0, 0, 0))
+            extra += method.extra_passes(channels, (height, width) if height else None)
     per_variant = 1 + rounds + rounds * extra
     variants = len(AUGMENTATIONS) if spec.aug_smooth else 1
     total = per_variant * variants

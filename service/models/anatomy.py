@@ -36,9 +36,9 @@ def transformer_parts(model: nn.Module) -> Transformer:
     """A torchvision ViT's blocks, final norm and head; ValueError naming the need otherwise."""
     if not isinstance(model, VisionTransformer):
         raise ValueError(
-            f"legrad needs a vision transformer (torchvision's VisionTransformer, e.g. vit_b_16): "
-            f"it differentiates the attention maps of the encoder blocks, and "
-            f"{type(model).__name__} has none; use gradcam or another method on this model"
+            f"it needs a vision transformer (torchvision's VisionTransformer, e.g. vit_b_16), "
+            f"working on the encoder blocks' attention or tokens, and "
+            f"{type(model).__name__} has none; use gradcam, or reciprocam for a gradient-free map"
         )
     blocks = []
     for block in model.encoder.layers:
