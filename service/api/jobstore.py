@@ -174,6 +174,7 @@ class JobStore:
         job = Job(job_id=uuid.uuid4().hex, request_id=request_id, methods=methods)
         for index, item in enumerate(items):
             item.heavy = True  # jobs run in the heavy lane, whatever they cost
+            item.background = True
             item.request_id = request_id
             item.on_progress = _reporter(job, index)
         job.total = max(1, sum(item.passes for item in items))

@@ -97,10 +97,11 @@ class PassRun:
         return self.done / self.busy_s if self.busy_s > 0 and self.done else None
 
     def _check(self) -> None:
-        if self.cancelled.is_set():
-            raise PassesCancelled("cancelled", self.done)
+        # The deadline first: a passed deadline also cancels the request's future.
         if time.monotonic() > self.deadline:
             raise PassesCancelled("deadline", self.done)
+        if self.cancelled.is_set():
+            raise PassesCancelled("cancelled", self.done)
 
 
 def current() -> PassRun | None:

@@ -157,6 +157,7 @@ class Engine:
             asyncio.create_task(self._run(slot), name=f"camserve-runner-{slot.index}") for slot in self.slots
         ]
         self._dispatcher = asyncio.create_task(self._dispatch_heavy(), name="camserve-heavy")
+        self._dispatcher.add_done_callback(self._dispatcher_ended)
         self.state = "ready"
         self._ready.set()
         log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
@@ -307,13 +308,7 @@ class Engine:
         light = [item for item in items if not item.heavy]
         heavy = [item for item in items if item.heavy]
         self.admit(len(light))
-        queued = self.heavy_passes_left
-        if heavy and queued + sum(item.passes for item in heavy) > self.settings.max_queued_passes:
-            raise QueueFull(
-                f"the heavy lane is full ({queued} passes of long explanations waiting or running, "
-                f"at most {self.settings.max_queued_passes}); retry later",
-                retry_after_s=max(1, math.ceil(queued * self._seconds_per_pass / max(1, len(self.slots)))),
-            )
+        self.admit_heavy(heavy)
         self._pending.extend(light)
         self._heavy_pending.extend(heavy)
         if light:
@@ -368,16 +363,37 @@ class Engine:
             )
         if not any(item.heavy for item in items):
             return total
-        needed = total * self._seconds_per_pass
+        # Heavy requests already in the lane share the device with this one, turn by turn (jobs
+        # give way to them), so its passes come at a fraction of the device's rate.
+        sharing = 1 + (self._foreground_heavy() if not any(i.background for i in items) else 0)
+        needed = total * self._seconds_per_pass * sharing
         left = min(item.deadline for item in items) - time.monotonic()
         if needed > left:
+            shared = f", sharing the device with {sharing - 1} other long requests" if sharing > 1 else ""
             raise InvalidOption(
                 f"this request needs about {total} forward passes, about {needed:.1f} s at the "
-                f"{1 / self._seconds_per_pass:.0f} passes/s measured on this device, more than "
-                f"the {max(left, 0):.1f} s left before its deadline: submit it as a job "
+                f"{1 / self._seconds_per_pass:.0f} passes/s measured on this device{shared}, more "
+                f"than the {max(left, 0):.1f} s left before its deadline: submit it as a job "
                 f"(POST /jobs, which shows its progress), raise X-Request-Timeout, or {advice}"
             )
         return total
+
+    def admit_heavy(self, items: Sequence[WorkItem]) -> None:
+        """503 (with Retry-After) when these heavy items would overfill the heavy lane; a job
+        asks before it is created, so it is never accepted only to fail at once."""
+        queued = self.heavy_passes_left
+        if items and queued + sum(item.passes for item in items) > self.settings.max_queued_passes:
+            raise QueueFull(
+                f"the heavy lane is full ({queued} passes of long explanations waiting or running, "
+                f"at most {self.settings.max_queued_passes}); retry later",
+                retry_after_s=max(1, math.ceil(queued * self._seconds_per_pass / max(1, len(self.slots)))),
+            )
+
+    def _foreground_heavy(self) -> int:
+        """Heavy items of synchronous requests queued or running: they share the device in turns."""
+        running = sum(1 for item in self._running_heavy.values() if not item.background)
+        return running + sum(1 for item in self._heavy_pending
+                             if not item.background and not item.future.done())
 
     def method_cost(self, method: str, model: str) -> tuple[int, float, bool]:
         """(passes, seconds at the measured rate, heavy) of ``method`` with its defaults, for
@@ -616,10 +632,30 @@ class Engine:
     # the heavy lane ----------------------------------------------------------------------
 
     async def _dispatch_heavy(self) -> None:
-        """Start the oldest heavy item wherever a device has room for one more."""
+        """Start heavy items as devices have room: a synchronous request's at once (its client
+        waits on a deadline, and jobs give way to it turn by turn), a job's while fewer than
+        ``CAMSERVE_HEAVY_CONCURRENCY`` heavy items run on the device; oldest first."""
         while True:
-            slot = await self._heavy_place()
-            item = await self._next_heavy()
+            for stale in [i for i in self._heavy_pending if not self._live_quietly(i)]:
+                self._heavy_pending.remove(stale)
+                self._live(stale)  # answers an expired one 504
+            item: WorkItem | None = next((i for i in self._heavy_pending if not i.background),
+                                         self._heavy_pending[0] if self._heavy_pending else None)
+            slot = self._heavy_place(item.background) if item is not None else None
+            if item is None or slot is None:
+                # Wait for new heavy work or a freed place, whichever comes first.
+                self._heavy_arrived.clear()
+                self._heavy_freed.clear()
+                arrived = asyncio.ensure_future(self._heavy_arrived.wait())
+                freed = asyncio.ensure_future(self._heavy_freed.wait())
+                try:
+                    await asyncio.wait({arrived, freed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrived.cancel()
+                    freed.cancel()
+                continue
+            self._heavy_pending.remove(item)
+            self._changed.set()
             self._heavy_running[slot.index] = self._heavy_running.get(slot.index, 0) + 1
             self._in_flight += 1
             task = asyncio.create_task(self._compute_heavy(slot, item), name="camserve-heavy-item")
@@ -627,29 +663,33 @@ class Engine:
             self._running_heavy[id(task)] = item
             task.add_done_callback(self._heavy_done)
 
+    def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:
+        """The heavy lane's dispatcher only ends when the engine stops; anything else is a
+        fault that must not go unnoticed: heavy work would wait for ever."""
+        if task.cancelled() or self.state == "stopped":
+            return
+        error = task.exception()
+        log.error("the heavy lane stopped", exc_info=error)
+        self.failure = f"the heavy lane stopped: {error!r}"
+        self.state = "failed"
+        for item in list(self._heavy_pending):
+            _fail(item, ServiceUnavailable("the service cannot run long explanations now; retry later"))
+        self._heavy_pending.clear()
+
     def _heavy_done(self, task: asyncio.Task[None]) -> None:
         self._heavy_tasks.discard(task)
         self._running_heavy.pop(id(task), None)
 
-    async def _heavy_place(self) -> WorkerSlot:
-        limit = self.settings.heavy_concurrency
-        while True:
-            free = [s for s in self.slots if s.worker is not None and s.index not in self._dead_slots
-                    and self._heavy_running.get(s.index, 0) < limit]
-            if free:
-                return min(free, key=lambda s: self._heavy_running.get(s.index, 0))
-            self._heavy_freed.clear()
-            await self._heavy_freed.wait()
+    def _heavy_place(self, background: bool) -> WorkerSlot | None:
+        """The device with the fewest heavy items running (a job's only below the limit)."""
+        limit = self.settings.heavy_concurrency if background else None
+        free = [s for s in self.slots if s.worker is not None and s.index not in self._dead_slots
+                and (limit is None or self._heavy_running.get(s.index, 0) < limit)]
+        return min(free, key=lambda s: self._heavy_running.get(s.index, 0)) if free else None
 
-    async def _next_heavy(self) -> WorkItem:
-        while True:
-            while self._heavy_pending:
-                item = self._heavy_pending.popleft()
-                self._changed.set()
-                if self._live(item):
-                    return item
-            self._heavy_arrived.clear()
-            await self._heavy_arrived.wait()
+    @staticmethod
+    def _live_quietly(item: WorkItem) -> bool:
+        return not item.future.done() and time.monotonic() <= item.deadline
 
     async def _compute_heavy(self, slot: WorkerSlot, item: WorkItem) -> None:
         run = PassRun(
@@ -670,7 +710,7 @@ class Engine:
         started = time.monotonic()
         item.started = started
         try:
-            result = await slot.compute_heavy(item, run)
+            result = await slot.compute_heavy(item, run, background=item.background)
         except asyncio.CancelledError:  # the engine stopped: answer, and stop at the next boundary
             _fail(item, ServiceUnavailable("the service stopped before this explanation finished"))
             run.cancelled.set()

@@ -36,7 +36,7 @@ class ExplainSpec:
         return (self.eigen_smooth, self.aug_smooth, self.method_params)
 
 
-@dataclass
+@dataclass(eq=False)  # an item is itself: compared and removed by identity, never by its pixels
 class WorkItem:
     model: str
     pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
@@ -51,6 +51,7 @@ class WorkItem:
     # it runs in the heavy lane, and, once it runs there, its service.cams.passes.PassRun.
     passes: int = 1
     heavy: bool = False
+    background: bool = False  # a job's: gives way to the heavy work of synchronous requests
     run: object | None = None
     # Called on the event loop with (passes done, passes expected) as a heavy item advances.
     on_progress: Callable[[int, int], None] | None = None

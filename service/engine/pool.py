@@ -201,7 +201,9 @@ class WorkerSlot:
             return
         await self._thread.call(release)
 
-    async def compute_heavy(self, item: WorkItem, run: passes.PassRun) -> ItemResult:
+    async def compute_heavy(
+        self, item: WorkItem, run: passes.PassRun, background: bool = False
+    ) -> ItemResult:
         """One heavy item on a thread of its own, holding the device's turn between its pass
         boundaries (see :mod:`service.cams.passes`); raises ``PassesCancelled`` when stopped."""
         worker = self._worker
@@ -214,7 +216,7 @@ class WorkerSlot:
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                with self.turns.heavy(run), passes.active(run):
+                with self.turns.heavy(run, background), passes.active(run):
                     results = worker.compute([item])
             except Exception as exc:
                 future.set_exception(exc)

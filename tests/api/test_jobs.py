@@ -169,3 +169,15 @@ def test_jobs_need_the_api_key_when_one_is_set(cat_png: bytes) -> None:
         assert client.post("/jobs", files=files(cat_png)).status_code == 401
         assert client.get("/jobs/x").status_code == 401
         assert client.delete("/jobs/x").status_code == 401
+
+
+def test_a_full_heavy_lane_refuses_a_job_at_once(cat_png: bytes) -> None:
+    app = create_app(Settings(warmup=False, max_queued_passes=2000))
+    for client in ready_client(app):
+        first = client.post("/jobs", files=files(cat_png), data={"methods": "scorecam"})
+        assert first.status_code == 202  # 1,282 passes of the 2,000 the heavy lane holds
+        second = client.post("/jobs", files=files(cat_png), data={"methods": "scorecam"})
+        assert second.status_code == 503 and "Retry-After" in second.headers
+        assert second.json()["error"]["code"] == "queue_full"
+        assert len(app.state.jobs.counts()) and app.state.jobs.counts()["failed"] == 0  # none made
+        client.delete(f"/jobs/{first.json()['job_id']}")

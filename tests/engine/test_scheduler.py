@@ -233,3 +233,42 @@ def test_requests_over_the_pass_budget_or_the_deadline_are_refused_before_queuei
                 await engine.submit([item(methods=("scorecam",), deadline_s=0.5)])
 
     run(scenario)
+
+
+def test_a_heavy_request_is_not_stuck_behind_long_jobs() -> None:
+    async def scenario() -> None:
+        async with real_engine(heavy_concurrency=2) as engine:
+            jobs = []
+            for pixels in (CAT, COFFEE, CAT):  # more long jobs than places in the heavy lane
+                job = item(pixels, methods=("scorecam",), deadline_s=600.0)
+                job.background = True
+                jobs.append(asyncio.ensure_future(engine.submit([job])))
+            started = Progress()
+            foreground = item(methods=("scorecam",), params=SCORECAM, on_progress=started)
+            answer = asyncio.ensure_future(engine.submit([foreground]))
+            (result,) = await answer
+            assert result.explanations[0].method == "scorecam"
+            assert not any(job.done() for job in jobs), "a job finished before the request"
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            await until_idle(engine)
+
+    run(scenario)
+
+
+def test_the_deadline_estimate_counts_the_heavy_requests_already_running() -> None:
+    async def scenario() -> None:
+        async with real_engine() as engine:
+            engine._seconds_per_pass = 0.01
+            alone = item(methods=("scorecam",), params=SCORECAM, deadline_s=4.0)
+            assert engine.price([alone]) == alone.passes  # 258 passes, about 2.6 s: it fits
+            started = Progress()
+            first = asyncio.ensure_future(engine.submit(
+                [item(methods=("scorecam",), params=SCORECAM, on_progress=started)]))
+            await started.started.wait()
+            with pytest.raises(InvalidOption, match="sharing the device with 1 other"):
+                engine.price([item(methods=("scorecam",), params=SCORECAM, deadline_s=4.0)])
+            await first
+
+    run(scenario)

@@ -193,7 +193,10 @@ async def dicomweb_job(
     )
     for item in prepared.items:
         item.heavy = True
+    for item in prepared.items:
+        item.background = True
     engine.price(prepared.items)
+    engine.admit_heavy(prepared.items)
     request_id = request_id_of(request)
 
     async def run(items: Sequence[WorkItem]) -> bytes:

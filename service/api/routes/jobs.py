@@ -64,7 +64,10 @@ async def submit_job(
     )
     for item in prepared.items:
         item.heavy = True
+    for item in prepared.items:
+        item.background = True
     engine.price(prepared.items)  # over the pass budget: 422 now, not a failed job later
+    engine.admit_heavy(prepared.items)  # a full heavy lane: 503 now, not a job that fails at once
 
     async def run(items: Sequence[WorkItem]) -> bytes:
         results = await engine.submit(items)
