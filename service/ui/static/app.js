@@ -20,6 +20,11 @@
   const TOPK = 5;
   const MAX_ZOOM = 32;
   const REPORT_MIN_SIDE = 512;   // a report's image is drawn at least this large (longer side)
+  // DICOM results (issue 18), asked for when every file of a run is DICOM: a parametric map per
+  // panel and a report per file; a source without patient geometry cannot carry a parametric
+  // map (the service answers 422 saying so), so the page asks for secondary captures instead.
+  const DICOM_OUTPUTS = ["dicom_pm", "dicom_sr"];
+  const DICOM_FALLBACK = ["dicom_sc", "dicom_sr"];
 
   const ui = {
     form: $("#controls"), file: $("#file"), dropzone: $("#dropzone"), fileList: $("#file-list"),
@@ -30,6 +35,7 @@
     banner: $("#banner"), bannerTitle: $("#banner-title"), bannerMessage: $("#banner-message"),
     bannerId: $("#banner-id"), bannerClose: $("#banner-close"), status: $("#status"),
     jobs: $("#jobs"), staleNote: $("#stale-note"), warnings: $("#warnings"), windowInfo: $("#window-info"),
+    dicomReport: $("#dicom-report"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
     timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
     opacityValue: $("#opacity-value"), fade: $("#fade"), showOriginal: $("#show-original"),
@@ -279,6 +285,7 @@
     if (!files.length) return;
     state.selection = { files };
     state.current = 0;
+    // Whether the files are DICOM is read from their bytes when a run starts (dicomSelection).
     ui.fileList.textContent = files.length === 1
       ? `Selected: ${files[0].name}`
       : `Selected ${files.length} files: ${files.map((f) => f.name).join(", ")}`;
@@ -307,7 +314,40 @@
     return null;
   }
 
-  function baseForm(files, methods, window, params = {}) {
+  // Part 10 files say "DICM" at bytes 128..131, whatever their name or type.
+  async function isDicomFile(file) {
+    if (file.size < 132) return false;
+    try { return (await file.slice(128, 132).text()) === "DICM"; } catch { return false; }
+  }
+
+  async function dicomSelection(selection) {
+    if (selection.dicom === undefined) {
+      selection.dicom = (await Promise.all(selection.files.map(isDicomFile))).every(Boolean);
+    }
+    return selection.dicom;
+  }
+
+  // The DICOM outputs of one part of a run: only the first asks for the report (one per file),
+  // every part for the map objects of its own methods.
+  function dicomKinds(progress, first) {
+    if (!progress.dicom) return [];
+    return first ? progress.dicom : progress.dicom.filter((kind) => kind !== "dicom_sr");
+  }
+
+  // Asks with these DICOM outputs; a 422 saying the source cannot have a parametric map is
+  // answered by asking once more with secondary captures (and by every later part of the run).
+  async function withDicomFallback(progress, kinds, call) {
+    try {
+      return await call(kinds);
+    } catch (err) {
+      const refused = err instanceof ApiError && err.status === 422 && /parametric map/i.test(err.message);
+      if (!refused || !kinds.includes("dicom_pm")) throw err;
+      progress.dicom = DICOM_FALLBACK;
+      return call(kinds.map((kind) => (kind === "dicom_pm" ? "dicom_sc" : kind)));
+    }
+  }
+
+  function baseForm(files, methods, window, params = {}, dicom = []) {
     const form = new FormData();
     for (const file of files) form.append("file", file, file.name);
     form.append("model", ui.model.value);
@@ -317,7 +357,7 @@
     form.append("topk", String(TOPK));
     // The frame as the service displayed it, and each map at that frame's size: the browser
     // colours and blends them itself, for every format (DICOM, TIFF and 16-bit PNG included).
-    form.append("outputs", "mask,image");
+    form.append("outputs", ["mask", "image", ...dicom].join(","));
     form.append("mask_size", "original");
     form.append("mask_encoding", "base64");
     if (window) form.append("window", window);
@@ -374,15 +414,17 @@
 
     const fast = methods.filter((m) => !heavyMethod(m));
     const slow = methods.filter((m) => heavyMethod(m));
+    const dicom = (await dicomSelection(selection)) ? DICOM_OUTPUTS : null;
+    if (run !== state.run) return;
     const progress = {
-      run, selection, methods, window, params, started: performance.now(), got: false, errors: [], cancelled: [],
+      run, selection, methods, window, params, dicom, started: performance.now(), got: false, errors: [], cancelled: [],
     };
     state.jobs = [];
     ui.jobs.replaceChildren();
     ui.jobs.hidden = !slow.length;
     const parts = [];
-    if (fast.length) parts.push(runExplain(progress, fast, abort));
-    for (const method of slow) parts.push(runJob(progress, method, abort));
+    if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
+    for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
     await Promise.all(parts);
     if (run !== state.run) return;
     state.abort = null;
@@ -398,10 +440,12 @@
     }
   }
 
-  async function runExplain(progress, methods, abort) {
+  async function runExplain(progress, methods, abort, dicom) {
     try {
-      const body = baseForm(progress.selection.files, methods, progress.window, progress.params);
-      const response = await api("explain", { method: "POST", body, signal: abort.signal });
+      const response = await withDicomFallback(progress, dicom, (kinds) => api("explain", {
+        method: "POST", signal: abort.signal,
+        body: baseForm(progress.selection.files, methods, progress.window, progress.params, kinds),
+      }));
       if (progress.run !== state.run) return;
       await accept(progress, response);
     } catch (err) {
@@ -442,6 +486,7 @@
         .map((e, at) => [e, at]).sort((a, b) => rank(a[0]) - rank(b[0]) || a[1] - b[1]).map(([e]) => e);
       if (!result.image_png) result.image_png = more.image_png;
     });
+    if (extra.dicom && extra.dicom.length) base.dicom = [...(base.dicom || []), ...extra.dicom];
     base.timing_ms = extra.timing_ms.total > base.timing_ms.total ? extra.timing_ms : base.timing_ms;
   }
 
@@ -477,14 +522,16 @@
       `${Math.round((p.fraction || 0) * 100)}% · ${seconds(eta)}`;
   }
 
-  async function runJob(progress, method, abort) {
+  async function runJob(progress, method, abort, dicom) {
     const view = jobRow(method);
     const job = { method, id: null, ...view, finished: false };
     state.jobs.push(job);
     view.cancel.addEventListener("click", () => cancelJobs([job]));
     try {
-      const body = baseForm(progress.selection.files, [method], progress.window, progress.params);
-      const submitted = await api("jobs", { method: "POST", body, signal: abort.signal });
+      const submitted = await withDicomFallback(progress, dicom, (kinds) => api("jobs", {
+        method: "POST", signal: abort.signal,
+        body: baseForm(progress.selection.files, [method], progress.window, progress.params, kinds),
+      }));
       job.id = submitted.job_id;
       job.row.dataset.jobId = job.id;
       showProgress(job, submitted.progress, submitted.eta_s, submitted.status);
@@ -676,6 +723,7 @@
     renderTimings();
     renderWarnings(result);
     renderWindow(result);
+    renderDicomReport(result);
     renderPredictions(result);
     renderPanels(entry);
     updateZoomLabel();
@@ -730,6 +778,33 @@
   }
 
   const pct = (x) => `${(x * 100).toFixed(1)}%`;
+
+  // ---------------------------------------------------------------- DICOM results
+
+  function dicomObjects(fileIndex, test = () => true) {
+    return (state.response.dicom || []).filter((obj) => obj.file_index === fileIndex && test(obj));
+  }
+
+  function dicomName(obj) {
+    return obj.kind === "structured_report"
+      ? `structured_report-${obj.file_index}.dcm`
+      : `${obj.kind}-${obj.file_index}-${obj.method}-${obj.class_idx}.dcm`;
+  }
+
+  function saveDicom(objects) {
+    for (const obj of objects) save(new Blob([b64Bytes(obj.data)], { type: "application/dicom" }), dicomName(obj));
+  }
+
+  // The file's report (one per file, whatever frame is shown), beside the image's title.
+  function renderDicomReport(result) {
+    const reports = dicomObjects(result.image.index, (obj) => obj.kind === "structured_report");
+    ui.dicomReport.hidden = !reports.length;
+    ui.dicomReport.replaceChildren(...(reports.length
+      ? [actionButton("Download DICOM report", `Download the DICOM structured report of ${result.image.filename || "this file"}`,
+        () => saveDicom(reports)),
+      el("span", { className: "hint", textContent: "TID 1500 structured report: the predictions and the maps, for a PACS" })]
+      : []));
+  }
 
   function renderPredictions(result) {
     const explained = new Set(result.explanations.map((e) => e.class_idx));
@@ -802,13 +877,23 @@
       figure.dataset.method = exp.method;
       figure.dataset.classIdx = String(exp.class_idx);
       figure.dataset.index = String(i);
-      figure.append(el("div", { className: "actions" },
+      const actions = el("div", { className: "actions" },
         actionButton("Download report", `Download a report of the ${title} map for ${exp.label} as PNG`,
           () => downloadReport(entry, panel)),
         actionButton("Download overlay", `Download the ${title} overlay for ${exp.label} as PNG`,
           () => downloadOverlay(entry, panel)),
         actionButton("Download JSON", `Download the ${title} result and mask for ${exp.label} as JSON`,
-          () => downloadJson(entry, panel))));
+          () => downloadJson(entry, panel)));
+      // The map as DICOM: a parametric map (or, for a source without geometry, a secondary
+      // capture), one object for every frame of the file.
+      const objects = dicomObjects(entry.result.image.index, (obj) => obj.kind !== "structured_report" &&
+        obj.method === exp.method && obj.class_idx === exp.class_idx);
+      if (objects.length) {
+        const what = objects.map((obj) => obj.kind.replace("_", " ")).join(" and ");
+        actions.append(actionButton("Download DICOM", `Download the ${title} map for ${exp.label} as a DICOM ${what}`,
+          () => saveDicom(objects)));
+      }
+      figure.append(actions);
       entry.views.push(panel);
       figures.push(figure);
     });
