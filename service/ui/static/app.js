@@ -36,6 +36,10 @@
     bannerId: $("#banner-id"), bannerClose: $("#banner-close"), status: $("#status"),
     jobs: $("#jobs"), staleNote: $("#stale-note"), warnings: $("#warnings"), windowInfo: $("#window-info"),
     dicomReport: $("#dicom-report"),
+    tabs: $("#source-tabs"), tabUpload: $("#tab-upload"), tabPacs: $("#tab-pacs"),
+    uploadPanel: $("#upload-panel"), pacsPanel: $("#pacs-panel"), studyUid: $("#study-uid"),
+    seriesUid: $("#series-uid"), pacsStore: $("#pacs-store"), pacsReach: $("#pacs-reach"),
+    pacsOutcome: $("#pacs-outcome"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
     timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
     opacityValue: $("#opacity-value"), fade: $("#fade"), showOriginal: $("#show-original"),
@@ -57,6 +61,7 @@
     run: 0,               // id of the latest run: older answers are dropped
     abort: null,
     jobs: [],             // the latest run's jobs: {id, method, row, ...}
+    source: "upload",     // the tab in use: "upload" or "pacs" (when the service has a PACS)
   };
   let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
@@ -197,7 +202,7 @@
     fillMethods();
     fillColormaps();
     state.catalogReady = true;
-    await loadLayers();
+    await Promise.all([loadLayers(), loadPacs()]);
     if (!state.response) setStatus("Choose or drop images to start.");
     return true;
   }
@@ -278,6 +283,100 @@
     }
   }
 
+  // ---------------------------------------------------------------- PACS (issue 19)
+
+  // GET /readyz names a `pacs` only when the service was started with CAMSERVE_DICOMWEB_URL:
+  // then the page offers its PACS tab. The answer's body counts even when it is a 503.
+  async function loadPacs() {
+    let health = null;
+    try {
+      const response = await send("readyz");
+      health = await response.json();
+    } catch { health = null; }
+    const pacs = health && typeof health.pacs === "string" ? health.pacs : null;
+    ui.tabs.hidden = !pacs;
+    if (!pacs && state.source === "pacs") selectSource("upload");
+    ui.pacsReach.textContent = pacs && pacs !== "reachable" ? `The PACS is ${pacs}.` : "";
+    ui.tabPacs.title = pacs ? `PACS ${pacs}` : "";
+  }
+
+  function selectSource(source) {
+    state.source = source;
+    const pacs = source === "pacs";
+    ui.tabUpload.setAttribute("aria-selected", String(!pacs));
+    ui.tabPacs.setAttribute("aria-selected", String(pacs));
+    ui.tabUpload.tabIndex = pacs ? -1 : 0;
+    ui.tabPacs.tabIndex = pacs ? 0 : -1;
+    ui.uploadPanel.hidden = pacs;
+    ui.pacsPanel.hidden = !pacs;
+    ui.run.textContent = pacs ? "Explain study" : "Explain";
+  }
+
+  // A class field of "285" or "285,281" as the JSON body takes it; anything else is sent as
+  // typed so that the service's own message says what is wrong with it.
+  function classValue(text) {
+    if (!text) return null;
+    const parts = text.split(",").map((part) => part.trim());
+    const numbers = parts.map(Number);
+    if (parts.some((part) => !/^-?\d+$/.test(part))) return text;
+    return numbers.length === 1 ? numbers[0] : numbers;
+  }
+
+  function pacsBody(progress, methods, dicom) {
+    const { pacs } = progress.selection;
+    const body = {
+      study_uid: pacs.study_uid, methods: methods.join(","), model: ui.model.value,
+      topk: TOPK, outputs: ["mask", "image", ...dicom].join(","), mask_size: "original",
+      mask_encoding: "base64", store: pacs.store,
+    };
+    if (pacs.series_uid) body.series_uid = pacs.series_uid;
+    if (ui.layer.value) body.target_layer = ui.layer.value;
+    const cls = classValue(ui.classIdx.value.trim());
+    if (cls !== null) body.class_idx = cls;
+    const own = Object.fromEntries(Object.entries(progress.params).filter(([name]) => methods.includes(name)));
+    if (Object.keys(own).length) body.method_params = own;
+    return body;
+  }
+
+  // Every method in one POST /dicomweb/explain: the answer is an /explain response (shown the
+  // same way) plus what was stored into the study and what was skipped.
+  async function runPacs(progress, methods, abort, dicom) {
+    try {
+      const response = await withDicomFallback(progress, dicom, (kinds) => api("dicomweb/explain", {
+        method: "POST", signal: abort.signal, headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(pacsBody(progress, methods, kinds)),
+      }));
+      if (progress.run !== state.run) return;
+      renderPacsOutcome(progress.selection.pacs, response);
+      await accept(progress, response);
+    } catch (err) {
+      if (err.name === "AbortError" || progress.run !== state.run) return;
+      progress.errors.push(methods.join(", "));
+      showError(err, "PACS");
+    }
+  }
+
+  function uidList(title, rows, text) {
+    return [el("strong", { textContent: title }), el("ul", {}, ...rows.map((row) => el("li", { textContent: text(row) })))];
+  }
+
+  function renderPacsOutcome(pacs, response) {
+    const stored = response.stored || [];
+    const skipped = response.skipped || [];
+    const nodes = [];
+    if (pacs.store) {
+      nodes.push(...uidList(`Stored to PACS: ${stored.length} object${stored.length === 1 ? "" : "s"} in study ${pacs.study_uid}`,
+        stored, (row) => `${row.sop_instance_uid} · class ${row.sop_class_uid} · series ${row.series_instance_uid}`));
+    }
+    if (skipped.length) {
+      nodes.push(...uidList(`Skipped: ${skipped.length} instance${skipped.length === 1 ? "" : "s"}`,
+        skipped, (row) => `${row.sop_instance_uid}: ${row.reason}`));
+    }
+    ui.pacsOutcome.replaceChildren(...nodes);
+    ui.pacsOutcome.hidden = !nodes.length;
+    ui.pacsOutcome.dataset.stored = String(stored.length);
+  }
+
   // ---------------------------------------------------------------- running
 
   function setFiles(fileList) {
@@ -285,6 +384,7 @@
     if (!files.length) return;
     state.selection = { files };
     state.current = 0;
+    if (state.source === "pacs") selectSource("upload");
     // Whether the files are DICOM is read from their bytes when a run starts (dicomSelection).
     ui.fileList.textContent = files.length === 1
       ? `Selected: ${files[0].name}`
@@ -378,7 +478,16 @@
 
   async function explain() {
     clearError();
-    const selection = state.selection;
+    const pacs = state.source === "pacs";
+    if (pacs && !ui.studyUid.value.trim()) {
+      showError(new Error("Type the Study Instance UID of the study to explain."));
+      ui.studyUid.focus();
+      return;
+    }
+    // A PACS run has no files: it names a study (and a series) and every source is DICOM.
+    const selection = pacs
+      ? { files: [], dicom: true, pacs: { study_uid: ui.studyUid.value.trim(), series_uid: ui.seriesUid.value.trim(), store: ui.pacsStore.checked } }
+      : state.selection;
     if (!selection) {
       setStatus("Choose or drop images first.");
       ui.file.focus();
@@ -408,7 +517,8 @@
     state.abort = abort;
     const run = ++state.run;
     const { files } = selection;
-    const what = files.length === 1 ? files[0].name : `${files.length} files`;
+    const what = selection.pacs ? `study ${selection.pacs.study_uid} from the PACS`
+      : files.length === 1 ? files[0].name : `${files.length} files`;
     setStatus(`Explaining ${what}…`, true);
     markStale("Outdated: these maps are from the previous run; a new one is in progress.");
 
@@ -421,10 +531,12 @@
     };
     state.jobs = [];
     ui.jobs.replaceChildren();
-    ui.jobs.hidden = !slow.length;
+    ui.jobs.hidden = !slow.length || Boolean(selection.pacs);
+    ui.pacsOutcome.hidden = true;
     const parts = [];
-    if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
-    for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
+    if (selection.pacs) parts.push(runPacs(progress, methods, abort, dicomKinds(progress, true)));
+    else if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
+    if (!selection.pacs) for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
     await Promise.all(parts);
     if (run !== state.run) return;
     state.abort = null;
@@ -732,7 +844,8 @@
   function renderTitle(results, result) {
     const { index, frame, filename, width, height } = result.image;
     const frames = results.filter((r) => r.image.index === index).length;
-    let title = `Image ${index + 1} of ${state.shown.files.length} · ${filename || "unnamed"}`;
+    const count = state.shown.pacs ? new Set(results.map((r) => r.image.index)).size : state.shown.files.length;
+    let title = `Image ${index + 1} of ${count} · ${filename || "unnamed"}`;
     if (frames > 1) title += ` · frame ${frame + 1} of ${frames}`;
     ui.imageTitle.textContent = `${title} · ${width}×${height}`;
     ui.prev.disabled = state.current === 0;
@@ -1185,6 +1298,17 @@
   // ---------------------------------------------------------------- wiring
 
   ui.form.addEventListener("submit", (event) => { event.preventDefault(); explain(); });
+  ui.tabUpload.addEventListener("click", () => selectSource("upload"));
+  ui.tabPacs.addEventListener("click", () => { selectSource("pacs"); ui.studyUid.focus(); });
+  ui.tabs.addEventListener("keydown", (event) => {
+    if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+    const next = state.source === "pacs" ? "upload" : "pacs";
+    selectSource(next);
+    (next === "pacs" ? ui.tabPacs : ui.tabUpload).focus();
+  });
+  [ui.studyUid, ui.seriesUid].forEach((input) => input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); explain(); }
+  }));
   ui.file.addEventListener("change", () => setFiles(ui.file.files));
 
   ["dragenter", "dragover"].forEach((type) => window.addEventListener(type, (event) => {
