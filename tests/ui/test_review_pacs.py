@@ -119,3 +119,25 @@ def test_a_study_explained_from_the_pacs_and_stored_back(
         # A build without the store writer refuses clearly; the page says what the service said.
         expect(page.locator("#banner-message")).to_contain_text(stored.json()["error"]["message"])
         expect(outcome).to_be_hidden()
+
+
+def test_a_slow_method_on_a_study_runs_as_a_job_with_progress(page: Page, pacs_server: LiveServer) -> None:
+    source = pydicom.dcmread(CT)
+    open_page(page, pacs_server)
+    page.click("#tab-pacs")
+    for box in page.locator("#methods input").all():
+        box.set_checked(box.get_attribute("value") in ("gradcam", "scorecam"))
+    page.fill("#method-params", '{"scorecam": {"top_k_channels": 32}}')
+    page.fill("#study-uid", source.StudyInstanceUID)
+    with page.expect_request(lambda r: r.url.endswith("/jobs") and r.method == "POST") as submitted:
+        page.click("#run")
+    job = submitted.value.post_data_json
+    assert job["study_uid"] == source.StudyInstanceUID and job["methods"] == "scorecam"
+    assert job["method_params"] == {"scorecam": {"top_k_channels": 32}}
+    row = page.locator('#jobs .job[data-method="scorecam"]')
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=120_000)
+    expect(page.locator("#status")).to_contain_text("Done")
+    # Both parts of the run in one result: the fast method's panel and the job's.
+    expect(page.locator('.panel[data-method="gradcam"]')).to_be_visible()
+    expect(page.locator('.panel[data-method="scorecam"]')).to_be_visible()
+    expect(page.locator('.panel[data-method="scorecam"] button', has_text="Download DICOM")).to_be_visible()

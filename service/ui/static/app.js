@@ -338,31 +338,30 @@
     return body;
   }
 
-  // Every method in one POST /dicomweb/explain: the answer is an /explain response (shown the
-  // same way) plus what was stored into the study and what was skipped.
-  async function runPacs(progress, methods, abort, dicom) {
-    try {
-      const response = await withDicomFallback(progress, dicom, (kinds) => api("dicomweb/explain", {
-        method: "POST", signal: abort.signal, headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(pacsBody(progress, methods, kinds)),
-      }));
-      if (progress.run !== state.run) return;
-      renderPacsOutcome(progress.selection.pacs, response);
-      await accept(progress, response);
-    } catch (err) {
-      if (err.name === "AbortError" || progress.run !== state.run) return;
-      progress.errors.push(methods.join(", "));
-      showError(err, "PACS");
+  // One part of a run as the service takes it: a PACS run names the study in a JSON body (for
+  // POST /dicomweb/explain, or POST /jobs for slow methods), an upload sends its files as a form.
+  function partRequest(progress, methods, kinds) {
+    if (progress.selection.pacs) {
+      return { headers: { "Content-Type": "application/json" }, body: JSON.stringify(pacsBody(progress, methods, kinds)) };
     }
+    return { body: baseForm(progress.selection.files, methods, progress.window, progress.params, kinds) };
+  }
+
+  // A PACS answer is an /explain response plus what it stored into the study and what it
+  // skipped; the parts of a run each store their own maps, so the list grows with them.
+  function notePacsOutcome(progress, response) {
+    if (!progress.selection.pacs) return;
+    progress.stored.push(...(response.stored || []));
+    const seen = new Set(progress.skipped.map((row) => row.sop_instance_uid));
+    progress.skipped.push(...(response.skipped || []).filter((row) => !seen.has(row.sop_instance_uid)));
+    renderPacsOutcome(progress.selection.pacs, progress.stored, progress.skipped);
   }
 
   function uidList(title, rows, text) {
     return [el("strong", { textContent: title }), el("ul", {}, ...rows.map((row) => el("li", { textContent: text(row) })))];
   }
 
-  function renderPacsOutcome(pacs, response) {
-    const stored = response.stored || [];
-    const skipped = response.skipped || [];
+  function renderPacsOutcome(pacs, stored, skipped) {
     const nodes = [];
     if (pacs.store) {
       nodes.push(...uidList(`Stored to PACS: ${stored.length} object${stored.length === 1 ? "" : "s"} in study ${pacs.study_uid}`,
@@ -528,15 +527,15 @@
     if (run !== state.run) return;
     const progress = {
       run, selection, methods, window, params, dicom, started: performance.now(), got: false, errors: [], cancelled: [],
+      stored: [], skipped: [],
     };
     state.jobs = [];
     ui.jobs.replaceChildren();
-    ui.jobs.hidden = !slow.length || Boolean(selection.pacs);
+    ui.jobs.hidden = !slow.length;
     ui.pacsOutcome.hidden = true;
     const parts = [];
-    if (selection.pacs) parts.push(runPacs(progress, methods, abort, dicomKinds(progress, true)));
-    else if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
-    if (!selection.pacs) for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
+    if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
+    for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
     await Promise.all(parts);
     if (run !== state.run) return;
     state.abort = null;
@@ -554,17 +553,19 @@
 
   async function runExplain(progress, methods, abort, dicom) {
     try {
-      const response = await withDicomFallback(progress, dicom, (kinds) => api("explain", {
-        method: "POST", signal: abort.signal,
-        body: baseForm(progress.selection.files, methods, progress.window, progress.params, kinds),
+      const path = progress.selection.pacs ? "dicomweb/explain" : "explain";
+      const response = await withDicomFallback(progress, dicom, (kinds) => api(path, {
+        method: "POST", signal: abort.signal, ...partRequest(progress, methods, kinds),
       }));
       if (progress.run !== state.run) return;
+      notePacsOutcome(progress, response);
       await accept(progress, response);
     } catch (err) {
       if (err.name === "AbortError" || progress.run !== state.run) return;
       progress.errors.push(methods.join(", "));
       const names = progress.selection.files.map((f) => f.name).join(", ");
-      showError(err, err instanceof ApiError && err.status === 415 ? names : "");
+      const context = progress.selection.pacs ? "PACS" : err instanceof ApiError && err.status === 415 ? names : "";
+      showError(err, context);
     }
   }
 
@@ -641,8 +642,7 @@
     view.cancel.addEventListener("click", () => cancelJobs([job]));
     try {
       const submitted = await withDicomFallback(progress, dicom, (kinds) => api("jobs", {
-        method: "POST", signal: abort.signal,
-        body: baseForm(progress.selection.files, [method], progress.window, progress.params, kinds),
+        method: "POST", signal: abort.signal, ...partRequest(progress, [method], kinds),
       }));
       job.id = submitted.job_id;
       job.row.dataset.jobId = job.id;
@@ -652,7 +652,10 @@
       job.finished = true;
       if (progress.run !== state.run) return;
       finishJob(progress, job, final);
-      if (final.status === "succeeded") await accept(progress, final.result);
+      if (final.status === "succeeded") {
+        notePacsOutcome(progress, final.result);
+        await accept(progress, final.result);
+      }
     } catch (err) {
       job.finished = true;
       if (err.name === "AbortError" || progress.run !== state.run) return;
