@@ -310,6 +310,10 @@
     ui.uploadPanel.hidden = pacs;
     ui.pacsPanel.hidden = !pacs;
     ui.run.textContent = pacs ? "Explain study" : "Explain";
+    // DICOMweb's body takes no window: a study is windowed as its files say.
+    ui.windowPreset.disabled = pacs;
+    if (pacs) ui.windowCustom.hidden = true;
+    else ui.windowCustom.hidden = ui.windowPreset.value !== "custom";
   }
 
   // A class field of "285" or "285,281" as the JSON body takes it; anything else is sent as
