@@ -20,6 +20,11 @@
   const TOPK = 5;
   const MAX_ZOOM = 32;
   const REPORT_MIN_SIDE = 512;   // a report's image is drawn at least this large (longer side)
+  // DICOM results (issue 18), asked for when every file of a run is DICOM: a parametric map per
+  // panel and a report per file; a source without patient geometry cannot carry a parametric
+  // map (the service answers 422 saying so), so the page asks for secondary captures instead.
+  const DICOM_OUTPUTS = ["dicom_pm", "dicom_sr"];
+  const DICOM_FALLBACK = ["dicom_sc", "dicom_sr"];
 
   const ui = {
     form: $("#controls"), file: $("#file"), dropzone: $("#dropzone"), fileList: $("#file-list"),
@@ -30,6 +35,11 @@
     banner: $("#banner"), bannerTitle: $("#banner-title"), bannerMessage: $("#banner-message"),
     bannerId: $("#banner-id"), bannerClose: $("#banner-close"), status: $("#status"),
     jobs: $("#jobs"), staleNote: $("#stale-note"), warnings: $("#warnings"), windowInfo: $("#window-info"),
+    dicomReport: $("#dicom-report"),
+    tabs: $("#source-tabs"), tabUpload: $("#tab-upload"), tabPacs: $("#tab-pacs"),
+    uploadPanel: $("#upload-panel"), pacsPanel: $("#pacs-panel"), studyUid: $("#study-uid"),
+    seriesUid: $("#series-uid"), pacsStore: $("#pacs-store"), pacsReach: $("#pacs-reach"),
+    pacsOutcome: $("#pacs-outcome"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
     timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
     opacityValue: $("#opacity-value"), fade: $("#fade"), showOriginal: $("#show-original"),
@@ -51,6 +61,7 @@
     run: 0,               // id of the latest run: older answers are dropped
     abort: null,
     jobs: [],             // the latest run's jobs: {id, method, row, ...}
+    source: "upload",     // the tab in use: "upload" or "pacs" (when the service has a PACS)
   };
   let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
@@ -191,7 +202,7 @@
     fillMethods();
     fillColormaps();
     state.catalogReady = true;
-    await loadLayers();
+    await Promise.all([loadLayers(), loadPacs()]);
     if (!state.response) setStatus("Choose or drop images to start.");
     return true;
   }
@@ -272,6 +283,103 @@
     }
   }
 
+  // ---------------------------------------------------------------- PACS (issue 19)
+
+  // GET /readyz names a `pacs` only when the service was started with CAMSERVE_DICOMWEB_URL:
+  // then the page offers its PACS tab. The answer's body counts even when it is a 503.
+  async function loadPacs() {
+    let health = null;
+    try {
+      const response = await send("readyz");
+      health = await response.json();
+    } catch { health = null; }
+    const pacs = health && typeof health.pacs === "string" ? health.pacs : null;
+    ui.tabs.hidden = !pacs;
+    if (!pacs && state.source === "pacs") selectSource("upload");
+    ui.pacsReach.textContent = pacs && pacs !== "reachable" ? `The PACS is ${pacs}.` : "";
+    ui.tabPacs.title = pacs ? `PACS ${pacs}` : "";
+  }
+
+  function selectSource(source) {
+    state.source = source;
+    const pacs = source === "pacs";
+    ui.tabUpload.setAttribute("aria-selected", String(!pacs));
+    ui.tabPacs.setAttribute("aria-selected", String(pacs));
+    ui.tabUpload.tabIndex = pacs ? -1 : 0;
+    ui.tabPacs.tabIndex = pacs ? 0 : -1;
+    ui.uploadPanel.hidden = pacs;
+    ui.pacsPanel.hidden = !pacs;
+    ui.run.textContent = pacs ? "Explain study" : "Explain";
+    // DICOMweb's body takes no window: a study is windowed as its files say.
+    ui.windowPreset.disabled = pacs;
+    if (pacs) ui.windowCustom.hidden = true;
+    else ui.windowCustom.hidden = ui.windowPreset.value !== "custom";
+  }
+
+  // A class field of "285" or "285,281" as the JSON body takes it; anything else is sent as
+  // typed so that the service's own message says what is wrong with it.
+  function classValue(text) {
+    if (!text) return null;
+    const parts = text.split(",").map((part) => part.trim());
+    const numbers = parts.map(Number);
+    if (parts.some((part) => !/^-?\d+$/.test(part))) return text;
+    return numbers.length === 1 ? numbers[0] : numbers;
+  }
+
+  function pacsBody(progress, methods, dicom) {
+    const { pacs } = progress.selection;
+    const body = {
+      study_uid: pacs.study_uid, methods: methods.join(","), model: ui.model.value,
+      topk: TOPK, outputs: ["mask", "image", ...dicom].join(","), mask_size: "original",
+      mask_encoding: "base64", store: pacs.store,
+    };
+    if (pacs.series_uid) body.series_uid = pacs.series_uid;
+    if (ui.layer.value) body.target_layer = ui.layer.value;
+    const cls = classValue(ui.classIdx.value.trim());
+    if (cls !== null) body.class_idx = cls;
+    const own = Object.fromEntries(Object.entries(progress.params).filter(([name]) => methods.includes(name)));
+    if (Object.keys(own).length) body.method_params = own;
+    return body;
+  }
+
+  // One part of a run as the service takes it: a PACS run names the study in a JSON body (for
+  // POST /dicomweb/explain, or POST /jobs for slow methods), an upload sends its files as a form.
+  function partRequest(progress, methods, kinds) {
+    if (progress.selection.pacs) {
+      return { headers: { "Content-Type": "application/json" }, body: JSON.stringify(pacsBody(progress, methods, kinds)) };
+    }
+    return { body: baseForm(progress.selection.files, methods, progress.window, progress.params, kinds) };
+  }
+
+  // A PACS answer is an /explain response plus what it stored into the study and what it
+  // skipped; the parts of a run each store their own maps, so the list grows with them.
+  function notePacsOutcome(progress, response) {
+    if (!progress.selection.pacs) return;
+    progress.stored.push(...(response.stored || []));
+    const seen = new Set(progress.skipped.map((row) => row.sop_instance_uid));
+    progress.skipped.push(...(response.skipped || []).filter((row) => !seen.has(row.sop_instance_uid)));
+    renderPacsOutcome(progress.selection.pacs, progress.stored, progress.skipped);
+  }
+
+  function uidList(title, rows, text) {
+    return [el("strong", { textContent: title }), el("ul", {}, ...rows.map((row) => el("li", { textContent: text(row) })))];
+  }
+
+  function renderPacsOutcome(pacs, stored, skipped) {
+    const nodes = [];
+    if (pacs.store) {
+      nodes.push(...uidList(`Stored to PACS: ${stored.length} object${stored.length === 1 ? "" : "s"} in study ${pacs.study_uid}`,
+        stored, (row) => `${row.sop_instance_uid} · class ${row.sop_class_uid} · series ${row.series_instance_uid}`));
+    }
+    if (skipped.length) {
+      nodes.push(...uidList(`Skipped: ${skipped.length} instance${skipped.length === 1 ? "" : "s"}`,
+        skipped, (row) => `${row.sop_instance_uid}: ${row.reason}`));
+    }
+    ui.pacsOutcome.replaceChildren(...nodes);
+    ui.pacsOutcome.hidden = !nodes.length;
+    ui.pacsOutcome.dataset.stored = String(stored.length);
+  }
+
   // ---------------------------------------------------------------- running
 
   function setFiles(fileList) {
@@ -279,6 +387,8 @@
     if (!files.length) return;
     state.selection = { files };
     state.current = 0;
+    if (state.source === "pacs") selectSource("upload");
+    // Whether the files are DICOM is read from their bytes when a run starts (dicomSelection).
     ui.fileList.textContent = files.length === 1
       ? `Selected: ${files[0].name}`
       : `Selected ${files.length} files: ${files.map((f) => f.name).join(", ")}`;
@@ -307,7 +417,40 @@
     return null;
   }
 
-  function baseForm(files, methods, window, params = {}) {
+  // Part 10 files say "DICM" at bytes 128..131, whatever their name or type.
+  async function isDicomFile(file) {
+    if (file.size < 132) return false;
+    try { return (await file.slice(128, 132).text()) === "DICM"; } catch { return false; }
+  }
+
+  async function dicomSelection(selection) {
+    if (selection.dicom === undefined) {
+      selection.dicom = (await Promise.all(selection.files.map(isDicomFile))).every(Boolean);
+    }
+    return selection.dicom;
+  }
+
+  // The DICOM outputs of one part of a run: only the first asks for the report (one per file),
+  // every part for the map objects of its own methods.
+  function dicomKinds(progress, first) {
+    if (!progress.dicom) return [];
+    return first ? progress.dicom : progress.dicom.filter((kind) => kind !== "dicom_sr");
+  }
+
+  // Asks with these DICOM outputs; a 422 saying the source cannot have a parametric map is
+  // answered by asking once more with secondary captures (and by every later part of the run).
+  async function withDicomFallback(progress, kinds, call) {
+    try {
+      return await call(kinds);
+    } catch (err) {
+      const refused = err instanceof ApiError && err.status === 422 && /parametric map/i.test(err.message);
+      if (!refused || !kinds.includes("dicom_pm")) throw err;
+      progress.dicom = DICOM_FALLBACK;
+      return call(kinds.map((kind) => (kind === "dicom_pm" ? "dicom_sc" : kind)));
+    }
+  }
+
+  function baseForm(files, methods, window, params = {}, dicom = []) {
     const form = new FormData();
     for (const file of files) form.append("file", file, file.name);
     form.append("model", ui.model.value);
@@ -317,7 +460,7 @@
     form.append("topk", String(TOPK));
     // The frame as the service displayed it, and each map at that frame's size: the browser
     // colours and blends them itself, for every format (DICOM, TIFF and 16-bit PNG included).
-    form.append("outputs", "mask,image");
+    form.append("outputs", ["mask", "image", ...dicom].join(","));
     form.append("mask_size", "original");
     form.append("mask_encoding", "base64");
     if (window) form.append("window", window);
@@ -338,7 +481,16 @@
 
   async function explain() {
     clearError();
-    const selection = state.selection;
+    const pacs = state.source === "pacs";
+    if (pacs && !ui.studyUid.value.trim()) {
+      showError(new Error("Type the Study Instance UID of the study to explain."));
+      ui.studyUid.focus();
+      return;
+    }
+    // A PACS run has no files: it names a study (and a series) and every source is DICOM.
+    const selection = pacs
+      ? { files: [], dicom: true, pacs: { study_uid: ui.studyUid.value.trim(), series_uid: ui.seriesUid.value.trim(), store: ui.pacsStore.checked } }
+      : state.selection;
     if (!selection) {
       setStatus("Choose or drop images first.");
       ui.file.focus();
@@ -368,21 +520,26 @@
     state.abort = abort;
     const run = ++state.run;
     const { files } = selection;
-    const what = files.length === 1 ? files[0].name : `${files.length} files`;
+    const what = selection.pacs ? `study ${selection.pacs.study_uid} from the PACS`
+      : files.length === 1 ? files[0].name : `${files.length} files`;
     setStatus(`Explaining ${what}…`, true);
     markStale("Outdated: these maps are from the previous run; a new one is in progress.");
 
     const fast = methods.filter((m) => !heavyMethod(m));
     const slow = methods.filter((m) => heavyMethod(m));
+    const dicom = (await dicomSelection(selection)) ? DICOM_OUTPUTS : null;
+    if (run !== state.run) return;
     const progress = {
-      run, selection, methods, window, params, started: performance.now(), got: false, errors: [], cancelled: [],
+      run, selection, methods, window, params, dicom, started: performance.now(), got: false, errors: [], cancelled: [],
+      stored: [], skipped: [],
     };
     state.jobs = [];
     ui.jobs.replaceChildren();
     ui.jobs.hidden = !slow.length;
+    ui.pacsOutcome.hidden = true;
     const parts = [];
-    if (fast.length) parts.push(runExplain(progress, fast, abort));
-    for (const method of slow) parts.push(runJob(progress, method, abort));
+    if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
+    for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
     await Promise.all(parts);
     if (run !== state.run) return;
     state.abort = null;
@@ -398,17 +555,21 @@
     }
   }
 
-  async function runExplain(progress, methods, abort) {
+  async function runExplain(progress, methods, abort, dicom) {
     try {
-      const body = baseForm(progress.selection.files, methods, progress.window, progress.params);
-      const response = await api("explain", { method: "POST", body, signal: abort.signal });
+      const path = progress.selection.pacs ? "dicomweb/explain" : "explain";
+      const response = await withDicomFallback(progress, dicom, (kinds) => api(path, {
+        method: "POST", signal: abort.signal, ...partRequest(progress, methods, kinds),
+      }));
       if (progress.run !== state.run) return;
+      notePacsOutcome(progress, response);
       await accept(progress, response);
     } catch (err) {
       if (err.name === "AbortError" || progress.run !== state.run) return;
       progress.errors.push(methods.join(", "));
       const names = progress.selection.files.map((f) => f.name).join(", ");
-      showError(err, err instanceof ApiError && err.status === 415 ? names : "");
+      const context = progress.selection.pacs ? "PACS" : err instanceof ApiError && err.status === 415 ? names : "";
+      showError(err, context);
     }
   }
 
@@ -442,6 +603,7 @@
         .map((e, at) => [e, at]).sort((a, b) => rank(a[0]) - rank(b[0]) || a[1] - b[1]).map(([e]) => e);
       if (!result.image_png) result.image_png = more.image_png;
     });
+    if (extra.dicom && extra.dicom.length) base.dicom = [...(base.dicom || []), ...extra.dicom];
     base.timing_ms = extra.timing_ms.total > base.timing_ms.total ? extra.timing_ms : base.timing_ms;
   }
 
@@ -477,14 +639,15 @@
       `${Math.round((p.fraction || 0) * 100)}% · ${seconds(eta)}`;
   }
 
-  async function runJob(progress, method, abort) {
+  async function runJob(progress, method, abort, dicom) {
     const view = jobRow(method);
     const job = { method, id: null, ...view, finished: false };
     state.jobs.push(job);
     view.cancel.addEventListener("click", () => cancelJobs([job]));
     try {
-      const body = baseForm(progress.selection.files, [method], progress.window, progress.params);
-      const submitted = await api("jobs", { method: "POST", body, signal: abort.signal });
+      const submitted = await withDicomFallback(progress, dicom, (kinds) => api("jobs", {
+        method: "POST", signal: abort.signal, ...partRequest(progress, [method], kinds),
+      }));
       job.id = submitted.job_id;
       job.row.dataset.jobId = job.id;
       showProgress(job, submitted.progress, submitted.eta_s, submitted.status);
@@ -493,7 +656,10 @@
       job.finished = true;
       if (progress.run !== state.run) return;
       finishJob(progress, job, final);
-      if (final.status === "succeeded") await accept(progress, final.result);
+      if (final.status === "succeeded") {
+        notePacsOutcome(progress, final.result);
+        await accept(progress, final.result);
+      }
     } catch (err) {
       job.finished = true;
       if (err.name === "AbortError" || progress.run !== state.run) return;
@@ -676,6 +842,7 @@
     renderTimings();
     renderWarnings(result);
     renderWindow(result);
+    renderDicomReport(result);
     renderPredictions(result);
     renderPanels(entry);
     updateZoomLabel();
@@ -684,7 +851,8 @@
   function renderTitle(results, result) {
     const { index, frame, filename, width, height } = result.image;
     const frames = results.filter((r) => r.image.index === index).length;
-    let title = `Image ${index + 1} of ${state.shown.files.length} · ${filename || "unnamed"}`;
+    const count = state.shown.pacs ? new Set(results.map((r) => r.image.index)).size : state.shown.files.length;
+    let title = `Image ${index + 1} of ${count} · ${filename || "unnamed"}`;
     if (frames > 1) title += ` · frame ${frame + 1} of ${frames}`;
     ui.imageTitle.textContent = `${title} · ${width}×${height}`;
     ui.prev.disabled = state.current === 0;
@@ -730,6 +898,33 @@
   }
 
   const pct = (x) => `${(x * 100).toFixed(1)}%`;
+
+  // ---------------------------------------------------------------- DICOM results
+
+  function dicomObjects(fileIndex, test = () => true) {
+    return (state.response.dicom || []).filter((obj) => obj.file_index === fileIndex && test(obj));
+  }
+
+  function dicomName(obj) {
+    return obj.kind === "structured_report"
+      ? `structured_report-${obj.file_index}.dcm`
+      : `${obj.kind}-${obj.file_index}-${obj.method}-${obj.class_idx}.dcm`;
+  }
+
+  function saveDicom(objects) {
+    for (const obj of objects) save(new Blob([b64Bytes(obj.data)], { type: "application/dicom" }), dicomName(obj));
+  }
+
+  // The file's report (one per file, whatever frame is shown), beside the image's title.
+  function renderDicomReport(result) {
+    const reports = dicomObjects(result.image.index, (obj) => obj.kind === "structured_report");
+    ui.dicomReport.hidden = !reports.length;
+    ui.dicomReport.replaceChildren(...(reports.length
+      ? [actionButton("Download DICOM report", `Download the DICOM structured report of ${result.image.filename || "this file"}`,
+        () => saveDicom(reports)),
+      el("span", { className: "hint", textContent: "TID 1500 structured report: the predictions and the maps, for a PACS" })]
+      : []));
+  }
 
   function renderPredictions(result) {
     const explained = new Set(result.explanations.map((e) => e.class_idx));
@@ -802,13 +997,23 @@
       figure.dataset.method = exp.method;
       figure.dataset.classIdx = String(exp.class_idx);
       figure.dataset.index = String(i);
-      figure.append(el("div", { className: "actions" },
+      const actions = el("div", { className: "actions" },
         actionButton("Download report", `Download a report of the ${title} map for ${exp.label} as PNG`,
           () => downloadReport(entry, panel)),
         actionButton("Download overlay", `Download the ${title} overlay for ${exp.label} as PNG`,
           () => downloadOverlay(entry, panel)),
         actionButton("Download JSON", `Download the ${title} result and mask for ${exp.label} as JSON`,
-          () => downloadJson(entry, panel))));
+          () => downloadJson(entry, panel)));
+      // The map as DICOM: a parametric map (or, for a source without geometry, a secondary
+      // capture), one object for every frame of the file.
+      const objects = dicomObjects(entry.result.image.index, (obj) => obj.kind !== "structured_report" &&
+        obj.method === exp.method && obj.class_idx === exp.class_idx);
+      if (objects.length) {
+        const what = objects.map((obj) => obj.kind.replace("_", " ")).join(" and ");
+        actions.append(actionButton("Download DICOM", `Download the ${title} map for ${exp.label} as a DICOM ${what}`,
+          () => saveDicom(objects)));
+      }
+      figure.append(actions);
       entry.views.push(panel);
       figures.push(figure);
     });
@@ -1100,6 +1305,17 @@
   // ---------------------------------------------------------------- wiring
 
   ui.form.addEventListener("submit", (event) => { event.preventDefault(); explain(); });
+  ui.tabUpload.addEventListener("click", () => selectSource("upload"));
+  ui.tabPacs.addEventListener("click", () => { selectSource("pacs"); ui.studyUid.focus(); });
+  ui.tabs.addEventListener("keydown", (event) => {
+    if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+    const next = state.source === "pacs" ? "upload" : "pacs";
+    selectSource(next);
+    (next === "pacs" ? ui.tabPacs : ui.tabUpload).focus();
+  });
+  [ui.studyUid, ui.seriesUid].forEach((input) => input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); explain(); }
+  }));
   ui.file.addEventListener("change", () => setFiles(ui.file.files));
 
   ["dragenter", "dragover"].forEach((type) => window.addEventListener(type, (event) => {
