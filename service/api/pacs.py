@@ -65,8 +65,17 @@ class Instance:
     dataset: Dataset
 
     @property
-    def is_image(self) -> bool:
-        return "PixelData" in self.dataset or "FloatPixelData" in self.dataset
+    def skip_reason(self) -> str | None:
+        """Why this instance is not explained (None: it is an image to explain). A study that
+        was explained before holds the service's own results too; they are never explained."""
+        ds = self.dataset
+        if str(getattr(ds, "Manufacturer", "")) == "camserve":
+            return "a result camserve stored, not an image to explain"
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            return "a parametric map, not an image to explain"
+        if "PixelData" not in ds:
+            return "not an image: it has no pixel data"
+        return None
 
     def part10(self) -> bytes:
         buffer = io.BytesIO()

@@ -318,30 +318,31 @@ def as_results(rendered: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def finish(
     prepared: Prepared, results: Sequence[ItemResult], request_id: str, settings: Settings,
-    layout: Layout = as_results, extra: Mapping[str, Any] | None = None,
+    layout: Layout = as_results, extra: Mapping[str, Any] | None = None, dicom: bool = True,
 ) -> tuple[bytes, dict[str, float]]:
     """Render (masks, PNGs) and serialise off the loop: the body's JSON bytes and the
-    Server-Timing stages (decode, queue, compute, render, json, total)."""
+    Server-Timing stages (decode, queue, compute, render, json, total). ``dicom=False``: no
+    DICOM objects in the body (the caller has them already, or stored them)."""
     prepared.timer.rendering()
-    dicom: list[dict[str, Any]] | None = None
+    entries: list[dict[str, Any]] | None = None
     if prepared.plan is not None:
-        rendered, dicom = await run_in_threadpool(_render_explain, prepared, results, settings)
+        rendered, entries = await run_in_threadpool(_render_explain, prepared, results, settings, dicom)
     else:
         rendered = predict_results(prepared.model, prepared.uploads, results)
     body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),
-            **({"dicom": dicom} if dicom is not None else {}), **(extra or {})}
+            **({"dicom": entries} if entries is not None else {}), **(extra or {})}
     timer = prepared.timer
     return await serialize(body, results, timer.started, timer.render_started, timer.decode_ms)
 
 
 def _render_explain(
-    prepared: Prepared, results: Sequence[ItemResult], settings: Settings
+    prepared: Prepared, results: Sequence[ItemResult], settings: Settings, dicom: bool = True
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Masks and PNGs of every result, and the DICOM objects' entries when they were asked for."""
     plan = prepared.plan
     assert plan is not None
     rendered = explain_results(plan, prepared.uploads, results, settings.png_compress_level,
                                settings.overlay_max_side)
-    if not dicom_results.wanted(plan):
+    if not dicom or not dicom_results.wanted(plan):
         return rendered, None
     return rendered, dicom_results.json_entries(dicom_results.build(plan, prepared.uploads, results))

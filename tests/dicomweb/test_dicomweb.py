@@ -158,3 +158,47 @@ def test_without_a_pacs_the_routes_are_404(cat_png: bytes) -> None:
         response = client.post("/dicomweb/explain", json={"study_uid": CT.StudyInstanceUID})
         assert response.status_code == 404 and "CAMSERVE_DICOMWEB_URL" in response.json()["error"]["message"]
         assert "pacs" not in client.get("/readyz").json()
+
+
+def test_store_puts_the_results_into_the_same_study_referencing_the_source(
+    client: TestClient, orthanc: Orthanc, series: dict[str, object]
+) -> None:
+    import httpx
+    from dicomweb_client.api import DICOMwebClient
+
+    body = _explain(client, study_uid=CT.StudyInstanceUID, store=True, outputs="mask")
+    stored = body["stored"]
+    kinds = {entry["sop_class_uid"] for entry in stored}  # type: ignore[union-attr]
+    assert kinds == {"1.2.840.10008.5.1.4.1.1.30",  # parametric map
+                     "1.2.840.10008.5.1.4.1.1.7",  # secondary capture
+                     "1.2.840.10008.5.1.4.1.1.88.34"}, kinds  # comprehensive 3D SR (TID 1500)
+    assert "dicom" not in body  # stored, not asked for
+    pacs = DICOMwebClient(url=orthanc.dicomweb)
+    found = {d["00080018"]["Value"][0]: d for d in pacs.search_for_instances(
+        study_instance_uid=CT.StudyInstanceUID, fields=["0020000E", "00080016"])}
+    for entry in stored:  # type: ignore[union-attr]
+        assert entry["sop_instance_uid"] in found  # in the same study, through the PACS's own DICOMweb
+        assert entry["series_instance_uid"] != CT.SeriesInstanceUID  # in series of their own
+    pm_entry = next(e for e in stored if e["sop_class_uid"].endswith(".30"))  # type: ignore[union-attr]
+    pm = pacs.retrieve_instance(CT.StudyInstanceUID, pm_entry["series_instance_uid"],
+                                pm_entry["sop_instance_uid"])
+    assert pm.StudyInstanceUID == CT.StudyInstanceUID and pm.PatientID == CT.PatientID
+    assert pm.FrameOfReferenceUID == CT.FrameOfReferenceUID
+    referenced = [i.ReferencedSOPInstanceUID for s in pm.ReferencedSeriesSequence
+                  for i in s.ReferencedInstanceSequence]
+    assert CT.SOPInstanceUID in referenced
+    with_data = _explain(client, study_uid=CT.StudyInstanceUID, store=True, outputs="mask,dicom_pm")
+    assert [e["kind"] for e in with_data["dicom"]] == ["parametric_map"]  # type: ignore[union-attr]
+    assert len(with_data["stored"]) == 1  # type: ignore[arg-type]
+    assert httpx.get(f"{orthanc.url}/studies").status_code == 200
+
+
+def test_a_store_the_pacs_refuses_is_pacs_refused(orthanc: Orthanc) -> None:
+    """STOW-RS of an instance into another study than its own: Orthanc refuses it."""
+    from service.api.pacs import Pacs
+    from service.errors import PacsRefused
+
+    pacs = Pacs(Settings(dicomweb_url=orthanc.dicomweb))
+    with pytest.raises(PacsRefused) as refused:
+        pacs.store("1.2.3.4.5.6.7.8", [pydicom.dcmread(io.BytesIO(bundled("MR_small.dcm")))])
+    assert refused.value.status_code == 502 and orthanc.url not in refused.value.message

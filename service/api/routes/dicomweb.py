@@ -10,19 +10,21 @@ with the same JSON body. Without ``CAMSERVE_DICOMWEB_URL`` these routes answer 4
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+import pydicom
 from fastapi import APIRouter, Body, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import pipeline
+from service.api import dicom_results, pipeline
 from service.api.deps import EngineDep, SettingsDep
 from service.api.errors import error_responses, request_id_of
-from service.api.options import ExplainForm, plan_explain
+from service.api.options import DICOM_OUTPUTS, ExplainForm, plan_explain
 from service.api.pacs import Instance, Pacs, check_uid, slice_order
 from service.api.schemas import JobOut
 from service.config import Settings
@@ -65,15 +67,22 @@ class DicomwebExplainRequest(BaseModel):
     method_params: dict[str, dict[str, Any]] | None = Field(
         None, description="per-method parameters, as for /explain", examples=[None])
 
+    @property
+    def asks_for_dicom(self) -> bool:
+        return bool(DICOM_OUTPUTS & {o.strip().lower() for o in self.outputs.split(",")})
+
     def form(self) -> ExplainForm:
-        """The same request as an ``/explain`` form, so one pipeline serves both."""
+        """The same request as an ``/explain`` form, so one pipeline serves both. Storing
+        needs DICOM objects: ``store`` without DICOM outputs stores all three kinds."""
         import json
 
         classes = self.class_idx if not isinstance(self.class_idx, int) else [self.class_idx]
         values: dict[str, Any] = {
             "file": [], "methods": self.methods, "target_layer": self.target_layer,
             "class_idx": ",".join(str(c) for c in classes) if classes else None, "model": self.model,
-            "outputs": self.outputs, "topk": self.topk, "mask_size": self.mask_size,
+            "outputs": self.outputs if self.asks_for_dicom or not self.store
+            else f"{self.outputs},{','.join(sorted(DICOM_OUTPUTS))}",
+            "topk": self.topk, "mask_size": self.mask_size,
             "mask_encoding": self.mask_encoding, "colormap": self.colormap, "alpha": self.alpha,
             "method_params": json.dumps(self.method_params) if self.method_params else None,
         }
@@ -115,11 +124,11 @@ async def gather(pacs: Pacs, body: DicomwebExplainRequest, limit: int) -> Gather
             "as a job (POST /jobs with this JSON body), or name fewer instances"
         )
     retrieved = [await run_in_threadpool(pacs.retrieve, study, se, sop) for se, sop in pairs]
-    skipped = [{"sop_instance_uid": i.sop_uid, "reason": "not an image: it has no pixel data"}
-               for i in retrieved if not i.is_image]
+    skipped = [{"sop_instance_uid": i.sop_uid, "reason": reason}
+               for i in retrieved if (reason := i.skip_reason) is not None]
     by_series: dict[str, list[Instance]] = {}
     for instance in retrieved:
-        if instance.is_image:
+        if instance.skip_reason is None:
             by_series.setdefault(instance.series_uid, []).append(instance)
     ordered = [i for members in by_series.values() for i in slice_order(members)]
     if not ordered:
@@ -131,18 +140,28 @@ async def explain_gathered(
     prepared: pipeline.Prepared, results: Sequence[ItemResult], gathered: Gathered, pacs: Pacs,
     body: DicomwebExplainRequest, request_id: str, settings: Settings,
 ) -> bytes:
-    stored: list[dict[str, str]] = []
-    if body.store:
-        stored = await store_results(pacs, gathered, prepared, results)
-    payload, _ = await pipeline.finish(prepared, results, request_id, settings,
-                                       extra={"stored": stored, "skipped": gathered.skipped})
+    if not body.store:
+        payload, _ = await pipeline.finish(prepared, results, request_id, settings,
+                                           extra={"stored": [], "skipped": gathered.skipped})
+        return payload
+    assert prepared.plan is not None
+    objects = await run_in_threadpool(dicom_results.build, prepared.plan, prepared.uploads, results)
+    stored = await store_results(pacs, gathered.study, objects)
+    extra: dict[str, Any] = {"stored": stored, "skipped": gathered.skipped}
+    if body.asks_for_dicom:  # the client asked for the objects too, not only for the store
+        extra["dicom"] = dicom_results.json_entries(objects)
+    payload, _ = await pipeline.finish(prepared, results, request_id, settings, extra=extra, dicom=False)
     return payload
 
 
 async def store_results(
-    pacs: Pacs, gathered: Gathered, prepared: pipeline.Prepared, results: Sequence[ItemResult]
+    pacs: Pacs, study: str, objects: Sequence[tuple[dict[str, Any], bytes]]
 ) -> list[dict[str, str]]:
-    raise InvalidOption("store: true needs the DICOM results writer, which this build does not have")
+    """STOW-RS the objects into ``study``; what the PACS stored, with each object's series."""
+    datasets = [pydicom.dcmread(io.BytesIO(data)) for _, data in objects]
+    answered = await run_in_threadpool(pacs.store, study, datasets)
+    series = {entry["sop_instance_uid"]: entry["series_instance_uid"] for entry, _ in objects}
+    return [{**item, "series_instance_uid": series.get(item["sop_instance_uid"], "")} for item in answered]
 
 
 def _series_settings(settings: Settings) -> Settings:
