@@ -32,9 +32,9 @@ from service.api.render import (
 from service.config import Settings
 from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
 from service.errors import BadRequest, InvalidOption, PayloadTooLarge
-from service.imaging.decode import DecodeLimits, iter_frames, shrink
+from service.imaging.decode import DecodeLimits, declared_bytes, iter_frames, shrink
 from service.imaging.encode import display_size
-from service.imaging.limits import MB, ByteBudget
+from service.imaging.limits import MB, ByteBudget, megabytes
 from service.imaging.preprocess import resize_for_model
 from service.models.catalog import ModelInfo
 
@@ -87,6 +87,15 @@ async def decode_sources(
         deadline = time.monotonic() + settings.request_timeout_s
     decoded = ByteBudget(int(settings.max_decoded_mb_per_request * MB))
     keep = (settings.overlay_max_side if display else 0, max(model.input_size))
+    # Every file's header before any file's pixels: a request whose files together declare more
+    # than its decoded-bytes budget is refused before the first one is decoded.
+    declared = await _in_decode_pool(settings, _declared, sources, keep)
+    if declared > decoded.limit:
+        raise PayloadTooLarge(
+            f"the {len(sources)} {what}s declare {megabytes(declared)} of decoded pixels in their "
+            f"headers, over the limit of {megabytes(decoded.limit)} decoded per request; send "
+            "fewer or smaller images"
+        )
     uploads: list[Upload] = []
     for index, (filename, data) in enumerate(sources):
         limits = DecodeLimits(
@@ -98,6 +107,10 @@ async def decode_sources(
             settings, _prepare, data, limits, index, filename, model.input_size, window
         ))
     return uploads
+
+
+def _declared(sources: Sequence[Source], keep: tuple[int, int]) -> int:
+    return sum(declared_bytes(data, keep) for _, data in sources)
 
 
 async def _in_decode_pool(settings: Settings, fn: Callable[..., _T], *args: Any) -> _T:

@@ -30,7 +30,7 @@ from service.imaging.frames import (
     window_to_uint8,
 )
 from service.imaging.jpeg import scan_shortfall
-from service.imaging.limits import DecodeLimits, mode_bytes, reduction, shrunk_size
+from service.imaging.limits import DecodeLimits, frame_bytes, mode_bytes, reduction, shrunk_size
 
 __all__ = ["DecodeLimits", "Frame", "decode_image", "iter_frames", "shrink"]
 
@@ -155,6 +155,23 @@ def _check_scans(data: bytes, image: Image.Image, label: str) -> None:
             f"{label} is truncated: its scan {shortfall.scan} has {shortfall.have} bytes, and a "
             f"{width}x{height} JPEG needs at least {shortfall.need}; {_WHOLE_FILE}"
         )
+
+
+def declared_bytes(data: bytes, reduce_to: tuple[int, int] | None) -> int:
+    """What the first frame of a non-DICOM file decodes to, read from its header alone (a
+    large JPEG at the reduced size it is decoded at); 0 for what is no readable image here
+    (DICOM, or bytes the decoder will refuse on their own). Nothing is decoded."""
+    if is_dicom(data) or may_be_bare_dicom(data):
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            width, height, mode, kind = image.width, image.height, image.mode, image.format
+    except Exception:
+        return 0
+    scale = reduction(width, height, reduce_to) if kind in ("JPEG", "MPO") else 1
+    return frame_bytes(max(1, width // scale), max(1, height // scale), mode_bytes(mode))
 
 
 def _frames(

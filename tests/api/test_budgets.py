@@ -242,3 +242,18 @@ def test_a_draining_service_answers_503_before_paying_for_the_decode(decoded: li
         response = client.post("/explain", files={"file": ("pages.tif", samples.tiff_pages(100_000))})
         assert_error(response, 503, "unavailable", "draining")
         assert decoded == ["x.png"]
+
+
+def test_files_declaring_more_than_the_request_budget_are_refused_before_any_decode(
+    client: TestClient, cat_png: bytes
+) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (5700, 5700), (90, 120, 30)).save(buffer, "PNG")  # ~100 KB, 97 MB decoded
+    big = buffer.getvalue()
+    response, grown = measured(lambda: post(client, [(f"p{i}.png", big) for i in range(16)]))
+    assert_error(response, 413, "payload_too_large")
+    assert "declare" in response.json()["error"]["message"]
+    assert grown < 100 * 2**20, f"the server grew by {grown / 2**20:.0f} MB before refusing"
+    assert_still_serving(client, cat_png)
