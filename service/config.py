@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)
     # The heavy lane (service.engine.turns, service.cams.passes): long explanations run in
     # chunks of about pass_budget_ms, light work going first between any two of them.
-    pass_budget_ms: float = Field(150.0, ge=5, le=10_000, description="target duration of one chunk")
+    pass_budget_ms: float = Field(100.0, ge=5, le=10_000, description="target duration of one chunk")
     heavy_concurrency: int = Field(16, ge=1, le=256, description="heavy explanations in progress per device")
     max_request_passes: int = Field(
         50_000, ge=1, description="forward-pass equivalents one request may cost (else 422)"

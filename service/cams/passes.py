@@ -56,7 +56,7 @@ class PassRun:
 
     deadline: float  # time.monotonic() after which no further pass runs
     total: int  # passes expected (an estimate until the run ends; never below ``done``)
-    budget_s: float = 0.15  # target duration of one chunk
+    budget_s: float = 0.1  # target duration of one chunk
     seconds_per_pass: float = 0.02  # first guess at one image's forward pass on this device
     turn: Turn | None = None
     on_progress: Callable[[PassRun], None] | None = None
