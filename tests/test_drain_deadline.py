@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import sse
 from tests.server_process import poll, running
 
 CAT = (Path(__file__).parent / "data" / "chelsea.png").read_bytes()
@@ -49,22 +50,16 @@ def test_work_outlasting_the_drain_gets_json_503s_and_the_process_exits_0(tmp_pa
 
 
 def test_a_job_cut_short_by_the_drain_ends_cancelled_on_its_event_stream(tmp_path: Path) -> None:
-    import json
-
     with running(tmp_path, drain_timeout_s=1) as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             job = client.post("/jobs", files={"file": ("cat.png", CAT, "image/png")},
                               data={"methods": "scorecam", "outputs": "mask"}).json()
             events: list[tuple[str, dict[str, object]]] = []
             with client.stream("GET", f"/jobs/{job['job_id']}/events") as stream:
-                name = ""
-                for line in stream.iter_lines():
-                    if line.startswith("event: "):
-                        name = line[7:]
-                    elif line.startswith("data: "):
-                        events.append((name, json.loads(line[6:])))
-                        if name == "progress" and len(events) == 2:
-                            server.process.send_signal(signal.SIGTERM)
+                for event in sse.events(stream.iter_lines()):
+                    events.append(event)
+                    if event[0] == "progress" and len(events) == 2:
+                        server.process.send_signal(signal.SIGTERM)
         assert events[-1][0] == "done"
         final = events[-1][1]
         assert final["status"] == "cancelled"

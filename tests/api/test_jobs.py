@@ -17,6 +17,7 @@ from service.api.jobstore import JobStore
 from service.config import Settings
 from service.engine.jobs import WorkItem
 from service.main import create_app
+from tests import sse
 from tests.conftest import ready_client
 
 TOP_K = json.dumps({"scorecam": {"top_k_channels": 128}})
@@ -31,12 +32,7 @@ def events(client: TestClient, job_id: str) -> Iterator[tuple[str, dict[str, Any
     with client.stream("GET", f"/jobs/{job_id}/events") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        name = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line[len("event: "):]
-            elif line.startswith("data: "):
-                yield name, json.loads(line[len("data: "):])
+        yield from sse.events(response.iter_lines())
 
 
 def test_a_job_runs_with_progress_and_answers_what_explain_answers(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pydicom.uid import generate_uid
 
 from service.config import Settings
 from service.main import create_app
+from tests import sse
 from tests.conftest import ready_client
 from tests.dicomweb.orthanc import Orthanc, free_port, start_orthanc
 from tests.imaging.dicom_samples import bundled
@@ -127,12 +127,7 @@ def test_a_series_as_a_job_shows_progress(client: TestClient, series: dict[str, 
     job_id = submitted.json()["job_id"]
     seen: list[tuple[str, dict[str, object]]] = []
     with client.stream("GET", f"/jobs/{job_id}/events") as stream:
-        name = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                seen.append((name, json.loads(line[6:])))
+        seen = list(sse.events(stream.iter_lines()))
     final = seen[-1][1]
     assert seen[-1][0] == "done" and final["status"] == "succeeded"
     assert [n for n, _ in seen].count("progress") >= 2
