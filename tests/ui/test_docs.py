@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect
+from playwright.sync_api import Browser, Page, Response, Route, expect
 
 from tests.ui.conftest import VIEWPORT, LiveServer
 
@@ -48,6 +48,18 @@ def offline_page(browser: Browser, live_server: LiveServer) -> Iterator[tuple[Pa
 def _open_operation(page: Page, operation: str) -> None:
     page.locator(f"{operation} .opblock-summary").click()
     page.locator(f"{operation} .try-out__btn").click()
+
+
+def _execute_with_files(page: Page, operation: str, path: str, photos: tuple[Path, ...]) -> Response:
+    """Try it out: one file picker per photo in the ``file`` field, Execute, and the answer."""
+    _open_operation(page, operation)
+    row = page.locator(f'{operation} tr[data-property-name="file"]')
+    for photo in photos:
+        row.get_by_role("button", name="Add string item").click()
+        row.locator("input[type=file]").last.set_input_files(str(photo))
+    with page.expect_response(lambda r: r.url.endswith(path)) as answer:
+        page.locator(f"{operation} .execute").click()
+    return answer.value
 
 
 def _field(page: Page, operation: str, name: str) -> str:
@@ -100,14 +112,7 @@ def test_try_it_out_explains_two_uploaded_photos(
 ) -> None:
     page, elsewhere = offline_page
     page.goto(f"{live_server.url}/docs")
-    _open_operation(page, EXPLAIN)
-    row = page.locator(f'{EXPLAIN} tr[data-property-name="file"]')
-    for photo in (CAT, COFFEE):
-        row.get_by_role("button", name="Add string item").click()
-        row.locator("input[type=file]").last.set_input_files(str(photo))
-    with page.expect_response(lambda r: r.url.endswith("/explain")) as answer:
-        page.locator(f"{EXPLAIN} .execute").click()
-    response = answer.value
+    response = _execute_with_files(page, EXPLAIN, "/explain", (CAT, COFFEE))
     assert response.status == 200, response.text()
     body = json.loads(response.text())
     names = [result["image"]["filename"] for result in body["results"]]
@@ -126,14 +131,9 @@ def test_try_it_out_predicts_an_uploaded_photo(
 ) -> None:
     page, _ = offline_page
     page.goto(f"{live_server.url}/docs")
-    _open_operation(page, PREDICT)
-    row = page.locator(f'{PREDICT} tr[data-property-name="file"]')
-    row.get_by_role("button", name="Add string item").click()
-    row.locator("input[type=file]").last.set_input_files(str(CAT))
-    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
-        page.locator(f"{PREDICT} .execute").click()
-    assert answer.value.status == 200, answer.value.text()
-    assert "cat" in json.loads(answer.value.text())["results"][0]["predictions"][0]["label"].lower()
+    response = _execute_with_files(page, PREDICT, "/predict", (CAT,))
+    assert response.status == 200, response.text()
+    assert "cat" in json.loads(response.text())["results"][0]["predictions"][0]["label"].lower()
 
 
 def test_the_oauth_redirect_page_and_assets_come_from_the_service(live_server: LiveServer) -> None:
@@ -157,13 +157,8 @@ def test_authorize_sends_the_api_key(browser: Browser, locked_server: LiveServer
         page.locator(".modal-ux input").first.fill("review-key")
         page.locator(".modal-ux .auth-btn-wrapper button.authorize").click()
         page.locator(".modal-ux .btn-done").click()
-        _open_operation(page, PREDICT)
-        row = page.locator(f'{PREDICT} tr[data-property-name="file"]')
-        row.get_by_role("button", name="Add string item").click()
-        row.locator("input[type=file]").last.set_input_files(str(CAT))
-        with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
-            page.locator(f"{PREDICT} .execute").click()
-        assert answer.value.status == 200, answer.value.text()
-        assert answer.value.request.headers["authorization"] == "Bearer review-key"
+        response = _execute_with_files(page, PREDICT, "/predict", (CAT,))
+        assert response.status == 200, response.text()
+        assert response.request.headers["authorization"] == "Bearer review-key"
     finally:
         context.close()
