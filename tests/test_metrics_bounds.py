@@ -8,19 +8,16 @@ request costs microseconds. /metrics behind the API key is tested here too.
 
 from __future__ import annotations
 
-import io
 import itertools
 import random
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.main import create_app
-from tests.engine.fakes import Script, settings
+from tests.engine.fakes import Script, fake_client, settings, tiny_png
 
 METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "eigencam"]
 ORDERINGS = list(itertools.permutations(METHODS))  # 720
@@ -28,17 +25,12 @@ MAX_SCRAPE_BYTES = 64 * 1024
 
 
 def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 5, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return tiny_png(8, 5)
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    app = create_app(settings(), worker_factory=Script().factory)
-    with TestClient(app) as client:
-        client.portal.call(app.state.engine.wait_ready)
-        yield client
+    yield from fake_client()
 
 
 def series(text: str) -> int:

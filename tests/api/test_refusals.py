@@ -8,36 +8,26 @@ refused before anything is queued), so no model is loaded.
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.api.jsonlimits import JsonRefused, loads_bounded, nesting_depth
 from service.cams import CAMMethod
-from service.main import create_app
-from tests.engine.fakes import Script, settings
+from tests.engine.fakes import fake_client, tiny_png
 
 DEEP = 100_000
 
 
 def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return tiny_png(32, 7)
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    app = create_app(settings(), worker_factory=Script().factory)
-    with TestClient(app) as client:
-        client.portal.call(app.state.engine.wait_ready)
-        assert app.state.engine.state == "ready", app.state.engine.failure
-        yield client
+    yield from fake_client()
 
 
 def explain(client: TestClient, **data: str) -> object:

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
@@ -171,3 +172,25 @@ def item(tag: int, model: str = "mobilenet_v2", methods: tuple[str, ...] | None 
 
 def classes(results: Sequence[ItemResult]) -> list[int]:
     return [result.predictions[0][0] for result in results]
+
+
+def fake_client() -> Iterator[TestClient]:
+    """A TestClient of the whole app on fake workers, ready (for HTTP-level tests)."""
+    from service.main import create_app
+
+    app = create_app(settings(), worker_factory=Script().factory)
+    with TestClient(app) as client:
+        client.portal.call(app.state.engine.wait_ready)
+        assert app.state.engine.state == "ready", app.state.engine.failure
+        yield client
+
+
+def tiny_png(side: int = 8, value: int = 5) -> bytes:
+    """A small uniform RGB PNG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

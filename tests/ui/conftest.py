@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, Page, Playwright, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, Route, sync_playwright
 
 from service.config import Settings
 from service.main import create_app
@@ -116,3 +116,18 @@ def page(browser: Browser) -> Iterator[Page]:
     yield page
     context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def only_the_service(page: Page, url: str) -> list[str]:
+    """Abort every request of ``page`` to another host than ``url``; the list fills with them."""
+    elsewhere: list[str] = []
+
+    def route(request_route: Route) -> None:
+        if request_route.request.url.startswith(url):
+            request_route.continue_()
+        else:
+            elsewhere.append(request_route.request.url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    return elsewhere

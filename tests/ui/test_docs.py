@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Response, Route, expect
+from playwright.sync_api import Browser, Page, Response, expect
 
-from tests.ui.conftest import VIEWPORT, LiveServer
+from tests.ui.conftest import VIEWPORT, LiveServer, only_the_service
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CAT = DATA / "chelsea.png"
@@ -28,16 +28,7 @@ def offline_page(browser: Browser, live_server: LiveServer) -> Iterator[tuple[Pa
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.set_default_timeout(60_000)
-    elsewhere: list[str] = []
-
-    def only_the_service(route: Route) -> None:
-        if route.request.url.startswith(live_server.url):
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_service)
+    elsewhere = only_the_service(page, live_server.url)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     yield page, elsewhere

@@ -20,7 +20,7 @@ from PIL import Image
 from playwright.sync_api import Page, Route, expect
 from pydicom.data import get_testdata_file
 
-from tests.ui.conftest import LiveServer
+from tests.ui.conftest import LiveServer, only_the_service
 from tests.ui.test_review_page import CAT, canvas_stats, open_page, run, upload
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
@@ -28,16 +28,7 @@ CT = Path(str(get_testdata_file("CT_small.dcm")))
 
 @pytest.fixture
 def offline(page: Page, live_server: LiveServer) -> Iterator[Page]:
-    elsewhere: list[str] = []
-
-    def only_the_service(route: Route) -> None:
-        if route.request.url.startswith(live_server.url):
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_service)
+    elsewhere = only_the_service(page, live_server.url)
     yield page
     assert elsewhere == [], f"the page asked other hosts: {elsewhere}"
 
