@@ -62,7 +62,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 def _maps(loaded: LoadedModel, name: str) -> np.ndarray:
     method = get_method(name, PARAMS.get(name, {}))
     inputs = sample_input(loaded, loaded.device).expand(2, -1, -1, -1).contiguous()
-    output = explain_batch(loaded.module, loaded.modules, inputs, [loaded.default_layer], [method],
+    output = explain_batch(loaded.runner(), inputs, [loaded.default_layer], [method],
                            [None, [281]])
     return np.stack([m.grid.float().cpu().numpy() for sample in output.maps for m in sample])
 
