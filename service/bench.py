@@ -88,8 +88,7 @@ class Bench:
     passes through the owner's lean copy (batch norm folded), as the worker runs them."""
 
     def __init__(self, loaded: LoadedModel, image: Tensor, repeats: int) -> None:
-        if loaded.lean is None:
-            loaded.make_lean(fold_batch_norm=True, channels_last=False)
+        loaded.make_lean(fold_batch_norm=True, channels_last=False)
         self.loaded = loaded
         self.runner = loaded.runner((loaded.default_layer,), exact=True)
         self.image = image

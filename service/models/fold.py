@@ -11,8 +11,9 @@ Pairs are found on the ``torch.fx`` graph: a convolution whose only user is a ba
 each module called exactly once. A model that cannot be traced is not folded.
 
 This is the one place batch norm's eval-mode affine map is written down
-(:func:`batch_norm_affine`): the worker's folded copy, the Score-CAM family's twin
-(:mod:`service.cams.twin`) and FullGrad's bias terms (:func:`effective_bias`) all read it here.
+(:func:`batch_norm_affine`): the model owner's lean copy
+(:meth:`service.models.loader.LoadedModel.make_lean`, which also serves the Score-CAM family's
+masked passes) and FullGrad's bias terms (:func:`effective_bias`) both read it here.
 """
 
 from __future__ import annotations
