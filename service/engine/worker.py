@@ -25,7 +25,6 @@ from service.cams.extractor import SampleMap, explain_batch
 from service.engine.faithfulness import add_faithfulness
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
-from service.models.fold import Folded
 from service.models.loader import LoadedModel, load_model
 from service.models.runner import Runner
 from service.models.spec import ModelSpec
@@ -126,11 +125,6 @@ class Worker:
                        "ms": round((time.perf_counter() - started) * 1000, 1)},
             )
         return {name: loaded.info() for name, loaded in self.models.items()}
-
-    @property
-    def folded(self) -> dict[str, Folded]:
-        """Each model's lean copy, by model name (models with nothing to fold have none)."""
-        return {name: m.lean for name, m in self.models.items() if m.lean is not None}
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """A forward and a Grad-CAM pass per model and batch size, so no request pays set-up."""

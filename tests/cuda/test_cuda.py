@@ -69,7 +69,7 @@ def _maps(loaded: LoadedModel, name: str) -> np.ndarray:
 
 @pytest.mark.parametrize("name", method_names())
 def test_cuda_maps_equal_the_cpu_maps(name: str, models: dict[str, LoadedModel], exact_fp32: None) -> None:
-    reason = get_method(name).unsuitable(models["cpu"].info())
+    reason = type(get_method(name)).describe().unsuitable(models["cpu"].info())
     if reason:  # not a skip: such a method is refused on this model on every device alike
         with pytest.raises(Exception):  # noqa: B017
             _maps(models["cuda"], name)
