@@ -84,11 +84,10 @@ def sample_input(loaded: LoadedModel, device: torch.device) -> Tensor:
 
 class Bench:
     """Times this service's methods through the model owner's runner: on the model itself in
-    PyTorch's default memory format, as the libraries run it, the Score-CAM family's masked
-    passes through the owner's lean copy (batch norm folded), as the worker runs them."""
+    PyTorch's default memory format, as the libraries run it; the Score-CAM family's masked
+    passes run through the owner's folded, channels-last copy, as on the worker."""
 
     def __init__(self, loaded: LoadedModel, image: Tensor, repeats: int) -> None:
-        loaded.make_lean(fold_batch_norm=True, channels_last=False)
         self.loaded = loaded
         self.runner = loaded.runner((loaded.default_layer,), exact=True)
         self.image = image
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
           "top_k_channels=32 and their default num_samples. Medians of "
           f"{args.repeats} runs otherwise. The model is in PyTorch's default (NCHW) memory format for "
           "all three; this service's Score-CAM family runs its masked batches through the model "
-          "owner's lean copy (conv + batch norm folded), fed channels-last.")
+          "owner's folded (conv + batch norm), channels-last copy of it.")
 
 
 if __name__ == "__main__":

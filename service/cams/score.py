@@ -6,9 +6,9 @@ then upsampled bilinearly to the input, as TorchCAM does); the masked input's cl
 
 Cost is one forward pass per channel (per noise draw or step), batched ``batch_size`` at a time,
 through the model owner's lean copy (batch norm folded, channels-last;
-:meth:`service.models.runner.Runner.lean_forward`), or the model itself when the owner has no
-lean copy (``CAMSERVE_FOLD_BATCH_NORM=false``, or nothing to fold). Two savings keep the map
-exact:
+:meth:`service.models.runner.Runner.lean_forward`), or the folded channels-last copy the owner
+makes for them when its lean copy is not one (:mod:`service.models.loader`). Two savings keep
+the map exact:
 
 - a channel that is zero everywhere contributes ``w_k * 0`` to the map; its score only enters
   the softmax's denominator, a positive factor common to all channels that min-max

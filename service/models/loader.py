@@ -4,7 +4,13 @@ Only the engine's worker calls :func:`load_model`; the :class:`LoadedModel` neve
 worker. It is the one owner of everything about the model:
 
 - its networks: the module, and its lean copy (batch norm folded into the convolutions,
-  channels-last; :mod:`service.models.fold`), built once by :meth:`LoadedModel.make_lean`;
+  channels-last; :mod:`service.models.fold`), built once by :meth:`LoadedModel.make_lean`. The
+  gradient-free passes (the Score-CAM family's masked inputs) run through the lean copy; where
+  it is not channels-last or there is none (``CAMSERVE_FOLD_BATCH_NORM`` or
+  ``CAMSERVE_CHANNELS_LAST`` off, or a model loaded without :meth:`~LoadedModel.make_lean`),
+  the owner builds, on their first use, one folded channels-last copy for them
+  (:func:`service.models.fold.gradient_free_copy`), its documented fallback: they are five
+  times slower without;
 - its capability map: :meth:`LoadedModel.info` (the layers, CAM's linear head, a ViT's attention
   blocks, the rectifiers; torch-free, what the HTTP layer refuses requests by) and, per layer,
   whether a cheap tail of the network follows it (:meth:`LoadedModel.has_tail`; the tails are
@@ -33,7 +39,7 @@ from torch import nn
 
 from service.models.anatomy import rectifiers, transformer_parts
 from service.models.catalog import LayerInfo, ModelInfo
-from service.models.fold import Folded, fold_batch_norms
+from service.models.fold import Folded, channels_last_weights, fold_batch_norms, gradient_free_copy
 from service.models.head import LinearHead, find_linear_head
 from service.models.layers import inspect_layers
 from service.models.runner import Runner
@@ -59,6 +65,8 @@ class LoadedModel:
     lean: Folded | None = field(repr=False, default=None)
     # The capability map, read once (info), and each network's tails by layer (has_tail).
     _info: ModelInfo | None = field(repr=False, default=None, init=False)
+    # The network gradient-free passes run through, chosen (or built) on first use.
+    _gradient_free: nn.Module | None = field(repr=False, default=None, init=False)
     _tails: dict[str, dict[str, nn.Module | None]] = field(
         repr=False, default_factory=dict, init=False
     )
@@ -69,6 +77,7 @@ class LoadedModel:
         its copy in channels-last layout, which is faster for conv nets."""
         self.lean = fold_batch_norms(self.module) if fold_batch_norm else None
         self._tails.pop("lean", None)  # cut from the copy this replaces
+        self._gradient_free = None
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
             if self.lean is not None:
@@ -85,12 +94,22 @@ class LoadedModel:
         """
         lean = self.lean
         head = self.info().linear_head
-        lean_module = lean.module if lean is not None else None
         if lean is None or exact or lean.changed.intersection(layers):
-            return Runner(self.module, self.modules, lean=lean_module,
+            return Runner(self.module, self.modules, gradient_free=self.gradient_free_network,
                           tails=self._tails.setdefault("model", {}), linear_head=head)
-        return Runner(lean.module, lean.modules, lean=lean_module,
+        return Runner(lean.module, lean.modules, gradient_free=self.gradient_free_network,
                       tails=self._tails.setdefault("lean", {}), linear_head=head, through="lean")
+
+    def gradient_free_network(self) -> nn.Module:
+        """The network passes without autograd run through: the lean copy when it is
+        channels-last, else a folded channels-last copy made once, on first use."""
+        if self._gradient_free is None:
+            lean = self.lean
+            if lean is not None and channels_last_weights(lean.module):
+                self._gradient_free = lean.module
+            else:
+                self._gradient_free = gradient_free_copy(self.module)
+        return self._gradient_free
 
     def has_tail(self, layer: str) -> bool:
         """Whether the network after ``layer`` can run on its own (a cheap forward from the

@@ -22,7 +22,8 @@ with a model:
   Backprop), every module's bias (FullGrad).
 
 A bare ``nn.Module`` can be run the same way (``Runner(module)``, in tests); it then has no lean
-copy, keeps its own tails, and knows no linear head unless told.
+copy (gradient-free passes run through it), keeps its own tails, and knows no linear head
+unless told.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from service.models.anatomy import RECTIFIERS, Transformer, transformer_parts
-from service.models.fold import effective_bias
+from service.models.fold import channels_last_weights, effective_bias
 from service.models.hooks import Hook, forward_hook, forward_hooks, forward_pre_hook
 from service.models.layout import layout_of, to_grid
 from service.models.tail import build_tail
@@ -81,20 +82,21 @@ class Runner:
         network: nn.Module,
         modules: Mapping[str, nn.Module] | None = None,
         *,
-        lean: nn.Module | None = None,
+        gradient_free: Callable[[], nn.Module] | None = None,
         tails: dict[str, nn.Module | None] | None = None,
         linear_head: str | None = None,
         through: str = "model",
     ) -> None:
-        """``network`` runs everything but :meth:`lean_forward`, which runs ``lean`` (the
-        owner's lean copy) when there is one; ``tails`` is the owner's cache of ``network``'s
-        tails by layer; ``linear_head`` names CAM's classifier (the owner's fact);
-        ``through`` says which of the owner's networks ``network`` is (``model`` or ``lean``)."""
+        """``network`` runs everything but :meth:`lean_forward`, which runs the network
+        ``gradient_free()`` returns (the owner's lean copy, or its fallback; ``network`` without
+        one); ``tails`` is the owner's cache of ``network``'s tails by layer; ``linear_head``
+        names CAM's classifier (the owner's fact); ``through`` says which of the owner's
+        networks ``network`` is (``model`` or ``lean``)."""
         self._network = network
         self._modules: Mapping[str, nn.Module] = (
             modules if modules is not None else dict(network.named_modules())
         )
-        self._lean = lean
+        self._gradient_free = gradient_free
         self._tails: dict[str, nn.Module | None] = {} if tails is None else tails
         self.linear_head = linear_head
         self.through = through
@@ -109,11 +111,13 @@ class Runner:
     __call__ = forward
 
     def lean_forward(self, inputs: Tensor) -> Tensor:
-        """The logits of ``inputs`` (N, C, H, W) without autograd, through the lean copy (batch
-        norm folded, channels-last) when the owner has one, else through the network itself."""
-        network = self._lean if self._lean is not None else self._network
+        """The logits of ``inputs`` (N, C, H, W) without autograd, through the owner's network
+        for such passes (batch norm folded, channels-last), else through the network itself;
+        the inputs are laid out as that network's weights are (a mix is several times slower)."""
+        network = self._gradient_free() if self._gradient_free is not None else self._network
+        layout = torch.channels_last if channels_last_weights(network) else torch.contiguous_format
         with torch.inference_mode():
-            output: Tensor = network(inputs.contiguous(memory_format=torch.channels_last))
+            output: Tensor = network(inputs.contiguous(memory_format=layout))
         return output
 
     def hooks(self, pairs: Iterable[tuple[Target, Hook]]) -> AbstractContextManager[None]:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from service.cams import get_method
 from service.cams.extractor import explain_batch
+from service.models.fold import channels_last_weights, gradient_free_copy
 from service.models.loader import LoadedModel, own
 from service.models.runner import Runner
 from tests.cams.conftest import Tiny
@@ -46,14 +47,54 @@ def test_masked_passes_run_through_the_owners_lean_copy(owner: LoadedModel, phot
     torch.testing.assert_close(found, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_without_a_lean_copy_masked_passes_run_through_the_model_itself(tiny: nn.Module,
-                                                                      tiny_inputs: Tensor) -> None:
-    owned = own(copy.deepcopy(tiny), (16, 16))
-    owned.make_lean(fold_batch_norm=False, channels_last=False)
-    runner = owned.runner(("features",))
-    assert owned.lean is None and runner.through == "model"
+def test_without_a_channels_last_lean_copy_the_owner_makes_one_for_masked_passes(
+    mobilenet: LoadedModel, photos: Tensor,
+) -> None:
+    owned = own(copy.deepcopy(mobilenet.module), (224, 224))
+    owned.make_lean(fold_batch_norm=False, channels_last=False)  # both settings off
+    runner = owned.runner((LAYER,))
+    before = {name: p.clone() for name, p in owned.module.state_dict().items()}
+    calls: list[int] = []
+    handle = owned.module.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        spare = owned.gradient_free_network()
+        found = runner.lean_forward(photos)
+    finally:
+        handle.remove()
+    assert owned.lean is None and spare is not owned.module and owned.gradient_free_network() is spare
+    assert batch_norms(spare) == 0 and channels_last_weights(spare)
+    assert calls == []  # hooks on the model do not follow into the copy
     with torch.no_grad():
-        torch.testing.assert_close(runner.lean_forward(tiny_inputs), owned.module(tiny_inputs))
+        torch.testing.assert_close(found, owned.module(photos), atol=1e-4, rtol=1e-4)
+    # The served model is left as it was.
+    assert batch_norms(owned.module) == 52 and not channels_last_weights(owned.module)
+    for name, value in owned.module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    # A channels-last lean copy serves them itself: no second copy.
+    owned.make_lean(fold_batch_norm=True, channels_last=True)
+    assert owned.lean is not None and owned.gradient_free_network() is owned.lean.module
+
+
+class Branching(nn.Module):
+    """A forward pass that depends on the data: symbolic tracing cannot follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        if out.mean() > 0:
+            return out.mean(dim=(2, 3))
+        return -out.mean(dim=(2, 3))
+
+
+def test_a_model_that_cannot_be_traced_runs_its_masked_passes_itself() -> None:
+    model = Branching().eval().requires_grad_(False)
+    assert gradient_free_copy(model) is model
+    inputs = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(Runner(model).lean_forward(inputs), model(inputs))
 
 
 def test_the_capability_map_is_read_once_and_names_the_linear_head(tiny: nn.Module) -> None:
