@@ -222,3 +222,18 @@ def test_one_copy_of_each_model_capability() -> None:
     assert not (SERVICE / "cams" / "twin.py").exists() and not (SERVICE / "cams" / "tail.py").exists()
     weak = [name for name, source in service_sources().items() if "WeakKeyDictionary" in source]
     assert weak == []
+
+
+def test_only_the_methods_and_their_catalogue_read_what_a_method_needs() -> None:
+    """The worker, the engine and the HTTP layer read a method's needs from its declaration as
+    plain data (:class:`service.methods.MethodInfo`: ``exact_network``, ``needs_*``,
+    ``uses_gradients``), never by re-deriving them from the method class's own flags."""
+    flags = {"own_autograd", "layer_free"}
+    reading = []
+    for path in sorted(SERVICE.rglob("*.py")):
+        if path.parent.name == "cams":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in flags:
+                reading.append(f"{path.relative_to(SERVICE)}:{node.lineno}")
+    assert reading == []
