@@ -108,8 +108,6 @@ class Runner:
         output: Tensor = self._network(inputs)
         return output
 
-    __call__ = forward
-
     def lean_forward(self, inputs: Tensor) -> Tensor:
         """The logits of ``inputs`` (N, C, H, W) without autograd, through the owner's network
         for such passes (batch norm folded, channels-last), else through the network itself;
