@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import logging
 import statistics
@@ -84,8 +83,13 @@ def sample_input(loaded: LoadedModel, device: torch.device) -> Tensor:
 
 
 class Bench:
+    """Times this service's methods through the model owner's runner: on the model itself in
+    PyTorch's default memory format, as the libraries run it; the Score-CAM family's masked
+    passes run through the owner's folded, channels-last copy, as on the worker."""
+
     def __init__(self, loaded: LoadedModel, image: Tensor, repeats: int) -> None:
         self.loaded = loaded
+        self.runner = loaded.runner((loaded.default_layer,), exact=True)
         self.image = image
         self.repeats = repeats
         device = image.device
@@ -101,27 +105,24 @@ class Bench:
 
         def run() -> None:
             with torch.inference_mode():
-                self.loaded.module(inputs)
+                self.runner.forward(inputs)
 
         run()
         return timed(run, self.repeats * 2, self.sync)
 
     def ours(self, methods: list[CAMMethod], size: int, repeats: int, warm: bool = True) -> float:
         inputs = self.batch(size)
-        loaded = self.loaded
+        layer = self.loaded.default_layer
 
         def run() -> None:
-            explain_batch(loaded.module, loaded.modules, inputs, [loaded.default_layer], methods,
-                          [None] * size)
+            explain_batch(self.runner, inputs, [layer], methods, [None] * size)
 
         if warm:
             run()
         return timed(run, repeats, self.sync)
 
     def grid(self, method: CAMMethod) -> Tensor:
-        loaded = self.loaded
-        out = explain_batch(loaded.module, loaded.modules, self.image, [loaded.default_layer], [method],
-                            [None])
+        out = explain_batch(self.runner, self.image, [self.loaded.default_layer], [method], [None])
         return out.maps[0][0].grid
 
 
@@ -130,12 +131,12 @@ class References:
 
     def __init__(self, loaded: LoadedModel, image: Tensor, quick: bool) -> None:
         # The libraries need parameters that require grad: they get their own copy of the model.
-        self.model = copy.deepcopy(loaded.module).requires_grad_(True)
+        self.model = loaded.trainable_copy()
         self.layer = loaded.default_layer
         self.image = image
         self.quick = quick
         with torch.inference_mode():
-            self.target = int(loaded.module(image).argmax())
+            self.target = int(self.model(image).argmax())
         logging.getLogger("torchcam").setLevel(logging.ERROR)
 
     def torchcam(self, name: str) -> Callable[[], object] | None:
@@ -303,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     print("Score-CAM family and Ablation-CAM: timed once at batch 1; SS-CAM and IS-CAM with "
           "top_k_channels=32 and their default num_samples. Medians of "
           f"{args.repeats} runs otherwise. The model is in PyTorch's default (NCHW) memory format for "
-          "all three; this service's Score-CAM family runs its masked batches through a folded "
-          "(conv + batch norm), channels-last twin of it.")
+          "all three; this service's Score-CAM family runs its masked batches through the model "
+          "owner's folded (conv + batch norm), channels-last copy of it.")
 
 
 if __name__ == "__main__":

@@ -114,12 +114,13 @@ def _score(
     batch_size: int,
 ) -> Row:
     method = get_method(name, options)
+    runner = loaded.runner(layers, exact=type(method).describe().exact_network)
     started = time.perf_counter()
     grids = []
     for start in range(0, len(samples), batch_size):
         chunk = slice(start, start + batch_size)
         targets = [[int(c)] for c in classes[chunk]]
-        output = explain_batch(loaded.module, loaded.modules, inputs[chunk], layers, [method], targets)
+        output = explain_batch(runner, inputs[chunk], layers, [method], targets)
         grids += [sample_maps[0].grid for sample_maps in output.maps]
     elapsed = time.perf_counter() - started
     hits, energies = [], []
@@ -128,7 +129,7 @@ def _score(
         hits.append(pointing_game(at_image, sample.box, POINTING_TOLERANCE))
         energies.append(energy_in_box(at_image, sample.box))
     maps = torch.stack([resize_map(g.float(), loaded.spec.input_size) for g in grids])
-    scores = faithfulness(loaded.module, inputs, maps, classes, steps=steps)
+    scores = faithfulness(runner.forward, inputs, maps, classes, steps=steps)
     return Row(
         method=label,
         images=len(samples),
@@ -144,7 +145,7 @@ def top1_correct(loaded: LoadedModel, samples: Sequence[Sample]) -> int:
     size = loaded.spec.input_size
     inputs = torch.cat([model_input(loaded, resize_for_model(s.image, size)) for s in samples])
     with torch.inference_mode():
-        predicted = loaded.module(inputs).argmax(dim=1).tolist()
+        predicted = loaded.runner().forward(inputs).argmax(dim=1).tolist()
     return sum(p == s.class_idx for p, s in zip(predicted, samples, strict=True))
 
 

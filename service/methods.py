@@ -89,6 +89,8 @@ class MethodInfo:
     needs_linear_head: bool  # global average pooling, then one linear layer (CAM)
     needs_transformer: bool  # a vision transformer's attention blocks (LeGrad)
     needs_rectifiers: bool  # nn.ReLU / nn.ReLU6 modules to guide (Guided Backprop)
+    # Runs on the model itself, never its lean copy (its own autograd, or the whole network).
+    exact_network: bool = False
 
     def options(self, given: Mapping[str, object]) -> dict[str, Any]:
         """All parameter values for a request that sets ``given``; ``ValueError`` if bad."""

@@ -174,17 +174,66 @@ def test_a_cycle_through_a_function_local_import_is_found() -> None:
     assert cycles(graph) == {frozenset({"pkg.a", "pkg.b"})}
 
 
+def _reaches(path: Path, attributes: set[str], owners: set[str], root: Path = SERVICE) -> list[str]:
+    """Where ``path`` reads one of ``attributes`` from a name (or attribute) in ``owners``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Attribute) or node.attr not in attributes:
+            continue
+        value = node.value
+        name = value.id if isinstance(value, ast.Name) else getattr(value, "attr", None)
+        if name in owners:
+            found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
 def test_methods_run_the_model_only_through_their_probe() -> None:
     """A method reads activations and gradients from its context and asks the probe (the
     model's runner) for anything more; none reaches past it to the model or its modules."""
     reaching = []
     for path in sorted((SERVICE / "cams").glob("*.py")):
-        if path.name in ("probe.py", "extractor.py"):  # the runner, and who builds it
+        if path.name in ("probe.py", "extractor.py"):  # the runner's view, and who builds it
+            continue
+        reaching += _reaches(path, {"model", "modules", "module", "network", "_network"},
+                             {"probe", "runner"})
+    assert reaching == []
+
+
+def test_outside_the_models_package_a_model_runs_only_through_its_owners_runner(
+    tmp_path: Path,
+) -> None:
+    """The worker, the introspection routes' engine side, the benchmark and the evaluation
+    never read the owner's networks themselves (``loaded.module``, ``.modules``, ``.lean``)."""
+    attributes, owners = {"module", "modules", "lean"}, {"loaded", "owner"}
+    reaching = []
+    for path in sorted(SERVICE.rglob("*.py")):
+        if path.parent.name != "models":
+            reaching += _reaches(path, attributes, owners)
+    assert reaching == []
+    # The check itself sees such a read.
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(self, loaded):\n    return loaded.module, self.loaded.lean\n")
+    assert _reaches(sample, attributes, owners, tmp_path) == ["sample.py:2", "sample.py:2"]
+
+
+def test_one_copy_of_each_model_capability() -> None:
+    """The Score-CAM twin and the module-level tail cache are gone: the owner keeps its lean
+    copy and its tails, and no module of the service keeps models in a weak map of its own."""
+    assert not (SERVICE / "cams" / "twin.py").exists() and not (SERVICE / "cams" / "tail.py").exists()
+    weak = [name for name, source in service_sources().items() if "WeakKeyDictionary" in source]
+    assert weak == []
+
+
+def test_only_the_methods_and_their_catalogue_read_what_a_method_needs() -> None:
+    """The worker, the engine and the HTTP layer read a method's needs from its declaration as
+    plain data (:class:`service.methods.MethodInfo`: ``exact_network``, ``needs_*``,
+    ``uses_gradients``), never by re-deriving them from the method class's own flags."""
+    flags = {"own_autograd", "layer_free"}
+    reading = []
+    for path in sorted(SERVICE.rglob("*.py")):
+        if path.parent.name == "cams":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (
-                isinstance(node, ast.Attribute) and node.attr in ("model", "modules")
-                and isinstance(node.value, ast.Attribute) and node.value.attr == "probe"
-            ):
-                reaching.append(f"{path.name}:{node.lineno}")
-    assert reaching == []
+            if isinstance(node, ast.Attribute) and node.attr in flags:
+                reading.append(f"{path.relative_to(SERVICE)}:{node.lineno}")
+    assert reading == []

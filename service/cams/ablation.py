@@ -19,7 +19,7 @@ class AblationCAM(CAMMethod):
     ``w_k = (Y_c - Y_c(A with A_k = 0)) / Y_c``; map ``= ReLU(sum_k w_k A_k)``.
 
     The ablated activations run only through the network after the layer (its tail, see
-    :mod:`service.cams.tail`), ``batch_size`` copies at a time. A channel that is already zero
+    :mod:`service.models.tail`), ``batch_size`` copies at a time. A channel that is already zero
     everywhere cannot change the score when zeroed: its weight is 0 without a pass.
     """
 

@@ -28,7 +28,7 @@ class CAM(CAMMethod):
     passes = "1 forward (shared)"
 
     def weights(self, context: LayerContext) -> Tensor:
-        matrix = context.probe.classifier_weights(context.activations.shape[1])
+        matrix = context.probe.linear_head_weights(context.activations.shape[1])
         return matrix[context.classes].to(context.activations.dtype)
 
 

@@ -6,6 +6,13 @@ sample's target score before softmax, both from the forward/backward pass that e
 request shares. Methods that need more passes (Score-CAM, Ablation-CAM, Smooth Grad-CAM++ ...) get
 them from ``context.probe``, which runs the model from the input or from the target layer on.
 
+Each method declares once, as class attributes, what it needs (``uses_gradients``,
+``own_autograd``, ``layer_free``, ``needs_linear_head``, ``needs_transformer``,
+``needs_rectifiers``), where its map lies (``grid``) and what it costs (``passes``,
+``extra_pass_cost``, :meth:`CAMMethod.extra_passes`). :meth:`CAMMethod.describe` turns that into
+the torch-free :class:`~service.methods.MethodInfo` that the HTTP layer refuses requests by and
+the worker picks the network by; nothing else restates it.
+
 Most methods only say how channel weights are computed (:meth:`CAMMethod.weights`); the shared
 :meth:`CAMMethod.saliency` forms ``ReLU(sum_k w_k A_k)``. A method whose map is an element-wise
 combination overrides :meth:`CAMMethod.contributions` (the per-channel terms ``(B, K, H, W)`` that are
@@ -91,6 +98,9 @@ class CAMMethod:
             passes=cls.passes, params=cls.params, grid=cls.grid,
             uses_gradients=cls.uses_gradients, needs_linear_head=cls.needs_linear_head,
             needs_transformer=cls.needs_transformer, needs_rectifiers=cls.needs_rectifiers,
+            # Its own autograd (second order, guided rectifiers, other objectives) or the
+            # whole network (FullGrad's biases, input gradients) must see the model as it is.
+            exact_network=cls.own_autograd or cls.layer_free,
         )
 
     def __init__(self, **options: Any) -> None:

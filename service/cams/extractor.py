@@ -8,6 +8,10 @@ the target scores with respect to those leaves then runs backward only from the 
 up, and never touches any parameter's ``.grad``. Every method requested on the same layers
 shares that single forward and backward pass. Hooks are removed in ``finally``
 (:mod:`service.models.hooks`).
+
+Everything runs through the runner the model's owner hands out
+(:meth:`service.models.loader.LoadedModel.runner`, :class:`service.models.runner.Runner`);
+each round's methods get it wrapped in a :class:`~service.cams.probe.Probe`.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from service.cams.base import CAMMethod, LayerContext, normalize
 from service.cams.maps import BatchOutput, SampleMap
 from service.cams.probe import Probe
 from service.cams.smoothing import augmented
-from service.models.hooks import forward_hooks
 from service.models.layout import Layout, layout_of, to_grid
+from service.models.runner import Runner
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Captured:
 
 @contextmanager
 def capture(
-    modules: dict[str, nn.Module], layers: Sequence[str], with_grad: bool, size: tuple[int, int]
+    runner: Runner, layers: Sequence[str], with_grad: bool, size: tuple[int, int]
 ) -> Iterator[dict[str, Captured]]:
     """Record each layer's output; with ``with_grad`` as a leaf that gradients can reach.
 
@@ -68,7 +72,7 @@ def capture(
 
         return hook
 
-    with forward_hooks((modules[name], hook_for(name)) for name in layers):
+    with runner.hooks((name, hook_for(name)) for name in layers):
         yield store
 
 
@@ -93,8 +97,7 @@ def fuse(maps: list[Tensor], scale: Callable[[Tensor], Tensor] | None = None) ->
 
 
 def explain_batch(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
+    runner: Runner,
     inputs: Tensor,
     layers: Sequence[str],
     methods: Sequence[CAMMethod],
@@ -102,20 +105,17 @@ def explain_batch(
     *,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
-    lean: nn.Module | None = None,
 ) -> BatchOutput:
-    """Maps of every method for every sample's targets (top-1 where a sample names none).
+    """Maps of every method for every sample's targets (top-1 where a sample names none),
+    computed through ``runner``.
 
     ``eigen_smooth`` reduces each method's channel terms to their first principal component;
     ``aug_smooth`` averages the maps over horizontal flips and rescalings of the input
-    (:mod:`service.cams.smoothing`). ``lean``: the model owner's lean copy, for the methods'
-    gradient-free extra passes (:meth:`Probe.lean_logits`).
+    (:mod:`service.cams.smoothing`).
     """
 
     def once(batch: Tensor, chosen: Sequence[Sequence[int] | None]) -> BatchOutput:
-        return explain_once(
-            model, modules, batch, layers, methods, chosen, eigen_smooth=eigen_smooth, lean=lean
-        )
+        return explain_once(runner, batch, layers, methods, chosen, eigen_smooth=eigen_smooth)
 
     return augmented(once, inputs, targets) if aug_smooth else once(inputs, targets)
 
@@ -131,23 +131,21 @@ def _grad_mode(methods: Sequence[CAMMethod]) -> AbstractContextManager[object]:
 
 
 def explain_once(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
+    runner: Runner,
     inputs: Tensor,
     layers: Sequence[str],
     methods: Sequence[CAMMethod],
     targets: Sequence[Sequence[int] | None],
     *,
     eigen_smooth: bool = False,
-    lean: nn.Module | None = None,
 ) -> BatchOutput:
     """One shared forward (and backward, if any method reads gradients) for all methods."""
     layer_methods = [m for m in methods if not m.layer_free]
     with_grad = any(m.uses_gradients for m in layer_methods)
     hooked = layers if layer_methods else []
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
-    with capture(modules, hooked, with_grad, size) as store, _grad_mode(methods):
-        logits = model(inputs)
+    with capture(runner, hooked, with_grad, size) as store, _grad_mode(methods):
+        logits = runner.forward(inputs)
     top1 = logits.detach().argmax(dim=1).tolist()
     classes = [list(t) if t else [int(i)] for t, i in zip(targets, top1, strict=True)]
     maps: list[list[SampleMap]] = [[] for _ in classes]
@@ -166,13 +164,12 @@ def explain_once(
             )
             gradients = [store[name].grid(g)[index] for name, g in zip(hooked, found, strict=True)]
         probe = Probe(
-            model, modules, inputs[index],
+            runner, inputs[index],
             layouts={name: store[name].layout for name in hooked},
             class_tokens={
                 name: store[name].output.detach()[index, :1]
                 for name in hooked if store[name].layout == "tokens"
             },
-            lean=lean,
         )
         contexts = [
             LayerContext(

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext, MethodParam
 from service.cams.probe import Probe, gather_scores
-from service.models.hooks import forward_hooks
 from service.models.layout import token_grid
 
 
@@ -105,7 +104,7 @@ class LeGrad(CAMMethod):
 
             return hook
 
-        recording = forward_hooks(
+        recording = probe.hooks(
             pair for block, attention in blocks
             for pair in ((attention, recompute_for(attention)), (block, record_tokens))
         )

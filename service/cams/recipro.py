@@ -51,7 +51,7 @@ class ReciproCAM(CAMMethod):
 
     Cost: one pass through the tail per position (``H * W``, 49 at mobilenet_v2's
     ``features.18``), ``batch_size`` copies at a time, no backward. The tail is cut from the
-    model (:mod:`service.cams.tail`); on pooling and a classifier it costs a small fraction of a
+    model (:mod:`service.models.tail`); on pooling and a classifier it costs a small fraction of a
     forward, which ``extra_passes`` counts as a quarter (like Ablation-CAM's tail passes).
     Where no tail can be cut the whole model runs per copy with the layer's output replaced.
     """

@@ -8,8 +8,7 @@ puts on the ReLUs are removed in ``finally``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cams.base import CAMMethod, LayerContext
-from service.models.anatomy import RECTIFIERS
-from service.models.hooks import forward_hook
+from service.models.hooks import Hook
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -33,26 +31,24 @@ class _PositiveGradient(torch.autograd.Function):
         return grad.clamp_min(0.0)
 
 
-@contextmanager
-def guided_relus(model: nn.Module) -> Iterator[int]:
-    """While active, every ReLU / ReLU6 module of ``model`` back-propagates only positive
-    gradients (on top of its own zeroing where its input was inactive). Yields how many
-    rectifiers were found; functional ``F.relu`` calls are not seen, and a model without
-    rectifier modules is a ValueError."""
+def _positive_gradient(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+    return _PositiveGradient.apply(output)
 
-    def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
-        return _PositiveGradient.apply(output)
 
-    rectifiers = [m for m in model.modules() if isinstance(m, RECTIFIERS)]
+def guided_rectifiers(rectifiers: Sequence[nn.Module]) -> list[tuple[nn.Module, Hook]]:
+    """Forward hooks under which every ReLU / ReLU6 module in ``rectifiers`` back-propagates
+    only positive gradients (on top of its own zeroing where its input was inactive);
+    functional ``F.relu`` calls are not seen, and no rectifier modules is a ValueError."""
     if not rectifiers:
         raise ValueError("guided backpropagation needs ReLU or ReLU6 modules in the model")
-    with forward_hook(rectifiers, hook):
-        yield len(rectifiers)
+    return [(module, _positive_gradient) for module in rectifiers]
 
 
 def input_gradient(context: LayerContext, guided: bool = False) -> Tensor:
     """``dY_c/dX`` (B, C, H, W) for each sample's class, optionally through guided ReLUs."""
-    return context.probe.input_gradient(context.classes, around=guided_relus if guided else None)
+    probe = context.probe
+    hooks = guided_rectifiers(probe.rectifiers()) if guided else []
+    return probe.input_gradient(context.classes, hooks)
 
 
 def channel_max(gradient: Tensor) -> Tensor:

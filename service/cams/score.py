@@ -5,8 +5,10 @@ then upsampled bilinearly to the input, as TorchCAM does); the masked input's cl
 ``Y_c(X * mask)`` is the channel's evidence, and ``w = softmax_k(Y_c(M_k) - Y_c(X))``.
 
 Cost is one forward pass per channel (per noise draw or step), batched ``batch_size`` at a time,
-through the model's folded, channels-last twin (:mod:`service.cams.twin`). Two savings keep the
-map exact:
+through the model owner's lean copy (batch norm folded, channels-last;
+:meth:`service.models.runner.Runner.lean_forward`), or the folded channels-last copy the owner
+makes for them when its lean copy is not one (:mod:`service.models.loader`). Two savings keep
+the map exact:
 
 - a channel that is zero everywhere contributes ``w_k * 0`` to the map; its score only enters
   the softmax's denominator, a positive factor common to all channels that min-max

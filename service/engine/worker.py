@@ -1,7 +1,9 @@
 """The worker: owns the models of one device and computes batches of work items.
 
 Everything here runs on the worker's own thread; no torch object leaves it. Results are
-numpy arrays and Python numbers.
+numpy arrays and Python numbers. Each model is a :class:`~service.models.loader.LoadedModel`,
+its one owner; the worker computes only through the runner it hands out, chosen by what the
+batch's methods declare.
 """
 
 from __future__ import annotations
@@ -17,15 +19,14 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
 from service.engine.faithfulness import add_faithfulness
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
-from service.models.fold import Folded
 from service.models.loader import LoadedModel, load_model
+from service.models.runner import Runner
 from service.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -125,30 +126,25 @@ class Worker:
             )
         return {name: loaded.info() for name, loaded in self.models.items()}
 
-    @property
-    def folded(self) -> dict[str, Folded]:
-        """Each model's lean copy, by model name (models with nothing to fold have none)."""
-        return {name: m.lean for name, m in self.models.items() if m.lean is not None}
-
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """A forward and a Grad-CAM pass per model and batch size, so no request pays set-up."""
         for loaded in self.models.values():
             height, width = loaded.spec.input_size
             gradcam = get_method("gradcam")
-            module, modules = self._network(loaded, (loaded.default_layer,), [gradcam])
+            runner = self._runner(loaded, (loaded.default_layer,), [gradcam])
             for size in batch_sizes:
                 inputs = self._to_tensor(loaded, [np.zeros((height, width, 3), np.uint8)] * size)
                 with torch.inference_mode(), self.autocast():
-                    module(inputs)
+                    runner.forward(inputs)
                     if size == max(batch_sizes):  # warm now: what one image's pass costs here
                         self._synchronize()
                         began = time.perf_counter()
-                        module(inputs)
+                        runner.forward(inputs)
                         self._synchronize()
                         per_image = (time.perf_counter() - began) / size
                         self.seconds_per_pass = max(self.seconds_per_pass or 0.0, per_image)
                 with self.autocast():
-                    explain_batch(module, modules, inputs, [loaded.default_layer], [gradcam], [None] * size)
+                    explain_batch(runner, inputs, [loaded.default_layer], [gradcam], [None] * size)
         self._synchronize()
 
     def autocast(self) -> AbstractContextManager[object]:
@@ -177,21 +173,20 @@ class Worker:
         inputs = self._to_tensor(loaded, [item.pixels for item in items])
         spec = items[0].explain
         if spec is None:
-            module, _ = self._network(loaded, (), [])
+            runner = self._runner(loaded, (), [])
             with torch.inference_mode(), self.autocast():
-                logits = module(inputs)
+                logits = runner.forward(inputs)
             per_sample_maps: list[list[SampleMap]] = [[] for _ in items]
         else:
             params = dict(spec.method_params)
             methods = [get_method(name, dict(params.get(name, ()))) for name in spec.methods]
-            module, modules = self._network(loaded, spec.layers, methods)
+            runner = self._runner(loaded, spec.layers, methods)
             with self.autocast():
                 output = explain_batch(
-                    module, modules, inputs, spec.layers, methods,
+                    runner, inputs, spec.layers, methods,
                     [item.explain.classes if item.explain else None for item in items],
                     eigen_smooth=spec.eigen_smooth,
                     aug_smooth=spec.aug_smooth,
-                    lean=loaded.lean.module if loaded.lean is not None else None,
                 )
             logits, per_sample_maps = output.logits, output.maps
         probabilities = logits.detach().float().softmax(dim=1)
@@ -217,7 +212,7 @@ class Worker:
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
             with self.autocast():
-                add_faithfulness(module, inputs, items, per_sample_maps, results)
+                add_faithfulness(runner.forward, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - started) * 1000
@@ -225,13 +220,14 @@ class Worker:
             result.compute_ms = compute_ms
         return results
 
-    def _network(
+    def _runner(
         self, loaded: LoadedModel, layers: Sequence[str], methods: Sequence[CAMMethod]
-    ) -> tuple[nn.Module, dict[str, nn.Module]]:
-        """What ``loaded`` computes these methods on these layers through
-        (:meth:`LoadedModel.network`): methods that run their own autograd or work on the input
-        (guided backprop, FullGrad, saliency) need the model's own modules and biases."""
-        return loaded.network(layers, exact=any(m.own_autograd or m.layer_free for m in methods))
+    ) -> Runner:
+        """The runner ``loaded`` computes these methods on these layers through
+        (:meth:`LoadedModel.runner`): the model itself when a method declares it needs it
+        (:attr:`service.methods.MethodInfo.exact_network`), else the lean copy where it can."""
+        exact = any(type(m).describe().exact_network for m in methods)
+        return loaded.runner(layers, exact=exact)
 
     def _finish_maps(
         self, items: Sequence[WorkItem], per_sample_maps: Sequence[Sequence[SampleMap]]

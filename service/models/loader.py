@@ -1,15 +1,32 @@
 """Turning a :class:`ModelSpec` into a resident, frozen ``nn.Module`` and the object that owns it.
 
 Only the engine's worker calls :func:`load_model`; the :class:`LoadedModel` never leaves that
-worker. It is the one owner of everything about the model: the module, its lean copy (batch
-norm folded into the convolutions, channels-last; :mod:`service.models.fold`), which of the two
-a computation may run through, and its capability map (:meth:`LoadedModel.info`: the layers,
-CAM's linear head, a ViT's attention blocks, the rectifiers).
+worker. It is the one owner of everything about the model:
+
+- its networks: the module, and its lean copy (batch norm folded into the convolutions,
+  channels-last; :mod:`service.models.fold`), built once by :meth:`LoadedModel.make_lean`. The
+  gradient-free passes (the Score-CAM family's masked inputs) run through the lean copy; where
+  it is not channels-last or there is none (``CAMSERVE_FOLD_BATCH_NORM`` or
+  ``CAMSERVE_CHANNELS_LAST`` off, or a model loaded without :meth:`~LoadedModel.make_lean`),
+  the owner builds, on their first use, one folded channels-last copy for them
+  (:func:`service.models.fold.gradient_free_copy`), its documented fallback: they are five
+  times slower without;
+- its capability map: :meth:`LoadedModel.info` (the layers, CAM's linear head, a ViT's attention
+  blocks, the rectifiers; torch-free, what the HTTP layer refuses requests by) and, per layer,
+  whether a cheap tail of the network follows it (:meth:`LoadedModel.has_tail`; the tails are
+  traced on first use and kept here, one cache per network);
+- its runner (:meth:`LoadedModel.runner`, :mod:`service.models.runner`): forward, forward from a
+  layer, layer and input gradients and the hook context manager, over whichever network gives
+  the requested layers the model's own outputs.
+
+Methods, the worker, the introspection routes and the benchmark run the model only through
+that runner. :func:`own` makes an owner of a module built elsewhere (tests, custom code).
 :func:`verify_weights` is cheap and torch-free, so start-up can refuse a wrong file at once.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -22,9 +39,10 @@ from torch import nn
 
 from service.models.anatomy import rectifiers, transformer_parts
 from service.models.catalog import LayerInfo, ModelInfo
-from service.models.fold import Folded, fold_batch_norms
+from service.models.fold import Folded, channels_last_weights, fold_batch_norms, gradient_free_copy
 from service.models.head import LinearHead, find_linear_head
 from service.models.layers import inspect_layers
+from service.models.runner import Runner
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
 
 
@@ -45,31 +63,72 @@ class LoadedModel:
     modules: dict[str, nn.Module] = field(repr=False, default_factory=dict)
     # The lean copy, built once by make_lean: batch norm folded (and channels-last when asked).
     lean: Folded | None = field(repr=False, default=None)
+    # The capability map, read once (info), and each network's tails by layer (has_tail).
+    _info: ModelInfo | None = field(repr=False, default=None, init=False)
+    # The network gradient-free passes run through, chosen (or built) on first use.
+    _gradient_free: nn.Module | None = field(repr=False, default=None, init=False)
+    _tails: dict[str, dict[str, nn.Module | None]] = field(
+        repr=False, default_factory=dict, init=False
+    )
 
     def make_lean(self, fold_batch_norm: bool, channels_last: bool) -> None:
         """Build the lean copy (with ``fold_batch_norm``; a model with nothing to fold has
         none) and, with ``channels_last``, store the convolution weights of the model and of
         its copy in channels-last layout, which is faster for conv nets."""
         self.lean = fold_batch_norms(self.module) if fold_batch_norm else None
+        self._tails.pop("lean", None)  # cut from the copy this replaces
+        self._gradient_free = None
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
             if self.lean is not None:
                 self.lean.module.to(memory_format=torch.channels_last)
 
-    def network(self, layers: Sequence[str], exact: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
-        """The module (and its modules by name) to compute through: the lean copy when it gives
+    def runner(self, layers: Sequence[str] = (), exact: bool = False) -> Runner:
+        """The runner over the network to compute through: the lean copy when it gives
         ``layers`` the same outputs as the model, else the model itself.
 
         Folding changes the output of a folded convolution (it becomes its batch norm's), so a
         layer among those gets the model; so does ``exact`` work, which reads the model's own
-        modules, biases or input gradients (guided backprop, FullGrad, second-order terms).
+        modules, biases or input gradients (guided backprop, FullGrad, second-order terms:
+        what :attr:`service.methods.MethodInfo.exact_network` declares).
         """
         lean = self.lean
+        head = self.info().linear_head
         if lean is None or exact or lean.changed.intersection(layers):
-            return self.module, self.modules
-        return lean.module, lean.modules
+            return Runner(self.module, self.modules, gradient_free=self.gradient_free_network,
+                          tails=self._tails.setdefault("model", {}), linear_head=head)
+        return Runner(lean.module, lean.modules, gradient_free=self.gradient_free_network,
+                      tails=self._tails.setdefault("lean", {}), linear_head=head, through="lean")
+
+    def gradient_free_network(self) -> nn.Module:
+        """The network passes without autograd run through: the lean copy when it is
+        channels-last, else a folded channels-last copy made once, on first use."""
+        if self._gradient_free is None:
+            lean = self.lean
+            if lean is not None and channels_last_weights(lean.module):
+                self._gradient_free = lean.module
+            else:
+                self._gradient_free = gradient_free_copy(self.module)
+        return self._gradient_free
+
+    def has_tail(self, layer: str) -> bool:
+        """Whether the network after ``layer`` can run on its own (a cheap forward from the
+        layer); without one, forwards from the layer run the whole model. Traced on first use:
+        tracing every candidate layer at load would cost seconds."""
+        return self.runner((layer,)).tail(layer) is not None
+
+    def trainable_copy(self) -> nn.Module:
+        """A copy of the model whose parameters require grad, for third-party libraries that
+        need that (the benchmark's and tests' references); the served model stays frozen."""
+        return copy.deepcopy(self.module).requires_grad_(True)
 
     def info(self) -> ModelInfo:
+        """The capability map as torch-free facts, read once and kept."""
+        if self._info is None:
+            self._info = self._read_info()
+        return self._info
+
+    def _read_info(self) -> ModelInfo:
         spec = self.spec
         layout = next(
             (layer.layout for layer in self.layers if layer.name == self.default_layer), "nchw"
@@ -211,7 +270,27 @@ def _initialised(spec: ModelSpec) -> nn.Module:
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Build, freeze (eval mode, no parameter gradients) and place a model on ``device``."""
-    module = build_module(spec)
+    return _owner(spec, build_module(spec), device)
+
+
+def own(
+    module: nn.Module,
+    input_size: tuple[int, int] = (224, 224),
+    name: str = "custom",
+    default_layer: str | None = None,
+    device: torch.device | None = None,
+) -> LoadedModel:
+    """An owner for a module built elsewhere (tests, custom code), frozen and read like a
+    loaded model: its layers, default layer and capability map found the same way."""
+    device = device or next((p.device for p in module.parameters()), torch.device("cpu"))
+    with torch.inference_mode():
+        classes = int(module.eval()(torch.zeros((1, 3, *input_size), device=device)).shape[1])
+    spec = ModelSpec(name=name, architecture=type(module).__name__, num_classes=classes,
+                     input_size=input_size, default_layer=default_layer)
+    return _owner(spec, module, device)
+
+
+def _owner(spec: ModelSpec, module: nn.Module, device: torch.device) -> LoadedModel:
     module.eval()
     module.requires_grad_(False)
     module.to(device)

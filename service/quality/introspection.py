@@ -3,7 +3,9 @@
 Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014, arXiv
 1311.2901, look at both: what each channel of a layer responds to in one image, and the learnt
 filters themselves. These functions run on the engine's worker (they take its
-:class:`~service.models.loader.LoadedModel`) and return numpy arrays and numbers only; tiling
+:class:`~service.models.loader.LoadedModel`, and run the model only through the runner it hands
+out, over the model itself: the kernels shown are the learnt ones, not the lean copy's folded
+ones) and return numpy arrays and numbers only; tiling
 (:func:`service.quality.tiles.tile_grid`) is plain numpy so it can run anywhere.
 """
 
@@ -13,10 +15,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from service.imaging.colormaps import apply_colormap
-from service.models.hooks import forward_hook
 from service.models.loader import LoadedModel
 from service.quality.tiles import FeatureMaps, KernelMode, Kernels, normalise, symmetric
 
@@ -32,17 +33,11 @@ def model_input(loaded: LoadedModel, pixels: np.ndarray) -> Tensor:
 
 def layer_activations(loaded: LoadedModel, pixels: np.ndarray, layer: str) -> Tensor:
     """The output (K, h, w) of ``layer`` for one image; the hook is removed whatever happens."""
-    captured: list[Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        if isinstance(output, Tensor):
-            captured.append(output.detach())
-
-    with forward_hook(loaded.modules[layer], hook), torch.inference_mode():
-        loaded.module(model_input(loaded, pixels))
-    if not captured or captured[0].dim() != 4:
+    runner = loaded.runner((layer,), exact=True)
+    output = runner.outputs(model_input(loaded, pixels), [layer]).get(layer)
+    if not isinstance(output, Tensor) or output.dim() != 4:
         raise ValueError(f"layer {layer!r} does not produce a 4-D output")
-    return captured[0][0].float()
+    return output[0].float()
 
 
 def feature_maps(loaded: LoadedModel, pixels: np.ndarray, layer: str, max_channels: int) -> FeatureMaps:
@@ -72,9 +67,7 @@ def kernels(loaded: LoadedModel, layer: str, mode: KernelMode, max_kernels: int)
     Colour kernels are min-max normalised per kernel; grey ones symmetrically, so mid-grey is a
     weight of 0, white the kernel's largest positive weight and black its largest negative.
     """
-    module = loaded.modules[layer]
-    if not isinstance(module, nn.Conv2d):
-        raise ValueError(f"layer {layer!r} is not a Conv2d")
+    module = loaded.runner(exact=True).convolution(layer)
     weight = module.weight.detach().float().cpu()[:max_kernels]
     out, per_group, kh, kw = (int(v) for v in module.weight.shape)
     if per_group == 3 and module.groups == 1:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from service.models.loader import LoadedModel, load_model
+from service.models.loader import LoadedModel, load_model, own
+from service.models.runner import Runner
 from service.models.spec import IMAGENET_MEAN, IMAGENET_STD, embedded_default
 
 DATA = Path(__file__).parent.parent / "data"
@@ -48,6 +49,12 @@ def tiny() -> nn.Module:
         model.features[1].running_var.uniform_(0.5, 2.0)
         model.features[1].bias.uniform_(-0.2, 0.2)
     return model.eval().requires_grad_(False)
+
+
+def runner_of(model: nn.Module) -> Runner:
+    """The runner a worker would get for ``model``: from its owner, which reads the model's
+    layers and capability map (CAM's linear head among them) as it does for a loaded model."""
+    return own(model, (16, 16)).runner()
 
 
 @pytest.fixture(scope="session")

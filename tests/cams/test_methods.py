@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from service.cams import CAMMethod, get_method, method_names, normalize
 from service.cams.extractor import explain_batch
-from service.cams.tail import tail_of
+from service.models.runner import Runner
+from tests.cams.conftest import runner_of
 
 LAYER = "features"
 
@@ -23,7 +24,7 @@ LAYER = "features"
 def run(model: nn.Module, inputs: Tensor, name: str, classes: list[int] | None = None,
         layers: tuple[str, ...] = (LAYER,), **options: object) -> Tensor:
     targets = [[c] for c in classes] if classes else [None] * inputs.shape[0]
-    out = explain_batch(model, dict(model.named_modules()), inputs, layers,
+    out = explain_batch(runner_of(model), inputs, layers,
                         [get_method(name, options)], targets)
     return torch.stack([maps[0].grid for maps in out.maps])
 
@@ -240,7 +241,7 @@ class _Broken(get_method("gradcam").__class__.__mro__[1]):  # an unregistered CA
 
 def test_no_hook_survives_an_exception(tiny, tiny_inputs):
     with pytest.raises(RuntimeError, match="boom"):
-        explain_batch(tiny, dict(tiny.named_modules()), tiny_inputs, (LAYER,), [_Broken()], [None] * 3)
+        explain_batch(runner_of(tiny), tiny_inputs, (LAYER,), [_Broken()], [None] * 3)
     assert_clean(tiny)
 
 
@@ -266,7 +267,7 @@ def test_eigen_smooth_takes_the_first_component_of_the_weighted_activations(tiny
         if (projection * (sample.sum(0) - sample.sum(0).mean())).sum() < 0:
             projection = -projection
         expected.append(projection.float())
-    out = explain_batch(tiny, dict(tiny.named_modules()), tiny_inputs, (LAYER,), [get_method("gradcam")],
+    out = explain_batch(runner_of(tiny), tiny_inputs, (LAYER,), [get_method("gradcam")],
                         [[c] for c in CLASSES], eigen_smooth=True)
     smoothed = torch.stack([maps[0].grid for maps in out.maps])
     torch.testing.assert_close(smoothed, normalize(torch.relu(torch.stack(expected))), atol=1e-5, rtol=0)
@@ -288,7 +289,7 @@ def test_aug_smooth_averages_six_flipped_and_rescaled_variants(tiny, tiny_inputs
             if grid.shape[-1] != 8:
                 grid = F.interpolate(grid[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
             total += grid
-    out = explain_batch(tiny, dict(tiny.named_modules()), tiny_inputs, (LAYER,), [get_method("gradcam")],
+    out = explain_batch(runner_of(tiny), tiny_inputs, (LAYER,), [get_method("gradcam")],
                         [[c] for c in CLASSES], aug_smooth=True)
     smoothed = torch.stack([maps[0].grid for maps in out.maps])
     torch.testing.assert_close(smoothed, normalize(total / 6), atol=1e-5, rtol=0)
@@ -331,10 +332,10 @@ def test_top_k_channels_keeps_only_the_strongest_channels(tiny, tiny_inputs):
 
 def test_a_layer_without_a_tail_runs_the_whole_model(tiny, tiny_inputs):
     # A module called twice has no single place in the graph to cut at.
-    assert tail_of(tiny, LAYER) is not None
+    assert Runner(tiny).tail(LAYER) is not None
     shared = nn.Sequential(tiny.features[:3], tiny.features[3], tiny.features[4])
     loop = _Reused(shared).eval().requires_grad_(False)
-    assert tail_of(loop, "block.1") is None
+    assert Runner(loop).tail("block.1") is None
     inputs = tiny_inputs[:, :, :8, :8]
     fallback = run(loop, inputs, "ablationcam", [0, 1, 2], layers=("block.1",))
     assert torch.isfinite(fallback).all() and fallback.max() == 1.0

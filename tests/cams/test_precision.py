@@ -28,7 +28,7 @@ def _grids(loaded, names: list[str], autocast: bool) -> list[torch.Tensor]:  # t
     methods = [get_method(n, {"top_k_channels": 8} if n == "scorecam" else {}) for n in names]
     inputs = sample_input(loaded, torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        output = explain_batch(loaded.module, loaded.modules, inputs, [loaded.default_layer], methods, [None])
+        output = explain_batch(loaded.runner(), inputs, [loaded.default_layer], methods, [None])
     return [m.grid for m in output.maps[0]]
 
 

@@ -23,12 +23,12 @@ from service.cams import CAMMethod, get_method, normalize
 from service.cams.base import LayerContext
 from service.cams.extractor import explain_batch
 from service.cams.passes import PassesCancelled, PassRun, active
-from service.cams.tail import _TAILS, tail_of
 from service.engine.cost import is_heavy, item_passes
 from service.engine.jobs import ExplainSpec
 from service.evaluate import evaluate, read_folder
 from service.evaluate import main as evaluate_main
 from service.models.loader import LoadedModel
+from service.models.runner import Runner
 
 LAYER = "features"
 CLASSES = [1, 3, 4]
@@ -36,13 +36,13 @@ GAUSSIAN = torch.tensor([[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16
 EVAL = Path(__file__).resolve().parent.parent / "data" / "eval"
 
 
-def run(model: nn.Module, inputs: Tensor, name: str, classes: list[int] | None = None,
+def run(model: nn.Module | Runner, inputs: Tensor, name: str, classes: list[int] | None = None,
         layers: tuple[str, ...] = (LAYER,), **options: object) -> Tensor:
     """The served maps, min-max normalised."""
     return scores_and_maps(model, inputs, name, classes, layers, **options)[1]
 
 
-def scores_and_maps(model: nn.Module, inputs: Tensor, name: str, classes: list[int] | None = None,
+def scores_and_maps(model: nn.Module | Runner, inputs: Tensor, name: str, classes: list[int] | None = None,
                     layers: tuple[str, ...] = (LAYER,), **options: object) -> tuple[Tensor, Tensor]:
     """The method's raw map (the softmax scores themselves) and the served, normalised one.
 
@@ -59,7 +59,8 @@ def scores_and_maps(model: nn.Module, inputs: Tensor, name: str, classes: list[i
         return raw[-1]
 
     method.saliency = recorded  # type: ignore[method-assign]
-    out = explain_batch(model, dict(model.named_modules()), inputs, layers, [method], targets)
+    runner = model if isinstance(model, Runner) else Runner(model)
+    out = explain_batch(runner, inputs, layers, [method], targets)
     return raw[0], torch.stack([maps[0].grid for maps in out.maps])
 
 
@@ -108,9 +109,9 @@ def test_the_gaussian_neighbourhood_changes_the_map(tiny, tiny_inputs):
 
 
 def test_without_a_tail_the_whole_model_gives_the_same_map(tiny, tiny_inputs):
-    fallback = copy.deepcopy(tiny)
-    assert tail_of(fallback, LAYER) is not None
-    _TAILS[fallback][LAYER] = None  # as for a layer no tail can be cut at
+    assert Runner(tiny).tail(LAYER) is not None
+    # The owner's tail cache says no tail, as for a layer no tail can be cut at.
+    fallback = Runner(copy.deepcopy(tiny), tails={LAYER: None})
     torch.testing.assert_close(run(fallback, tiny_inputs, "reciprocam", CLASSES, gaussian=True),
                                run(tiny, tiny_inputs, "reciprocam", CLASSES, gaussian=True),
                                atol=1e-5, rtol=0)

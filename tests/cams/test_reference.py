@@ -48,7 +48,7 @@ def classes(mobilenet: LoadedModel, photos: Tensor) -> list[int]:
 
 def ours(loaded: LoadedModel, photos: Tensor, name: str, classes: list[int], layer: str = LAYER,
          **options: object) -> Tensor:
-    out = explain_batch(loaded.module, loaded.modules, photos, (layer,), [get_method(name, options)],
+    out = explain_batch(loaded.runner(), photos, (layer,), [get_method(name, options)],
                         [[c] for c in classes])
     return torch.stack([maps[0].grid for maps in out.maps])
 

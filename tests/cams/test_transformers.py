@@ -61,7 +61,7 @@ def hook_count(model: nn.Module) -> int:
 def grids(loaded: LoadedModel, inputs: Tensor, methods: list[str], layer: str | None = None,
           classes: list[list[int]] | None = None) -> dict[str, Tensor]:
     """Each method's maps over the batch, (B, h, w)."""
-    out = explain_batch(loaded.module, loaded.modules, inputs, [layer or loaded.default_layer],
+    out = explain_batch(loaded.runner(), inputs, [layer or loaded.default_layer],
                         [get_method(name) for name in methods], classes or [None] * len(inputs))
     return {
         name: torch.stack([sample[i].grid for sample in out.maps]) for i, name in enumerate(methods)
@@ -206,7 +206,7 @@ def test_activations_go_back_into_the_native_layout(
     request: pytest.FixtureRequest, images: Tensor, which: str
 ) -> None:
     loaded: LoadedModel = request.getfixturevalue(which)
-    explain_batch(loaded.module, loaded.modules, images[:1], [loaded.default_layer], [_Replay()], [None])
+    explain_batch(loaded.runner(), images[:1], [loaded.default_layer], [_Replay()], [None])
 
 
 def test_ablation_through_the_channels_last_tail(swin: LoadedModel, images: Tensor) -> None:

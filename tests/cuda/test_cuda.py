@@ -62,14 +62,14 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 def _maps(loaded: LoadedModel, name: str) -> np.ndarray:
     method = get_method(name, PARAMS.get(name, {}))
     inputs = sample_input(loaded, loaded.device).expand(2, -1, -1, -1).contiguous()
-    output = explain_batch(loaded.module, loaded.modules, inputs, [loaded.default_layer], [method],
+    output = explain_batch(loaded.runner(), inputs, [loaded.default_layer], [method],
                            [None, [281]])
     return np.stack([m.grid.float().cpu().numpy() for sample in output.maps for m in sample])
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_cuda_maps_equal_the_cpu_maps(name: str, models: dict[str, LoadedModel], exact_fp32: None) -> None:
-    reason = get_method(name).unsuitable(models["cpu"].info())
+    reason = type(get_method(name)).describe().unsuitable(models["cpu"].info())
     if reason:  # not a skip: such a method is refused on this model on every device alike
         with pytest.raises(Exception):  # noqa: B017
             _maps(models["cuda"], name)

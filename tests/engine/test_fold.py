@@ -12,7 +12,6 @@ import torchvision
 from torch import nn
 
 from service.cams.extractor import resize_map
-from service.cams.twin import build_twin
 from service.engine.jobs import ExplainSpec, WorkItem
 from service.engine.worker import Worker, _resize_all
 from service.models.fold import batch_norm_affine, conv_bn_pairs, effective_bias, fold_batch_norms
@@ -100,19 +99,6 @@ def test_batch_norms_affine_map_is_what_it_computes_and_what_fullgrad_reads() ->
     torch.testing.assert_close(norm(x), scale.view(1, -1, 1, 1) * x + shift.view(1, -1, 1, 1))
     bias = effective_bias(norm)
     assert bias is not None and torch.equal(bias, shift)
-
-
-def test_the_score_cam_twin_is_folded_exactly_as_the_workers_copy() -> None:
-    model = with_running_stats(torchvision.models.mobilenet_v2(weights=None, num_classes=10))
-    folded, twin = fold_batch_norms(model), build_twin(model)
-    assert folded is not None and twin is not model
-    folded_convs = {n: m for n, m in folded.modules.items() if isinstance(m, nn.Conv2d)}
-    twin_convs = {n: m for n, m in twin.named_modules() if isinstance(m, nn.Conv2d)}
-    assert folded_convs.keys() == twin_convs.keys() and len(folded_convs) == 52
-    for name, conv in folded_convs.items():
-        assert torch.equal(conv.weight, twin_convs[name].weight), name
-        assert conv.bias is not None and torch.equal(conv.bias, twin_convs[name].bias), name
-    assert twin_convs["features.0.0"].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_convolution_feeding_more_than_its_batch_norm_is_not_folded() -> None:
@@ -203,12 +189,14 @@ def test_worker_uses_the_model_itself_where_folding_would_show(workers: tuple[Wo
 
     _, worker = workers
     loaded = worker.models["mobilenet_v2"]
-    folded = worker.folded["mobilenet_v2"]
+    assert loaded.lean is not None
     gradcam, guided = get_method("gradcam"), get_method("guided_backprop")
-    assert worker._network(loaded, ("features.18",), [gradcam])[0] is folded.module
-    assert worker._network(loaded, (), [])[0] is folded.module
-    assert worker._network(loaded, ("features.18.0",), [gradcam])[0] is loaded.module
-    assert worker._network(loaded, ("features.18",), [gradcam, guided])[0] is loaded.module
+    assert worker._runner(loaded, ("features.18",), [gradcam]).through == "lean"
+    assert worker._runner(loaded, (), []).through == "lean"
+    assert worker._runner(loaded, ("features.18.0",), [gradcam]).through == "model"
+    # Guided Backprop declares that it needs the model itself (MethodInfo.exact_network).
+    assert type(guided).describe().exact_network and not type(gradcam).describe().exact_network
+    assert worker._runner(loaded, ("features.18",), [gradcam, guided]).through == "model"
 
 
 def test_score_cam_runs_its_masked_passes_through_the_owners_lean_copy(
@@ -216,13 +204,23 @@ def test_score_cam_runs_its_masked_passes_through_the_owners_lean_copy(
 ) -> None:
     """Even on a layer the shared pass must read from the model itself (a folded convolution),
     the masked passes go through the copy the model's owner folded at load: no second fold."""
-    from service.cams import twin
-
     plain, worker = workers
     loaded = worker.models["mobilenet_v2"]
     assert loaded.lean is not None and "features.18.0" in loaded.lean.changed
     spec = ExplainSpec(("scorecam",), ("features.18.0",), None, None, None,
                        method_params=(("scorecam", (("top_k_channels", 8),)),))
-    lean, itself = worker.compute(items(spec, 1)), plain.compute(items(spec, 1))
-    assert loaded.module not in twin._twins and loaded.lean.module not in twin._twins
+    calls: dict[str, list[int]] = {"model": [], "lean": []}
+    handles = [
+        network.register_forward_pre_hook(lambda _m, args, name=name: calls[name].append(len(args[0])))
+        for name, network in (("model", loaded.module), ("lean", loaded.lean.module))
+    ]
+    try:
+        lean = worker.compute(items(spec, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The shared pass reads the folded convolution from the model; the 8 masked images ran
+    # through the lean copy.
+    assert calls["model"] == [1] and sum(calls["lean"]) == 8
+    itself = plain.compute(items(spec, 1))
     np.testing.assert_allclose(lean[0].explanations[0].mask, itself[0].explanations[0].mask, atol=1e-4)

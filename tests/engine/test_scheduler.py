@@ -93,7 +93,7 @@ def hooks_left(engine: Engine) -> int:
 
     worker: Any = engine.workers[0]
     return sum(count(m.module) for m in worker.models.values()) + sum(
-        count(f.module) for f in worker.folded.values()
+        count(m.lean.module) for m in worker.models.values() if m.lean is not None
     )
 
 

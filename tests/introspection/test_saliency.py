@@ -11,7 +11,9 @@ from torch import nn
 
 from service.cams import get_method, normalize
 from service.cams.extractor import explain_batch
-from service.cams.saliency import guided_relus  # importing it registers the three methods
+from service.cams.probe import Probe
+from service.cams.saliency import guided_rectifiers  # importing it registers the three methods
+from service.models.runner import Runner
 
 SIZE = 4
 CLASS0 = [[0]]
@@ -51,7 +53,7 @@ def halves() -> torch.Tensor:
 
 
 def run(model: nn.Module, inputs: torch.Tensor, name: str, layer: str, targets: list) -> torch.Tensor:
-    output = explain_batch(model, dict(model.named_modules()), inputs, [layer], [get_method(name)], targets)
+    output = explain_batch(Runner(model), inputs, [layer], [get_method(name)], targets)
     return torch.stack([sample[0].grid for sample in output.maps])
 
 
@@ -105,8 +107,11 @@ def test_batched_equals_single(two_paths: nn.Module) -> None:
 
 
 def test_hooks_are_removed_even_after_an_error(two_paths: nn.Module) -> None:
-    with pytest.raises(RuntimeError, match="boom"), guided_relus(two_paths) as found:
-        assert found == 1
+    probe = Probe(Runner(two_paths), halves())
+    hooks = guided_rectifiers(probe.rectifiers())
+    assert [module for module, _ in hooks] == [two_paths.relu]
+    with pytest.raises(RuntimeError, match="boom"), probe.hooks(hooks):
+        assert len(two_paths.relu._forward_hooks) == 1
         raise RuntimeError("boom")
     assert_clean(two_paths)
 

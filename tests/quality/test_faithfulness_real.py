@@ -15,7 +15,7 @@ STEPS = 6  # 2 maps x (2 * 6 + 1) + 1 forward passes: enough to order them
 
 def gradcam(loaded: LoadedModel, inputs: torch.Tensor) -> torch.Tensor:
     output = explain_batch(
-        loaded.module, loaded.modules, inputs, [loaded.default_layer], [get_method("gradcam")],
+        loaded.runner(), inputs, [loaded.default_layer], [get_method("gradcam")],
         [[EGYPTIAN_CAT]],
     )
     return output.maps[0][0].grid[None]

@@ -8,17 +8,17 @@ before the layer, which is most of the cost; running only the tail (on mobilenet
 The tail is cut from a ``torch.fx`` trace in which the target layer is a leaf: every node that
 depends on the layer's output is copied, with that output as the tail's only input. When the
 trace fails (data-dependent control flow) or the tail reads another value computed from the
-input (a skip connection around the layer), there is no tail and callers run the whole model
-with the layer's output replaced instead.
+input (a skip connection around the layer), there is no tail and the runner
+(:meth:`service.models.runner.Runner.from_layer`) runs the whole model with the layer's output
+replaced instead.
+
+Tails are built here and kept by the model's owner (:class:`service.models.loader.LoadedModel`),
+one per network and layer, next to its other capabilities; nothing is cached in this module.
 """
 
 from __future__ import annotations
 
-import weakref
-
 from torch import fx, nn
-
-_TAILS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
 class _LeafTracer(fx.Tracer):
@@ -30,18 +30,8 @@ class _LeafTracer(fx.Tracer):
         return module_qualified_name == self.leaf or super().is_leaf_module(m, module_qualified_name)
 
 
-def tail_of(model: nn.Module, layer: str) -> nn.Module | None:
-    """The module mapping ``layer``'s output to the model's output; ``None`` when there is none.
-
-    Cached per model object: every worker owns its models, so no two workers share one.
-    """
-    per_model = _TAILS.setdefault(model, {})
-    if layer not in per_model:
-        per_model[layer] = _build(model, layer)
-    return per_model[layer]
-
-
-def _build(model: nn.Module, layer: str) -> nn.Module | None:
+def build_tail(model: nn.Module, layer: str) -> nn.Module | None:
+    """The module mapping ``layer``'s output to the model's output; ``None`` when there is none."""
     try:
         graph = _LeafTracer(layer).trace(model)
     except Exception:  # any tracing failure means: no tail, callers use the fallback
