@@ -173,9 +173,13 @@ def explain_items(
     check_response_size(plan, uploads, settings,
                         more=lambda upload, maps: dicom_results.response_bytes(plan, upload, maps))
     wants_display = bool({"overlay", "heatmap"} & plan.outputs)
+    form = plan.form
+    overlay = ((form.colormap, float(form.alpha), form.overlay_mode == "fade")
+               if "overlay" in plan.outputs else None)
     items = []
     for upload in uploads:
         frame = upload.frame
+        dicom_size = dicom_results.map_size(plan, upload)
         mask_size = {
             "input": plan.model.input_size,
             "original": original_mask_size(frame, settings),
@@ -188,15 +192,22 @@ def explain_items(
             classes=plan.classes,
             mask_size=mask_size,
             # DICOM objects need the map at the source's own size, uncapped (dicom_results).
-            display_size=dicom_results.map_size(plan, upload) or (
-                (shown[1], shown[0]) if wants_display else None),
+            display_size=dicom_size or ((shown[1], shown[0]) if wants_display else None),
             eigen_smooth=plan.form.eigen_smooth,
             aug_smooth=plan.form.aug_smooth,
             method_params=plan.method_params,
             evaluate_steps=plan.form.eval_steps if plan.form.evaluate else None,
             mask_wanted="mask" in plan.outputs,
+            overlay=overlay,
+            # Only an overlay reads the display map: a worker that drew it copies none back.
+            display_wanted=dicom_size is not None or "heatmap" in plan.outputs,
         )
-        items.append(_item(plan.model, upload, plan.form.topk, spec, deadline))
+        item = _item(plan.model, upload, plan.form.topk, spec, deadline)
+        if overlay is not None and frame.image.size == shown:
+            # The frame is already at the display size (else the API resizes and draws it as
+            # before): a reference, no copy; only a worker that draws overlays reads it.
+            item.overlay_base = frame.image
+        items.append(item)
     return items
 
 
