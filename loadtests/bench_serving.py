@@ -13,6 +13,8 @@ Runs each configuration as its own server process on a free port:
 - ``baseline-typed``: the same with ``response_model=dict[str, Any]`` (as a ``-> dict[str, Any]``
   return annotation would also declare), which makes FastAPI serialise with pydantic-core
   instead (about 10 ms): that service tuned by one line.
+- ``batched@REV`` (``--baseline-rev REV``): the batched server of an older commit, from
+  ``git archive REV``, so a change's effect is measured against its old code in the same run.
 Both baselines run with OpenMP's default spinning; camserve sets its own (service.openmp).
 
 All servers are started first and measured in turns: ``--rounds`` rounds, each giving every
@@ -20,7 +22,9 @@ server ``--duration / --rounds`` seconds of ``--concurrency`` clients (16) posti
 ``tests/data/chelsea.png`` with Grad-CAM, after 5 s of unrecorded load per server. Measuring in
 turns spreads whatever else the machine is doing over every configuration alike. The report
 gives requests/s, p50/p99, the mean batch size, the CPU milliseconds per request of the
-server process and of the load client (from /proc and getrusage) and the ratios, then the
+server process, of its host work (the server's CPU outside the worker's torch threads:
+HTTP, decoding, rendering, JSON; servers start through loadtests/named_threads.py so their
+threads can be told apart in /proc) and of the load client (getrusage), and the ratios, then the
 server's own split of a request from its ``Server-Timing`` header (decode, queue, compute,
 render: overlay blend, PNG and mask arrays; json: serialising the body; other: multipart
 parsing and waiting for the event loop), then the client's share (the round trip minus the
@@ -132,6 +136,13 @@ class Config:
     command: list[str]
     env: dict[str, str]
     ready_path: str
+    cwd: Path = REPO  # where the server starts (and imports the service from)
+
+
+def camserve_command(*args: str) -> list[str]:
+    """``python -m service ARGS`` with every thread named for the kernel after its Python name
+    (loadtests/named_threads.py), so the worker's torch threads can be told from the rest."""
+    return [sys.executable, str(REPO / "loadtests" / "named_threads.py"), "-m", "service", *args]
 
 
 @dataclass
@@ -143,11 +154,20 @@ class Outcome:
     elapsed: float = 0.0
     mean_batch: float | None = None
     server_cpu_s: float | None = None  # CPU seconds of the server process while measured
+    torch_cpu_s: float | None = None  # of that, the worker's threads and the torch threads they started
     client_cpu_s: float = 0.0  # CPU seconds of this (the load client's) process while measured
 
     def cpu_ms(self, seconds: float | None) -> float | None:
         """CPU milliseconds per answered request."""
         return seconds * 1000 / len(self.latencies) if seconds is not None and self.latencies else None
+
+    @property
+    def host_cpu_s(self) -> float | None:
+        """The server's CPU seconds outside the worker's torch threads: HTTP, decoding,
+        rendering, JSON (None where the threads could not be told apart)."""
+        if self.server_cpu_s is None or self.torch_cpu_s is None:
+            return None
+        return self.server_cpu_s - self.torch_cpu_s
 
     @property
     def throughput(self) -> float:
@@ -168,7 +188,7 @@ def start(config: Config, port: int, log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
     env = {**os.environ, **config.env}
     env.pop("CAMSERVE_API_KEY", None)
-    return subprocess.Popen([*config.command, "--port", str(port)], cwd=REPO,
+    return subprocess.Popen([*config.command, "--port", str(port)], cwd=config.cwd,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -202,6 +222,25 @@ def process_cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def torch_threads_cpu_s(pid: int) -> float | None:
+    """CPU seconds so far of the process's threads named ``camserve-worker...``: the worker's
+    threads and the OpenMP threads torch started from them, which inherit the name (servers
+    started through loadtests/named_threads.py). None where there is no such thread."""
+    from loadtests.named_threads import WORKER_PREFIX
+
+    total, found = 0.0, False
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if not (task / "comm").read_text().startswith(WORKER_PREFIX):
+                continue
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended
+        found = True
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if found else None
 
 
 def own_cpu_s() -> float:
@@ -248,14 +287,18 @@ async def load(
             warm_until = time.perf_counter() + warm_up_s
             await asyncio.gather(*(client_loop(warm_until, False) for _ in range(concurrency)))
         server_before = process_cpu_s(server_pid) if server_pid else None
+        torch_before = torch_threads_cpu_s(server_pid) if server_pid else None
         client_before = own_cpu_s()
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(began + duration_s, True) for _ in range(concurrency)))
         outcome.elapsed += time.perf_counter() - began
         outcome.client_cpu_s += own_cpu_s() - client_before
         server_after = process_cpu_s(server_pid) if server_pid else None
+        torch_after = torch_threads_cpu_s(server_pid) if server_pid else None
         if server_before is not None and server_after is not None:
             outcome.server_cpu_s = (outcome.server_cpu_s or 0.0) + server_after - server_before
+        if torch_before is not None and torch_after is not None:
+            outcome.torch_cpu_s = (outcome.torch_cpu_s or 0.0) + torch_after - torch_before
 
 
 def mean_batch_size(base: str) -> float | None:
@@ -337,6 +380,16 @@ def bench(
     return [server.outcome for server in servers]
 
 
+def old_commit_config(config: Config, rev: str, workdir: Path) -> Config:
+    """``config`` run from the tree of commit ``rev`` (``git archive``, into ``workdir``)."""
+    tree = workdir / f"tree-{rev}"
+    tree.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    env = {**config.env, "PYTHONPATH": str(tree)}
+    return Config(f"{config.name}@{rev}", config.command, env, config.ready_path, cwd=tree)
+
+
 # --- where the time goes, in this process ----------------------------------------------------
 
 
@@ -416,9 +469,10 @@ def report(outcomes: list[Outcome], concurrency: int, form: dict[str, str] | Non
     mask = ("lists" if form["mask_encoding"] == "list"
             else f"base64 {form.get('mask_dtype', 'float32')}")
     print(f"\n/explain, Grad-CAM, mask ({mask}) + overlay PNG, chelsea.png, concurrency {concurrency}")
-    print("(cpu: CPU ms per answered request, of the server process and of the load client)")
-    print(f"{'config':<14} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
-          f"{'batch':>6} {'cpu srv':>8} {'cpu cli':>8}")
+    print("(cpu: CPU ms per answered request, of the server process, of its host work outside "
+          "the worker's torch threads, and of the load client)")
+    print(f"{'config':<18} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
+          f"{'batch':>6} {'cpu srv':>8} {'cpu host':>8} {'cpu cli':>8}")
 
     def cell(value: float | None) -> str:
         return f"{value:.1f}" if value is not None else "-"
@@ -426,9 +480,10 @@ def report(outcomes: list[Outcome], concurrency: int, form: dict[str, str] | Non
     for o in outcomes:
         errors = ",".join(f"{k}:{v}" for k, v in sorted(o.errors.items())) or "0"
         batch = f"{o.mean_batch:.2f}" if o.mean_batch else "-"
-        print(f"{o.name:<14} {len(o.latencies):>8} {o.throughput:>7.2f} {o.percentile(0.5) * 1000:>8.0f} "
+        print(f"{o.name:<18} {len(o.latencies):>8} {o.throughput:>7.2f} {o.percentile(0.5) * 1000:>8.0f} "
               f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {batch:>6} "
-              f"{cell(o.cpu_ms(o.server_cpu_s)):>8} {cell(o.cpu_ms(o.client_cpu_s)):>8}")
+              f"{cell(o.cpu_ms(o.server_cpu_s)):>8} {cell(o.cpu_ms(o.host_cpu_s)):>8} "
+              f"{cell(o.cpu_ms(o.client_cpu_s)):>8}")
     by_name = {o.name: o for o in outcomes}
 
     def ratio(a: str, b: str) -> None:
@@ -439,19 +494,28 @@ def report(outcomes: list[Outcome], concurrency: int, form: dict[str, str] | Non
     for base in ("baseline", "baseline-typed"):
         ratio("batched", base)
         ratio("unbatched", base)
+    for name, old in by_name.items():  # the same server at an older commit, from --baseline-rev
+        if "@" not in name or name.partition("@")[0] not in by_name:
+            continue
+        new = by_name[name.partition("@")[0]]
+        new_ms, old_ms = new.cpu_ms(new.host_cpu_s), old.cpu_ms(old.host_cpu_s)
+        if new_ms is not None and old_ms:
+            print(f"host CPU per request {new.name} / {name}: {new_ms:.2f} / {old_ms:.2f} ms = "
+                  f"{new_ms / old_ms:.2f}x")
+        ratio(new.name, name)
 
     timed = [o for o in outcomes if o.timings]
     if not timed:
         return
     print("\nwhere a request's time goes, mean ms (server: Server-Timing; other = multipart parsing and "
           "waiting for the event loop or a thread; client = round trip minus server total)")
-    print(f"{'config':<14} " + " ".join(f"{s:>8}" for s in (*STAGES, "other", "server", "client", "latency")))
+    print(f"{'config':<18} " + " ".join(f"{s:>8}" for s in (*STAGES, "other", "server", "client", "latency")))
     for o in timed:
         means = {k: statistics.fmean(t.get(k, 0.0) for t in o.timings) for k in (*STAGES, "total")}
         other = means["total"] - sum(means[k] for k in STAGES)
         latency = statistics.fmean(o.latencies) * 1000
         cells = [means[k] for k in STAGES] + [other, means["total"], latency - means["total"], latency]
-        print(f"{o.name:<14} " + " ".join(f"{c:>8.1f}" for c in cells))
+        print(f"{o.name:<18} " + " ".join(f"{c:>8.1f}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="turns the configs are measured in")
     parser.add_argument("--only", default="batched,unbatched,baseline,baseline-typed",
                         help="comma-separated configs")
+    parser.add_argument("--baseline-rev", metavar="REV",
+                        help="also measure the batched server of this git commit (config batched@REV, "
+                             "from git archive), in the same turns, and print the ratios of CPU "
+                             "per request and throughput against it")
     parser.add_argument("--mask-encoding", choices=("list", "base64"), default="list",
                         help="camserve's mask encoding (default list, as the baselines send)")
     parser.add_argument("--mask-dtype", choices=("float32", "float16", "uint8"), default="float32",
@@ -479,9 +547,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet = {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto")}
     configs = {
-        "batched": Config("batched", [sys.executable, "-m", "service", "--log-level", "warning"],
+        "batched": Config("batched", camserve_command("--log-level", "warning"),
                           {**quiet, "CAMSERVE_MAX_BATCH_SIZE": "8"}, "/readyz"),
-        "unbatched": Config("unbatched", [sys.executable, "-m", "service", "--log-level", "warning"],
+        "unbatched": Config("unbatched", camserve_command("--log-level", "warning"),
                             {**quiet, "CAMSERVE_MAX_BATCH_SIZE": "1"}, "/readyz"),
         "baseline": Config("baseline", [sys.executable, "-m", "loadtests.bench_serving", "--serve-baseline"],
                            {}, "/healthz"),
@@ -491,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [configs[name] for name in args.only.split(",")]
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"camserve-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.baseline_rev:
+        chosen.append(old_commit_config(configs["batched"], args.baseline_rev, workdir))
     print(f"bench: {len(chosen)} servers, {args.duration:.0f} s each in {args.rounds} rounds at "
           f"concurrency {args.concurrency}; server logs in {workdir}", flush=True)
     form = {**FORM, "mask_encoding": args.mask_encoding, "mask_dtype": args.mask_dtype}

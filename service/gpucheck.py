@@ -163,7 +163,7 @@ def serving(report: Report, duration_s: float) -> None:
 
     env = {"CAMSERVE_DEVICE": "cuda", "CAMSERVE_MAX_BATCH_SIZE": "64", "CAMSERVE_MAX_QUEUE": "4096",
            "CAMSERVE_MAX_BATCH_DELAY_MS": "2", "CAMSERVE_MAX_CONNECTIONS": "2048"}
-    config = bs.Config("gpu", [sys.executable, "-m", "service", "--log-level", "warning"], env, "/readyz")
+    config = bs.Config("gpu", bs.camserve_command("--log-level", "warning"), env, "/readyz")
     workdir = REPO / "build" / "gpu-check"
     image = bs.IMAGE.read_bytes()
     (server,) = bs.launch([config], workdir)
@@ -182,6 +182,7 @@ def serving(report: Report, duration_s: float) -> None:
                 "explanations/s": outcome.throughput, "p50 ms": outcome.percentile(0.5) * 1000,
                 "p99 ms": outcome.percentile(0.99) * 1000, "errors": dict(outcome.errors),
                 "server CPU ms/request": outcome.cpu_ms(outcome.server_cpu_s),
+                "host CPU ms/request": outcome.cpu_ms(outcome.host_cpu_s),  # outside torch threads
                 "GPU util % (mean)": sampler.mean(), "GPU util samples": len(sampler.samples),
             })
             print(f"gpu-check: serving at concurrency {concurrency}: {outcome.throughput:.0f} explanations/s",
@@ -203,7 +204,7 @@ def render(report: Report) -> str:
         lines += [f"| {k} | {v:,.0f} |" for k, v in report.bare.items()]
     if report.serving:
         keys = ["concurrency", "requests", "explanations/s", "p50 ms", "p99 ms", "errors",
-                "server CPU ms/request", "GPU util % (mean)", "GPU util samples"]
+                "server CPU ms/request", "host CPU ms/request", "GPU util % (mean)", "GPU util samples"]
         lines += ["", "## Serving (python -m service on cuda:0; Grad-CAM, cat photo, base64 float16 mask "
                   "+ overlay PNG)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in report.serving:

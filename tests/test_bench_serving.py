@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -66,7 +67,66 @@ def test_report_gives_ratios_against_both_baselines(capsys: pytest.CaptureFixtur
     assert "batched / baseline-typed: 3.00x" in printed
     assert "unbatched / baseline-typed: 2.00x" in printed
     row = next(line for line in printed.splitlines() if line.startswith("batched "))
-    assert row.split()[-2:] == ["20.0", "5.0"]  # CPU ms per request: server, client
+    assert row.split()[-3:] == ["20.0", "-", "5.0"]  # CPU ms per request: server, host (unknown), client
+
+
+def test_report_gives_host_cpu_against_the_old_commit(capsys: pytest.CaptureFixture[str]) -> None:
+    """--baseline-rev's server is the same config at another commit: host CPU and throughput
+    are printed as ratios against it."""
+    new = bench_serving.Outcome("batched", latencies=[0.5] * 200, elapsed=10.0,
+                                server_cpu_s=200 * 0.03, torch_cpu_s=200 * 0.025, client_cpu_s=1.0)
+    old = bench_serving.Outcome("batched@abc123", latencies=[0.5] * 100, elapsed=10.0,
+                                server_cpu_s=100 * 0.03, torch_cpu_s=100 * 0.02, client_cpu_s=1.0)
+    bench_serving.report([new, old], 16)
+    printed = capsys.readouterr().out
+    assert "host CPU per request batched / batched@abc123: 5.00 / 10.00 ms = 0.50x" in printed
+    assert "throughput batched / batched@abc123: 2.00x" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("batched "))
+    assert row.split()[-3:-1] == ["30.0", "5.0"]
+
+
+PROBE = """
+import sys, threading, time
+
+def spin():
+    until = time.process_time() + 0.3
+    while time.process_time() < until:
+        pass
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        print(f.read().strip(), flush=True)
+    sys.stdin.readline()
+
+thread = threading.Thread(target=spin, name="camserve-worker-0-cpu")
+thread.start()
+thread.join()
+"""
+
+
+def test_servers_threads_are_named_for_the_kernel_and_their_cpu_read(tmp_path: Any) -> None:
+    """A module run through loadtests/named_threads.py: its threads carry their Python names
+    (15 bytes) in /proc, and the worker's CPU time is read from there."""
+    import subprocess
+    import sys
+
+    (tmp_path / "probe_threads.py").write_text(PROBE)
+    script = bench_serving.REPO / "loadtests" / "named_threads.py"
+    process = subprocess.Popen([sys.executable, str(script), "-m", "probe_threads"], cwd=tmp_path,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().strip() == "camserve-worker"
+        worker_s = bench_serving.torch_threads_cpu_s(process.pid)
+        total_s = bench_serving.process_cpu_s(process.pid)
+        assert worker_s is not None and total_s is not None
+        assert 0.25 <= worker_s <= total_s
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    import os
+
+    assert bench_serving.torch_threads_cpu_s(os.getpid()) is None  # no worker thread here
 
 
 def test_process_cpu_time_is_read_from_proc() -> None:

@@ -16,7 +16,6 @@ from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 from fastapi import Response, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from service.api import dicom_results
 from service.api.options import ExplainPlan
@@ -85,11 +84,21 @@ async def decode_sources(
         admit(len(sources))  # every file is one image at least
     if deadline is None:
         deadline = time.monotonic() + settings.request_timeout_s
-    decoded = ByteBudget(int(settings.max_decoded_mb_per_request * MB))
     keep = (settings.overlay_max_side if display else 0, max(model.input_size))
+    # One trip to the decode pool for the whole request (each trip costs the loop and the
+    # threads a hand-over): the headers, then every file in order.
+    return await _in_decode_pool(
+        settings, _decode_all, sources, settings, model.input_size, what, deadline, keep, window)
+
+
+def _decode_all(
+    sources: Sequence[Source], settings: Settings, input_size: tuple[int, int], what: str,
+    deadline: float, keep: tuple[int, int], window: tuple[float, float] | None,
+) -> list[Upload]:
+    decoded = ByteBudget(int(settings.max_decoded_mb_per_request * MB))
     # Every file's header before any file's pixels: a request whose files together declare more
     # than its decoded-bytes budget is refused before the first one is decoded.
-    declared = await _in_decode_pool(settings, _declared, sources, keep)
+    declared = sum(declared_bytes(data, keep) for _, data in sources)
     if declared > decoded.limit:
         raise PayloadTooLarge(
             f"the {len(sources)} {what}s declare {megabytes(declared)} of decoded pixels in their "
@@ -99,18 +108,12 @@ async def decode_sources(
     uploads: list[Upload] = []
     for index, (filename, data) in enumerate(sources):
         limits = DecodeLimits(
-            settings.max_image_pixels, settings.max_frames, budget - len(uploads),
+            settings.max_image_pixels, settings.max_frames, settings.max_images_per_request - len(uploads),
             max_frame_bytes=int(settings.max_decoded_mb_per_frame * MB), request_bytes=decoded,
             deadline=deadline, allow_truncated=settings.allow_truncated_images, reduce_to=keep,
         )
-        uploads.extend(await _in_decode_pool(
-            settings, _prepare, data, limits, index, filename, model.input_size, window
-        ))
+        uploads.extend(_prepare(data, limits, index, filename, input_size, window))
     return uploads
-
-
-def _declared(sources: Sequence[Source], keep: tuple[int, int]) -> int:
-    return sum(declared_bytes(data, keep) for _, data in sources)
 
 
 async def _in_decode_pool(settings: Settings, fn: Callable[..., _T], *args: Any) -> _T:
@@ -124,6 +127,20 @@ async def _in_decode_pool(settings: Settings, fn: Callable[..., _T], *args: Any)
 @lru_cache(maxsize=4)
 def _decode_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camserve-decode")
+
+
+async def _in_render_pool(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn`` on the render pool: a plain executor hand-over costs the loop less than
+    starlette's ``run_in_threadpool`` (anyio's limiter and cancel scopes) for every request,
+    and its own threads keep finished results from waiting behind decodes."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        _render_pool(max(4, 2 * _cores())), partial(context.run, fn, *args))
+
+
+@lru_cache(maxsize=4)
+def _render_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camserve-render")
 
 
 def _cores() -> int:
@@ -156,9 +173,13 @@ def explain_items(
     check_response_size(plan, uploads, settings,
                         more=lambda upload, maps: dicom_results.response_bytes(plan, upload, maps))
     wants_display = bool({"overlay", "heatmap"} & plan.outputs)
+    form = plan.form
+    overlay = ((form.colormap, float(form.alpha), form.overlay_mode == "fade")
+               if "overlay" in plan.outputs else None)
     items = []
     for upload in uploads:
         frame = upload.frame
+        dicom_size = dicom_results.map_size(plan, upload)
         mask_size = {
             "input": plan.model.input_size,
             "original": original_mask_size(frame, settings),
@@ -171,15 +192,22 @@ def explain_items(
             classes=plan.classes,
             mask_size=mask_size,
             # DICOM objects need the map at the source's own size, uncapped (dicom_results).
-            display_size=dicom_results.map_size(plan, upload) or (
-                (shown[1], shown[0]) if wants_display else None),
+            display_size=dicom_size or ((shown[1], shown[0]) if wants_display else None),
             eigen_smooth=plan.form.eigen_smooth,
             aug_smooth=plan.form.aug_smooth,
             method_params=plan.method_params,
             evaluate_steps=plan.form.eval_steps if plan.form.evaluate else None,
             mask_wanted="mask" in plan.outputs,
+            overlay=overlay,
+            # Only an overlay reads the display map: a worker that drew it copies none back.
+            display_wanted=dicom_size is not None or "heatmap" in plan.outputs,
         )
-        items.append(_item(plan.model, upload, plan.form.topk, spec, deadline))
+        item = _item(plan.model, upload, plan.form.topk, spec, deadline)
+        if overlay is not None and frame.image.size == shown:
+            # The frame is already at the display size (else the API resizes and draws it as
+            # before): a reference, no copy; only a worker that draws overlays reads it.
+            item.overlay_base = frame.image
+        items.append(item)
     return items
 
 
@@ -194,22 +222,6 @@ def _item(
         deadline=deadline,
         future=asyncio.get_running_loop().create_future(),
     )
-
-
-async def serialize(
-    body: dict[str, Any],
-    results: Sequence[ItemResult],
-    started: float,
-    encode_started: float,
-    decode_ms: float | None = None,
-) -> tuple[bytes, dict[str, float]]:
-    """The body as JSON bytes, serialised on a thread, with ``timing_ms`` filled in, and the
-    ``Server-Timing`` stages (decode when ``decode_ms`` is given, queue, compute, render: masks
-    and PNGs, json: the serialisation itself, total)."""
-    payload, stages = await run_in_threadpool(_serialize, body, results, started, encode_started)
-    if decode_ms is not None:
-        stages = {"decode": round(decode_ms, 2), **stages}
-    return payload, stages
 
 
 def json_response(payload: bytes, stages: dict[str, float]) -> Response:
@@ -336,16 +348,28 @@ async def finish(
     """Render (masks, PNGs) and serialise off the loop: the body's JSON bytes and the
     Server-Timing stages (decode, queue, compute, render, json, total). ``dicom=False``: no
     DICOM objects in the body (the caller has them already, or stored them)."""
-    prepared.timer.rendering()
+    timer = prepared.timer
+    timer.rendering()
+    # Rendering and serialising in one hand-over to the render pool, not two.
+    payload, stages = await _in_render_pool(
+        _render_and_serialize, prepared, results, request_id, settings, layout, extra, dicom)
+    if timer.decode_ms is not None:
+        stages = {"decode": round(timer.decode_ms, 2), **stages}
+    return payload, stages
+
+
+def _render_and_serialize(
+    prepared: Prepared, results: Sequence[ItemResult], request_id: str, settings: Settings,
+    layout: Layout, extra: Mapping[str, Any] | None, dicom: bool,
+) -> tuple[bytes, dict[str, float]]:
     entries: list[dict[str, Any]] | None = None
     if prepared.plan is not None:
-        rendered, entries = await run_in_threadpool(_render_explain, prepared, results, settings, dicom)
+        rendered, entries = _render_explain(prepared, results, settings, dicom)
     else:
         rendered = predict_results(prepared.model, prepared.uploads, results)
     body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),
             **({"dicom": entries} if entries is not None else {}), **(extra or {})}
-    timer = prepared.timer
-    return await serialize(body, results, timer.started, timer.render_started, timer.decode_ms)
+    return _serialize(body, results, prepared.timer.started, prepared.timer.render_started)
 
 
 def _render_explain(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -161,6 +161,16 @@ def predict_results(
     ]
 
 
+def display_image(frame: Frame, max_side: int) -> Image.Image:
+    """The image overlays are drawn on: the frame at display_size (the worker's display maps
+    have the same size)."""
+    width, height = encode.display_size(frame.width, frame.height, max_side)
+    image = frame.image
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
 def explain_results(
     plan: ExplainPlan, uploads: Sequence[Upload], results: Sequence[ItemResult], compress_level: int,
     max_side: int = 1024,
@@ -171,12 +181,7 @@ def explain_results(
         display = None
         frame = upload.frame
         if {"overlay", "heatmap", "image"} & plan.outputs:
-            # The size the worker drew the maps at is display_size of the same frame and cap.
-            width, height = encode.display_size(frame.width, frame.height, max_side)
-            image = frame.image
-            display = image if image.size == (width, height) else image.resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
+            display = display_image(frame, max_side)
         body: dict[str, Any] = {
             "image": image_info(upload),
             "predictions": predictions(plan.model, result),
@@ -191,6 +196,10 @@ def explain_results(
             body["image_png"] = encode.png_base64(np.asarray(display), compress_level)
         out.append(body)
     return out
+
+
+def _drawn(overlay: np.ndarray | None, display: Image.Image) -> TypeGuard[np.ndarray]:
+    return overlay is not None and overlay.shape[:2] == (display.height, display.width)
 
 
 def _fit_map(values: np.ndarray, image: Image.Image) -> np.ndarray:
@@ -231,13 +240,14 @@ def _explanation(
             "scale": (round(max(mask.shape) / max(frame.width, frame.height), 6)
                       if form.mask_size == "original" else None),
         }
-    if display is not None and item.display is not None:
-        shown = _fit_map(item.display, display)
-        if "overlay" in plan.outputs:
-            blended = encode.overlay(display, shown, form.colormap, form.alpha,
-                                     fade=form.overlay_mode == "fade")
-            body["overlay_png"] = encode.png_base64(blended, compress_level)
-        if "heatmap" in plan.outputs:
-            rgba = encode.heatmap_rgba(shown, form.colormap)
-            body["heatmap_png"] = encode.png_base64(rgba, compress_level)
+    if display is not None and "overlay" in plan.outputs and _drawn(item.overlay, display):
+        # The worker drew it (on CUDA, with the same blend table): only the PNG is left.
+        body["overlay_png"] = encode.png_base64(item.overlay, compress_level)
+    elif display is not None and "overlay" in plan.outputs and item.display is not None:
+        blended = encode.overlay(display, _fit_map(item.display, display), form.colormap, form.alpha,
+                                 fade=form.overlay_mode == "fade")
+        body["overlay_png"] = encode.png_base64(blended, compress_level)
+    if display is not None and "heatmap" in plan.outputs and item.display is not None:
+        rgba = encode.heatmap_rgba(_fit_map(item.display, display), form.colormap)
+        body["heatmap_png"] = encode.png_base64(rgba, compress_level)
     return body

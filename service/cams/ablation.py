@@ -46,14 +46,17 @@ class AblationCAM(CAMMethod):
         safe = torch.where(original.abs() < 1e-12, torch.full_like(original, 1e-12), original)
         weights = torch.zeros(acts.shape[:2], dtype=acts.dtype, device=acts.device)
         live = acts.flatten(2).ne(0).any(dim=2)
+        # Python ints once: indexing with a 0-d CUDA tensor waits for the GPU every chunk.
+        classes = [int(c) for c in context.classes.tolist()]
+        positions = torch.arange(max(1, batch_size), device=acts.device)  # made once, on the device
         for b in range(acts.shape[0]):
             indices = live[b].nonzero().flatten()
             for start, stop in chunked(indices.numel(), batch_size, key="ablated"):
                 chunk = indices[start:stop]
                 ablated = acts[b].expand(chunk.numel(), *acts.shape[1:]).clone()
-                ablated[torch.arange(chunk.numel()), chunk] = 0
+                ablated[positions[:chunk.numel()], chunk] = 0
                 rows = torch.full((chunk.numel(),), b, dtype=torch.long, device=acts.device)
                 logits = context.probe.from_layer(context.layer, ablated, rows)
-                dropped = logits[:, context.classes[b]]
+                dropped = logits[:, classes[b]]
                 weights[b, chunk] = (original[b] - dropped) / safe[b]
         return weights

@@ -30,6 +30,13 @@ class ExplainSpec:
     # False when the response carries no mask (outputs without "mask"): the worker then leaves
     # each map at its own grid instead of resizing it to mask_size and copying that to the host.
     mask_wanted: bool = True
+    # (colour map, alpha, fade) when the response carries an overlay: a CUDA worker then draws
+    # it on the device (the same blend table as service.imaging.encode.overlay) and returns
+    # uint8 pixels. Not part of the batch key: the CPU ignores it and the API draws.
+    overlay: tuple[str, float, bool] | None = None
+    # False when nothing but an overlay needs the display map on the host (no heatmap, no
+    # DICOM object): a worker that drew the overlay then copies no float map back.
+    display_wanted: bool = True
 
     def options_key(self) -> tuple[object, ...]:
         """What besides methods and layers decides whether two items can share a pass."""
@@ -55,6 +62,10 @@ class WorkItem:
     run: object | None = None
     # Called on the event loop with (passes done, passes expected) as a heavy item advances.
     on_progress: Callable[[int, int], None] | None = None
+    # The RGB image an overlay is drawn on (a PIL image, or anything np.asarray reads as
+    # (h, w, 3) uint8) when the request asks for an overlay. Only a worker that draws
+    # overlays (CUDA) reads its pixels, so the CPU path costs nothing for it.
+    overlay_base: object | None = None
 
     def batch_key(self) -> tuple[object, ...]:
         """Items with equal keys share a forward (and backward) pass."""
@@ -72,6 +83,7 @@ class MapResult:
     mask: np.ndarray  # float32 in [0, 1] at the requested mask size
     display: np.ndarray | None  # float32 in [0, 1] at the display size
     faithfulness: dict[str, float | bool | int] | None = None  # when the item asked for them
+    overlay: np.ndarray | None = None  # (h, w, 3) uint8, when the worker drew it (CUDA)
 
 
 @dataclass

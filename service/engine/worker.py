@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
+from service.engine import device_render
 from service.engine.faithfulness import add_faithfulness
 from service.engine.jobs import ItemResult, MapResult, WorkItem
 from service.models.catalog import ModelInfo
@@ -206,8 +207,9 @@ class Worker:
                     score=float(scores[row, sample.class_idx]),
                     mask=mask,
                     display=display,
+                    overlay=overlay,
                 )
-                for sample, (mask, display) in zip(per_sample_maps[row], maps[row], strict=True)
+                for sample, (mask, display, overlay) in zip(per_sample_maps[row], maps[row], strict=True)
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
@@ -231,11 +233,12 @@ class Worker:
 
     def _finish_maps(
         self, items: Sequence[WorkItem], per_sample_maps: Sequence[Sequence[SampleMap]]
-    ) -> list[list[tuple[np.ndarray, np.ndarray | None]]]:
-        """Every sample's map at its mask size and display size, as float32 numpy arrays.
+    ) -> list[list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]:
+        """Every sample's map at its mask size and display size, as float32 numpy arrays, and
+        its overlay where this worker draws it (CUDA, :meth:`_overlay_base`), as uint8.
 
-        Maps with the same grid and target size are resized in one call and copied to the
-        host together.
+        Maps with the same grid and target size are resized in one call; on CUDA everything
+        a batch sends to the host goes in one pinned copy (device_render.to_host).
         """
         wanted: list[tuple[torch.Tensor, tuple[int, int] | None]] = []
         for item, samples in zip(items, per_sample_maps, strict=True):
@@ -245,18 +248,47 @@ class Worker:
                 size = spec.mask_size if spec.mask_wanted else None  # unsent: not resized
                 wanted.append((sample.grid, size or _size(sample.grid)))
                 wanted.append((sample.grid, spec.display_size))
-        arrays = _resize_all(wanted)
-        out: list[list[tuple[np.ndarray, np.ndarray | None]]] = []
+        tensors: list[torch.Tensor | None] = list(_resize_all(wanted))
+        overlays: list[torch.Tensor | None] = []
+        at = 1
+        for item, samples in zip(items, per_sample_maps, strict=True):
+            base = self._overlay_base(item)
+            for _ in samples:
+                display = tensors[at]
+                drawn = None
+                if base is not None and display is not None and item.explain is not None:
+                    assert item.explain.overlay is not None
+                    drawn = device_render.overlay(display, base, *item.explain.overlay)
+                    if not item.explain.display_wanted:
+                        tensors[at] = None  # only the overlay needed it: not copied back
+                overlays.append(drawn)
+                at += 2
+        arrays = device_render.to_host([*tensors, *overlays])
+        masks_displays, drawn_overlays = arrays[:len(tensors)], arrays[len(tensors):]
+        out: list[list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = []
         at = 0
         for samples in per_sample_maps:
-            row: list[tuple[np.ndarray, np.ndarray | None]] = []
+            row: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
             for _ in samples:
-                mask, display = arrays[at], arrays[at + 1]
+                mask, shown = masks_displays[2 * at], masks_displays[2 * at + 1]
                 assert mask is not None
-                row.append((mask, display))
-                at += 2
+                row.append((mask, shown, drawn_overlays[at]))
+                at += 1
             out.append(row)
         return out
+
+    def _overlay_base(self, item: WorkItem) -> torch.Tensor | None:
+        """The image this worker blends ``item``'s overlays on, on its device: CUDA workers
+        only, when the request asks for an overlay at the display maps' size; else None (the
+        API draws, as it always does for the CPU)."""
+        spec = item.explain
+        if (self.device.type != "cuda" or spec is None or spec.overlay is None
+                or item.overlay_base is None or spec.display_size is None):
+            return None
+        base = device_render.image_to_device(item.overlay_base, self.device)
+        if base is None or tuple(base.shape[:2]) != spec.display_size:
+            return None
+        return base
 
     def _to_tensor(self, loaded: LoadedModel, pixels: Sequence[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
@@ -271,22 +303,23 @@ class Worker:
 
 def _resize_all(
     wanted: Sequence[tuple[torch.Tensor, tuple[int, int] | None]],
-) -> list[np.ndarray | None]:
+) -> list[torch.Tensor | None]:
     """Each (h, w) map brought to its size (None: no map, the map's own size: unchanged),
-    bilinearly and re-normalised to span [0, 1] exactly, as float32 numpy arrays."""
+    bilinearly and re-normalised to span [0, 1] exactly, as float32 tensors on the maps'
+    device (rows of one tensor per group: device_render.to_host views them on the CPU)."""
     groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
     for index, (grid, size) in enumerate(wanted):
         if size is not None:
             groups.setdefault((tuple(grid.shape), size), []).append(index)
-    out: list[np.ndarray | None] = [None] * len(wanted)
+    out: list[torch.Tensor | None] = [None] * len(wanted)
     for (shape, size), indices in groups.items():
         stacked = torch.stack([wanted[i][0] for i in indices])
         if shape != size:
             resized = F.interpolate(stacked[:, None], size=size, mode="bilinear", align_corners=False)
             stacked = normalize(resized[:, 0])
-        host = stacked.float().cpu().numpy()
+        stacked = stacked.detach().float()
         for row, index in enumerate(indices):
-            out[index] = host[row]
+            out[index] = stacked[row]
     return out
 
 

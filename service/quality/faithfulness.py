@@ -205,8 +205,10 @@ def _curves(
         curves[c, :, clean_k] = clean.to(inputs.device)
         jobs += [(c, b, k) for b in range(batch) for k in range(steps + 1) if k != clean_k]
     inserts = torch.tensor(kinds, device=inputs.device)
+    # Copied to the device once; each chunk is a slice (no host-to-device copy per chunk).
+    all_jobs = torch.tensor(jobs, device=inputs.device).view(-1, 3)
     for start, stop in chunked(len(jobs), chunk_size, key="faithfulness"):
-        chunk = torch.tensor(jobs[start:stop], device=inputs.device)
+        chunk = all_jobs[start:stop]
         which, rows, ks = chunk.unbind(dim=1)
         chosen = (ranks[rows] < counts[ks][:, None]).view(len(chunk), 1, *inputs.shape[-2:])
         sample = inputs[rows]

@@ -45,15 +45,18 @@ def feature_maps(loaded: LoadedModel, pixels: np.ndarray, layer: str, max_channe
     acts = layer_activations(loaded, pixels, layer)
     flat = acts.flatten(1)
     means = flat.mean(dim=1)
+    peaks = flat.max(dim=1).values
     # Strongest first: highest mean activation, the peak breaking ties (stable for equal pairs).
-    order = sorted(range(acts.shape[0]), key=lambda k: (-float(means[k]), -float(flat[k].max())))
+    # The statistics come to the host once, not one float() (a device sync) per channel.
+    mean_list, peak_list = means.tolist(), peaks.tolist()
+    order = sorted(range(acts.shape[0]), key=lambda k: (-mean_list[k], -peak_list[k]))
     index = torch.tensor(order, device=acts.device)
     shown = acts[index[:max_channels]].cpu().numpy()
     return FeatureMaps(
         shape=(int(acts.shape[0]), int(acts.shape[1]), int(acts.shape[2])),
         order=order,
         mean=means[index].cpu().numpy(),
-        max=flat.max(dim=1).values[index].cpu().numpy(),
+        max=peaks[index].cpu().numpy(),
         fraction_active=(flat > 0).float().mean(dim=1)[index].cpu().numpy(),
         tiles=np.stack([apply_colormap(normalise(tile), "viridis") for tile in shown]),
     )

@@ -199,6 +199,40 @@ def test_decoding_runs_on_its_own_bounded_pool(
     assert pool._max_workers == pipeline._cores()
 
 
+def test_a_request_decodes_in_one_trip_and_renders_in_one_other(
+    client: TestClient, cat_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three files: one hand-over to the decode pool for all of them, then rendering and
+    serialising together on one render-pool thread (each hand-over costs the loop and the
+    threads CPU on every request)."""
+    trips: list[str] = []
+    stages: list[tuple[str, str]] = []
+    real_decode, real_render, real_serialize = (
+        pipeline._decode_all, pipeline._render_explain, pipeline._serialize)
+
+    def decode(*args: Any) -> Any:
+        trips.append(threading.current_thread().name)
+        return real_decode(*args)
+
+    def render(*args: Any) -> Any:
+        stages.append(("render", threading.current_thread().name))
+        return real_render(*args)
+
+    def serialize(*args: Any) -> Any:
+        stages.append(("json", threading.current_thread().name))
+        return real_serialize(*args)
+
+    monkeypatch.setattr(pipeline, "_decode_all", decode)
+    monkeypatch.setattr(pipeline, "_render_explain", render)
+    monkeypatch.setattr(pipeline, "_serialize", serialize)
+    response = post(client, [("a.png", cat_png), ("b.png", cat_png), ("c.png", cat_png)])
+    assert response.status_code == 200, response.text
+    assert [r["image"]["index"] for r in response.json()["results"]] == [0, 1, 2]
+    assert len(trips) == 1 and trips[0].startswith("camserve-decode")
+    assert [kind for kind, _ in stages] == ["render", "json"]
+    assert stages[0][1] == stages[1][1] and stages[0][1].startswith("camserve-render")
+
+
 # Admission before decoding (fake workers) --------------------------------------------------
 
 @pytest.fixture
