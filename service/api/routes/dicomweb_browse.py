@@ -19,7 +19,6 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request, Response
 from PIL import Image
-from pydantic import BaseModel, Field
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +26,15 @@ from service.api import pipeline
 from service.api.deps import SettingsDep
 from service.api.errors import error_responses
 from service.api.pacs import Instance, check_uid, skip_reason, slice_order
+from service.api.pacs_schemas import (
+    MAX_LISTED,
+    InstanceOut,
+    InstancesOut,
+    SeriesListOut,
+    SeriesOut,
+    StudiesOut,
+    StudyOut,
+)
 from service.api.routes.dicomweb import pacs_of
 from service.config import Settings
 from service.errors import InvalidOption, UnsupportedMedia
@@ -36,7 +44,6 @@ from service.imaging.limits import MB, ByteBudget, DecodeLimits
 
 router = APIRouter(tags=["dicomweb"])
 
-MAX_LISTED = 2000  # series of a study, instances of a series: more are cut off and said so
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 # SOP classes that hold no picture whatever their attributes say: presentation states, raw
 # data and spatial registration, structured reports and key objects, encapsulated documents.
@@ -47,63 +54,6 @@ _NOT_IN_A_MATCH = re.compile(r"[\\\x00-\x1f\x7f]")  # a backslash would make it 
 
 Uid = Annotated[str, Path(description="a DICOM UID",
                           examples=["1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"])]
-
-
-# ---------------------------------------------------------------- schemas
-
-
-class StudyOut(BaseModel):
-    study_uid: str
-    patient_name: str | None = Field(description="as the PACS holds it, DICOM's ^ between parts")
-    patient_id: str | None
-    date: str | None = Field(description="the study date, YYYY-MM-DD")
-    time: str | None = Field(description="the study time, HH:MM:SS")
-    description: str | None
-    accession: str | None
-    modalities: list[str]
-    series_count: int | None
-    instance_count: int | None
-
-
-class StudiesOut(BaseModel):
-    studies: list[StudyOut]
-    limit: int
-    offset: int
-    more: bool = Field(description="the PACS has more matches past this page (ask with offset)")
-
-
-class SeriesOut(BaseModel):
-    series_uid: str
-    modality: str | None
-    number: int | None
-    description: str | None
-    instance_count: int | None
-
-
-class SeriesListOut(BaseModel):
-    study_uid: str
-    series: list[SeriesOut]
-    truncated: bool
-
-
-class InstanceOut(BaseModel):
-    sop_instance_uid: str
-    sop_class_uid: str | None
-    number: int | None
-    frames: int
-    rows: int | None
-    columns: int | None
-    image: bool = Field(description="an image POST /dicomweb/explain would explain")
-    skip_reason: str | None = Field(description="why not, when it is not")
-
-
-class InstancesOut(BaseModel):
-    study_uid: str
-    series_uid: str
-    instances: list[InstanceOut] = Field(description="the images in the order the explanation of "
-                                         "the series takes them (position along the slice normal, "
-                                         "else instance number), then the other instances")
-    truncated: bool
 
 
 # ---------------------------------------------------------------- answers as plain JSON
