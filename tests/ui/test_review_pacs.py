@@ -293,3 +293,17 @@ def explain_with(page: Page, button: str) -> Response:
     if response.ok:
         expect(page.locator("#status")).to_contain_text("Done")
     return response
+
+
+def test_a_search_the_service_refuses_says_why(page: Page, pacs_server: LiveServer, archive: Archive) -> None:
+    open_page(page, pacs_server)
+    page.click("#tab-pacs")
+    expect(page.locator("#status")).to_contain_text("Search the PACS")
+    expect(page.locator("#pacs-study-rows tr").first).to_be_attached()  # the first, unfiltered search
+    page.fill("#pacs-modality", "C T")
+    with page.expect_response(lambda r: "/dicomweb/studies?" in r.url) as answer:
+        page.click("#pacs-search")
+    assert answer.value.status == 422
+    expect(page.locator("#banner-title")).to_contain_text("PACS search")
+    expect(page.locator("#banner-message")).to_contain_text(answer.value.json()["error"]["message"])
+    expect(page.locator("#pacs-browse-status")).to_contain_text("did not finish")

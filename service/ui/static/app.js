@@ -320,6 +320,10 @@
     ui.uploadPanel.hidden = pacs;
     ui.pacsPanel.hidden = !pacs;
     ui.pacsBrowser.hidden = !pacs;
+    if (!state.response && document.body.dataset.busy !== "true") {
+      setStatus(pacs ? "Search the PACS, open a study and a series, then explain an image or the series."
+        : "Choose or drop images to start.");
+    }
     if (pacs && !browse.searched) searchStudies();  // the PACS's first studies, unfiltered
     ui.run.textContent = pacs ? "Explain study" : "Explain";
     // DICOMweb's body takes no window: a study is windowed as its files say.
