@@ -121,6 +121,10 @@ class Pacs:
             session.auth = (settings.dicomweb_user, settings.dicomweb_password or "")
         self.session = session
         self.client = DICOMwebClient(url=self.url, session=session)
+        # dicomweb-client retries every failed call five times with exponential back-off (an
+        # unreachable PACS held each request about 30 s), past CAMSERVE_DICOMWEB_TIMEOUT_S: one
+        # try, and the 502 says to retry later.
+        self.client.set_http_retry_params(retry=False)
         self._seen: tuple[float, str] | None = None  # (when, what ping found)
 
     # calls (blocking: the routes run them on a thread) -------------------------------------
