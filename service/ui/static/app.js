@@ -408,10 +408,11 @@
   // the picture an explanation of that frame would be drawn on.
   const STUDIES_PAGE = 25;
   const browse = {
-    searched: false, query: null, offset: 0, studies: [],  // the latest search and what it found
+    searched: false, searches: 0, query: null, offset: 0, studies: [],  // the latest search, what it found
     study: null, series: null,   // the study and series opened
     images: [], steps: [0],      // the series' images in viewing order; frames before each (and all)
     at: 0, token: 0, url: null,  // the step shown; the latest preview asked for; its blob URL
+    loading: null,               // the AbortController of the picture on its way
   };
   const enc = encodeURIComponent;
 
@@ -438,8 +439,10 @@
     const params = new URLSearchParams({ ...browse.query, limit: String(STUDIES_PAGE), offset: String(browse.offset) });
     browseStatus("Searching the PACS…");
     ui.pacsSearch.disabled = true;
+    const token = ++browse.searches;  // an older search's answer, arriving late, is dropped
     try {
       const found = await api(`dicomweb/studies?${params}`);
+      if (token !== browse.searches) return;
       browse.studies.push(...found.studies);
       browse.offset += found.studies.length;
       renderStudies(found.more);
@@ -447,10 +450,11 @@
       browseStatus(n ? `${plural(n, "study", "studies")}${found.more ? " so far" : ""} found: open one to see its series.`
         : "No study matches: widen the search (* matches any characters).");
     } catch (err) {
+      if (token !== browse.searches) return;
       browseStatus("The search did not finish.");
       showError(err, "PACS search");
     } finally {
-      ui.pacsSearch.disabled = false;
+      if (token === browse.searches) ui.pacsSearch.disabled = false;
     }
   }
 
@@ -575,8 +579,13 @@
     ui.pacsImage.dataset.pending = `${image.sop_instance_uid}/${frame}`;
     showResultFor(image, frame);
     const token = ++browse.token;
+    // Stepping on before a picture came cancels it: only the latest one is wanted.
+    if (browse.loading) browse.loading.abort();
+    const loading = new AbortController();
+    browse.loading = loading;
     try {
-      const response = await send(`${seriesPath()}/instances/${enc(image.sop_instance_uid)}/preview?frame=${frame}`);
+      const response = await send(`${seriesPath()}/instances/${enc(image.sop_instance_uid)}/preview?frame=${frame}`,
+        { signal: loading.signal });
       if (!response.ok) throw await failure(response);
       const blob = await response.blob();
       if (token !== browse.token) return;
@@ -584,7 +593,7 @@
       browse.url = URL.createObjectURL(blob);
       ui.pacsImage.src = browse.url;
     } catch (err) {
-      if (token === browse.token) showError(err, "PACS image");
+      if (err.name !== "AbortError" && token === browse.token) showError(err, "PACS image");
     }
   }
 
