@@ -23,7 +23,18 @@ from service.api.errors import install_error_handlers
 from service.api.jobstore import Job, JobStore
 from service.api.middleware import RequestContextMiddleware
 from service.api.pacs import Pacs
-from service.api.routes import catalog, dicomweb, docs, health, inference, introspection, jobs, kserve, ui
+from service.api.routes import (
+    catalog,
+    dicomweb,
+    dicomweb_browse,
+    docs,
+    health,
+    inference,
+    introspection,
+    jobs,
+    kserve,
+    ui,
+)
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -114,6 +125,7 @@ def create_app(
     app.include_router(catalog.router, dependencies=protected)
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(dicomweb.router, dependencies=protected)
+    app.include_router(dicomweb_browse.router, dependencies=protected)
     app.state.pacs = Pacs(settings) if settings.dicomweb_url else None
     app.include_router(kserve.router, dependencies=protected)
     app.include_router(introspection.router, dependencies=protected)

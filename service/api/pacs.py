@@ -56,6 +56,25 @@ class _TimedSession(requests.Session):
         kwargs["allow_redirects"] = False  # a redirect would lead to a host nobody configured
         return super().request(*args, **kwargs)
 
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        if request.url and "?" in request.url:
+            path, query = request.url.split("?", 1)
+            request.url = f"{path}?{_as_typed(query)}"
+        return super().send(request, **kwargs)
+
+
+# DICOM's matching characters and the person-name separator, as dicomweb-client percent-encodes
+# them. Orthanc (1.10, Debian's) matches query values without decoding them, so "DOE%2A"
+# would match no one; sent as typed, they read the same to a server that does decode. A raw ^
+# is not allowed in a URL (urllib3 encodes it again), so it goes as ?, the one-character
+# wildcard: "DOE^JANE" matches DOE^JANE (and "DOE JANE"), never fewer than it should.
+_MATCHING = {"%2A": "*", "%3F": "?", "%5E": "?"}
+_ENCODED = re.compile("|".join(_MATCHING), re.IGNORECASE)
+
+
+def _as_typed(query: str) -> str:
+    return _ENCODED.sub(lambda m: _MATCHING[m.group(0).upper()], query)
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -66,21 +85,28 @@ class Instance:
 
     @property
     def skip_reason(self) -> str | None:
-        """Why this instance is not explained (None: it is an image to explain). A study that
-        was explained before holds the service's own results too; they are never explained."""
+        """Why this instance is not explained (None: it is an image to explain)."""
         ds = self.dataset
-        if str(getattr(ds, "Manufacturer", "")) == "camserve":
-            return "a result camserve stored, not an image to explain"
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            return "a parametric map, not an image to explain"
-        if "PixelData" not in ds:
-            return "not an image: it has no pixel data"
-        return None
+        return skip_reason(ds, is_map="FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+                           has_pixels="PixelData" in ds)
 
     def part10(self) -> bytes:
         buffer = io.BytesIO()
         pydicom.dcmwrite(buffer, self.dataset, enforce_file_format=True)
         return buffer.getvalue()
+
+
+def skip_reason(ds: Dataset, is_map: bool, has_pixels: bool) -> str | None:
+    """Why an instance is not an image to explain, from its data set (retrieved) or from what a
+    search said of it (listed). A study explained before holds the service's own results too;
+    they are never explained."""
+    if str(getattr(ds, "Manufacturer", "")) == "camserve":
+        return "a result camserve stored, not an image to explain"
+    if is_map:
+        return "a parametric map, not an image to explain"
+    if not has_pixels:
+        return "not an image: it has no pixel data"
+    return None
 
 
 class Pacs:
@@ -95,6 +121,10 @@ class Pacs:
             session.auth = (settings.dicomweb_user, settings.dicomweb_password or "")
         self.session = session
         self.client = DICOMwebClient(url=self.url, session=session)
+        # dicomweb-client retries every failed call five times with exponential back-off (an
+        # unreachable PACS held each request about 30 s), past CAMSERVE_DICOMWEB_TIMEOUT_S: one
+        # try, and the 502 says to retry later.
+        self.client.set_http_retry_params(retry=False)
         self._seen: tuple[float, str] | None = None  # (when, what ping found)
 
     # calls (blocking: the routes run them on a thread) -------------------------------------
@@ -133,6 +163,39 @@ class Pacs:
             wanted = set(instances)
             pairs = [(se, sop) for se, sop in pairs if sop in wanted]
         return pairs
+
+    def search_studies(self, filters: dict[str, str], limit: int, offset: int) -> list[Dataset]:
+        """QIDO-RS: studies matching ``filters`` (keyword -> DICOM match value)."""
+        found = self._call("search for studies", lambda: self.client.search_for_studies(
+            search_filters=filters, fields=list(STUDY_FIELDS), limit=limit, offset=offset,
+        ))
+        return [_dataset(d) for d in found]
+
+    def search_series(self, study: str, limit: int) -> list[Dataset]:
+        found = self._call("search for series", lambda: self.client.search_for_series(
+            study_instance_uid=study, fields=list(SERIES_FIELDS), limit=limit,
+        ))
+        if not found:
+            raise NotFound(f"the PACS has no study {study}, or no series in it")
+        return [_dataset(d) for d in found]
+
+    def search_instances(
+        self, study: str, series: str, limit: int, sop: str | None = None
+    ) -> list[Instance]:
+        """The instances of a series as a search describes them (geometry, size, frames: no
+        pixels), as :class:`Instance` so that :func:`slice_order` orders them."""
+        filters = {"SOPInstanceUID": sop} if sop else None
+        found = self._call("search for instances", lambda: self.client.search_for_instances(
+            study_instance_uid=study, series_instance_uid=series, fields=list(INSTANCE_FIELDS),
+            search_filters=filters, limit=limit,
+        ))
+        listed = [Instance(study, series, str(ds.get("SOPInstanceUID", "")), ds)
+                  for ds in map(_dataset, found)]
+        listed = [i for i in listed if i.sop_uid and (sop is None or i.sop_uid == sop)]
+        if not listed:
+            what = f"instance {sop} in series {series}" if sop else f"series {series}"
+            raise NotFound(f"the PACS has no {what} of study {study}")
+        return listed
 
     def retrieve(self, study: str, series: str, sop: str) -> Instance:
         dataset = self._call("retrieve an instance", lambda: self.client.retrieve_instance(
@@ -177,6 +240,30 @@ class Pacs:
         log.warning("the PACS could not be reached", extra={
             "pacs": self.url, "call": what, "reason": f"{type(exc).__name__}: {exc}"})
         return PacsUnavailable(f"the PACS could not be reached in time to {what}; retry later")
+
+
+# What the searches ask for beyond the PACS's defaults. Studies: date, time, accession,
+# modalities, description, patient's name and id, numbers of series and instances.
+STUDY_FIELDS = ("00080020", "00080030", "00080050", "00080061", "00081030", "00100010", "00100020",
+                "00201206", "00201208")
+# Series: modality, description, number, number of instances.
+SERIES_FIELDS = ("00080060", "0008103E", "00200011", "00201209")
+# Instances: SOP class, manufacturer, instance number, position and orientation (the viewing
+# order), frames, rows, columns, bits allocated, samples per pixel.
+INSTANCE_FIELDS = ("00080016", "00080070", "00200013", "00200032", "00200037", "00280008",
+                   "00280010", "00280011", "00280100", "00280002")
+
+
+def _dataset(found: dict[str, Any]) -> Dataset:
+    """A search's DICOM JSON as a data set; an attribute pydicom cannot read is left out
+    (a PACS's answer is not ours to validate, and one bad value must not hide a study)."""
+    ds = Dataset()
+    for tag, element in found.items():
+        try:
+            ds.update(Dataset.from_json({tag: element}))
+        except Exception:  # any unreadable attribute is only left out
+            log.debug("left out an unreadable attribute of a search answer", extra={"tag": tag})
+    return ds
 
 
 def _value(dataset: dict[str, Any], tag: str) -> str | None:

@@ -110,7 +110,7 @@ def structured_report(
         referenced_images=None,
     )
     series_uid, number = series.next(str(source.StudyInstanceUID))
-    evidence = [source] + [pm for _, pm in maps if pm is not None]
+    evidence = [_with_type2(source)] + [pm for _, pm in maps if pm is not None]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -128,3 +128,20 @@ def structured_report(
     sr.ContributingEquipmentSequence = contributing_equipment(identity)
     copy_deidentification(sr, source)
     return sr
+
+
+# Type 2 attributes highdicom copies from the first evidence. DICOM lets them be empty, not
+# absent, but many files (secondary captures, converters' output) leave them out; the report
+# then carries them empty instead of failing.
+_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+          "StudyID", "StudyDate", "StudyTime")
+
+
+def _with_type2(source: Dataset) -> Dataset:
+    missing = [keyword for keyword in _TYPE2 if keyword not in source]
+    if not missing:
+        return source
+    head = source.copy()  # shallow: the source itself is left as it came
+    for keyword in missing:
+        setattr(head, keyword, None)
+    return head

@@ -331,6 +331,20 @@ def test_source_without_geometry_gets_no_map_but_an_overlay_and_a_report(client:
     assert sc.NumberOfFrames == 2 and sc.BurnedInAnnotation == "YES"
 
 
+def test_a_source_without_its_type_2_patient_and_study_attributes_gets_a_report(client: TestClient) -> None:
+    """Birth date, sex, study ID and time may be left out of a file (the PACS browser's tests
+    found it with a multi-frame secondary capture): the report has them empty."""
+    frames = np.stack([np.full((16, 16), 100 * (k + 1), dtype=np.uint16) for k in range(2)])
+    frames[:, :, :4] = 0
+    data = dicom_samples.grey(frames, StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(),
+                              PatientName="DOE^JOHN")
+    assert "PatientBirthDate" not in pydicom.dcmread(io.BytesIO(data))
+    body = explain(client, "mf.dcm", data, outputs="dicom_sc,dicom_sr", class_idx="285")
+    [(_, sr)] = objects(body, SR)
+    assert sr.PatientName == "DOE^JOHN" and sr.PatientBirthDate == "" and sr.StudyID == ""
+    assert dciodvfy_errors(base64.b64decode(body["dicom"][-1]["data"])) == []
+
+
 def test_a_job_answers_the_same_dicom_outputs(client: TestClient) -> None:
     data = dicom_samples.bundled("CT_small.dcm")
     submitted = client.post("/jobs", files={"file": ("ct.dcm", data, "application/dicom")},

@@ -1,7 +1,9 @@
 """The review page's PACS tab (issue 19) in real Chromium against a real Orthanc: the tab shows
 only when /readyz names a PACS; a study is explained by its UID through POST /dicomweb/explain
 and shown like an upload, its parametric map downloadable; "Store to PACS" sends store: true and
-the page lists what the service answered it stored."""
+the page lists what the service answered it stored. The browser: studies searched, a series
+opened and stepped through, one image and a whole series explained, the results stored, all
+through the service (the page may reach no other host)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 from playwright.sync_api import Page, Response, expect
 from pydicom.data import get_testdata_file
 
 from service.config import Settings
+from tests.dicomweb.archive import Archive, fill
 from tests.dicomweb.orthanc import Orthanc, start_orthanc
-from tests.ui.conftest import LiveServer, _start, _stop
+from tests.ui.conftest import LiveServer, _start, _stop, only_the_service
 from tests.ui.test_review_page import canvas_stats, open_page
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
@@ -29,6 +33,11 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     pacs.upload(CT.read_bytes())
     yield pacs
     pacs.stop()
+
+
+@pytest.fixture(scope="module")
+def archive(orthanc: Orthanc) -> Archive:
+    return fill(orthanc)
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +158,152 @@ def test_a_slow_method_on_a_study_runs_as_a_job_with_progress(page: Page, pacs_s
     expect(page.locator('.panel[data-method="gradcam"]')).to_be_visible()
     expect(page.locator('.panel[data-method="scorecam"]')).to_be_visible()
     expect(page.locator('.panel[data-method="scorecam"] button', has_text="Download DICOM")).to_be_visible()
+
+
+def search(page: Page, **fields: str) -> str:
+    """Fill the search fields (the others emptied), search, and answer the query the page sent."""
+    for name in ("patient", "patient-id", "date-from", "date-to", "modality", "accession"):
+        page.fill(f"#pacs-{name}", fields.get(name.replace("-", "_"), ""))
+    with page.expect_response(lambda r: "/dicomweb/studies?" in r.url) as answer:
+        page.click("#pacs-search")
+    assert answer.value.status == 200, answer.value.text()
+    expect(page.locator("#pacs-search")).to_be_enabled()
+    return answer.value.url
+
+
+def study_rows(page: Page) -> list[str]:
+    return [str(row.get_attribute("data-study-uid")) for row in page.locator("#pacs-study-rows tr").all()]
+
+
+def test_browse_step_explain_an_image_and_a_series_and_store(
+    page: Page, pacs_server: LiveServer, orthanc: Orthanc, archive: Archive
+) -> None:
+    elsewhere = only_the_service(page, pacs_server.url)
+    a, b, c = (archive.studies[k]["uid"] for k in "ABC")
+    open_page(page, pacs_server)
+    page.click("#tab-pacs")
+    expect(page.locator("#pacs-browser")).to_be_visible()
+    # Opening the tab lists the PACS's studies unfiltered: the CT sample's and A, B, C.
+    expect(page.locator("#pacs-study-rows tr")).to_have_count(4)
+
+    # Search by each field: the right studies and no others.
+    sent = search(page, patient="DOE*")
+    assert "patient=DOE*" in sent.replace("%2A", "*")
+    expect(page.locator("#pacs-study-rows tr")).to_have_count(2)
+    assert sorted(study_rows(page)) == sorted([a, b])
+    search(page, patient="DOE*", modality="CT")
+    expect(page.locator("#pacs-study-rows tr")).to_have_count(1)
+    assert study_rows(page) == [a]
+    sent = search(page, date_from="2024-02-01", date_to="2024-03-31")
+    assert "date=20240201-20240331" in sent
+    expect(page.locator("#pacs-study-rows tr")).to_have_count(1)
+    assert study_rows(page) == [c]
+    search(page, accession="ACCB2")
+    expect(page.locator("#pacs-study-rows tr")).to_have_count(1)
+    assert study_rows(page) == [b]
+    # Enter in a search field searches (it does not explain).
+    page.fill("#pacs-accession", "")
+    page.fill("#pacs-patient", "DOE^JOHN")
+    with page.expect_response(lambda r: "/dicomweb/studies?" in r.url):
+        page.press("#pacs-patient", "Enter")
+    expect(page.locator("#pacs-study-rows tr")).to_have_count(1)
+    assert study_rows(page) == [a]
+
+    # Open the study, then its CT series: the viewer shows its images in viewing order.
+    page.locator("#pacs-study-rows tr button").first.click()
+    expect(page.locator("#study-uid")).to_have_value(a)
+    series = page.locator("#pacs-series-list button")
+    expect(series).to_have_count(2)
+    series.first.click()
+    expect(page.locator("#series-uid")).to_have_value(archive.ct_series)
+    image = page.locator("#pacs-image")
+    position = page.locator("#pacs-position")
+    expect(position).to_have_text("1 / 3")
+    expect(image).to_have_attribute("data-shown", f"{archive.by_position[0]}/0")
+    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
+    expect(page.locator("#pacs-prev")).to_be_disabled()
+    image.press("ArrowRight")
+    expect(position).to_have_text("2 / 3")
+    expect(image).to_have_attribute("data-shown", f"{archive.by_position[1]}/0")
+    page.click("#pacs-next")
+    expect(position).to_have_text("3 / 3")
+    expect(page.locator("#pacs-next")).to_be_disabled()
+    image.press("Home")
+    expect(position).to_have_text("1 / 3")
+    image.press("End")
+    expect(position).to_have_text("3 / 3")
+    image.press("ArrowLeft")
+    expect(position).to_have_text("2 / 3")
+    expect(image).to_have_attribute("data-shown", f"{archive.by_position[1]}/0")
+
+    # Explain this image: that instance alone, its maps shown as for an upload.
+    response = explain_with(page, "#pacs-explain-image")
+    body = response.request.post_data_json
+    assert body["study_uid"] == a and body["series_uid"] == archive.ct_series
+    assert body["instance_uids"] == [archive.by_position[1]] and body["store"] is False
+    assert response.status == 200, response.text()
+    expect(page.locator("#image-title")).to_contain_text(archive.by_position[1])
+    expect(page.locator(".panel:not(.original)").first).to_have_attribute("data-method", "gradcam")
+    assert canvas_stats(page)["mean"][3] > 50
+
+    # Store to PACS: the objects the service stored are listed, and are in the study.
+    page.check("#pacs-store")
+    stored = explain_with(page, "#pacs-explain-image")
+    assert stored.request.post_data_json["store"] is True
+    assert stored.status == 200, stored.text()
+    objects = stored.json()["stored"]
+    assert objects
+    outcome = page.locator("#pacs-outcome")
+    expect(outcome).to_have_attribute("data-stored", str(len(objects)))
+    for obj in objects:
+        expect(outcome).to_contain_text(obj["sop_instance_uid"])
+    held = DICOMwebClient(url=orthanc.dicomweb).search_for_instances(study_instance_uid=a)
+    in_study = {d["00080018"]["Value"][0] for d in held}
+    assert {obj["sop_instance_uid"] for obj in objects} <= in_study
+    # The study's series list now shows the stored results' series too.
+    new_series = {obj["series_instance_uid"] for obj in objects}
+    expect(series).to_have_count(2 + len(new_series))
+    page.uncheck("#pacs-store")
+
+    # Explain series: the multi-frame series as a job, with its progress bar; then stepping
+    # through the frames shows each one's maps.
+    page.locator(f'#pacs-series-list button[data-series-uid="{archive.mf_series}"]').click()
+    expect(position).to_have_text(f"1 / {archive.mf_frames}")
+    expect(image).to_have_attribute("data-shown", f"{archive.mf_sop}/0")
+    with page.expect_request(lambda r: r.url.endswith("/jobs") and r.method == "POST") as submitted:
+        page.click("#pacs-explain-series")
+    job = submitted.value.post_data_json
+    assert job["series_uid"] == archive.mf_series and "instance_uids" not in job
+    row = page.locator('#jobs .job[data-method="gradcam"]')
+    expect(row.locator("progress")).to_be_attached()
+    expect(row.locator("button", has_text="Cancel")).to_be_attached()
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=120_000)
+    expect(page.locator("#status")).to_contain_text(f"Done: {archive.mf_frames} images")
+    expect(page.locator("#image-title")).to_contain_text(f"frame 1 of {archive.mf_frames}")
+    image.press("ArrowRight")
+    expect(page.locator("#image-title")).to_contain_text(f"frame 2 of {archive.mf_frames}")
+    expect(image).to_have_attribute("data-shown", f"{archive.mf_sop}/1")
+    assert elsewhere == []
+
+
+def explain_with(page: Page, button: str) -> Response:
+    with page.expect_response(is_pacs_explain) as answer:
+        page.click(button)
+    response = answer.value
+    if response.ok:
+        expect(page.locator("#status")).to_contain_text("Done")
+    return response
+
+
+def test_a_search_the_service_refuses_says_why(page: Page, pacs_server: LiveServer, archive: Archive) -> None:
+    open_page(page, pacs_server)
+    page.click("#tab-pacs")
+    expect(page.locator("#status")).to_contain_text("Search the PACS")
+    expect(page.locator("#pacs-study-rows tr").first).to_be_attached()  # the first, unfiltered search
+    page.fill("#pacs-modality", "C T")
+    with page.expect_response(lambda r: "/dicomweb/studies?" in r.url) as answer:
+        page.click("#pacs-search")
+    assert answer.value.status == 422
+    expect(page.locator("#banner-title")).to_contain_text("PACS search")
+    expect(page.locator("#banner-message")).to_contain_text(answer.value.json()["error"]["message"])
+    expect(page.locator("#pacs-browse-status")).to_contain_text("did not finish")

@@ -40,6 +40,15 @@
     uploadPanel: $("#upload-panel"), pacsPanel: $("#pacs-panel"), studyUid: $("#study-uid"),
     seriesUid: $("#series-uid"), pacsStore: $("#pacs-store"), pacsReach: $("#pacs-reach"),
     pacsOutcome: $("#pacs-outcome"),
+    pacsSearchFields: $("#pacs-search-fields"), pacsPatient: $("#pacs-patient"), pacsPatientId: $("#pacs-patient-id"),
+    pacsDateFrom: $("#pacs-date-from"), pacsDateTo: $("#pacs-date-to"), pacsModality: $("#pacs-modality"),
+    pacsAccession: $("#pacs-accession"), pacsSearch: $("#pacs-search"), pacsBrowser: $("#pacs-browser"),
+    pacsBrowseStatus: $("#pacs-browse-status"), pacsStudies: $("#pacs-studies"), pacsStudyRows: $("#pacs-study-rows"),
+    pacsMore: $("#pacs-more"), pacsSeries: $("#pacs-series"), pacsSeriesTitle: $("#pacs-series-title"),
+    pacsSeriesList: $("#pacs-series-list"), pacsViewer: $("#pacs-viewer"), pacsPrev: $("#pacs-prev"),
+    pacsNext: $("#pacs-next"), pacsPosition: $("#pacs-position"), pacsImage: $("#pacs-image"),
+    pacsImageInfo: $("#pacs-image-info"), pacsExplainImage: $("#pacs-explain-image"),
+    pacsExplainSeries: $("#pacs-explain-series"),
     result: $("#result"), imageTitle: $("#image-title"), prev: $("#prev"), next: $("#next"),
     timings: $("#timings"), predictions: $("#predictions"), opacity: $("#opacity"),
     opacityValue: $("#opacity-value"), fade: $("#fade"), showOriginal: $("#show-original"),
@@ -62,6 +71,7 @@
     abort: null,
     jobs: [],             // the latest run's jobs: {id, method, row, ...}
     source: "upload",     // the tab in use: "upload" or "pacs" (when the service has a PACS)
+    lastPacs: null,       // what the latest PACS run explained: {study_uid, series_uid, instance_uids}
   };
   let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
@@ -309,6 +319,12 @@
     ui.tabPacs.tabIndex = pacs ? 0 : -1;
     ui.uploadPanel.hidden = pacs;
     ui.pacsPanel.hidden = !pacs;
+    ui.pacsBrowser.hidden = !pacs;
+    if (!state.response && document.body.dataset.busy !== "true") {
+      setStatus(pacs ? "Search the PACS, open a study and a series, then explain an image or the series."
+        : "Choose or drop images to start.");
+    }
+    if (pacs && !browse.searched) searchStudies();  // the PACS's first studies, unfiltered
     ui.run.textContent = pacs ? "Explain study" : "Explain";
     // DICOMweb's body takes no window: a study is windowed as its files say.
     ui.windowPreset.disabled = pacs;
@@ -334,6 +350,7 @@
       mask_encoding: "base64", store: pacs.store,
     };
     if (pacs.series_uid) body.series_uid = pacs.series_uid;
+    if (pacs.instance_uids) body.instance_uids = pacs.instance_uids;
     if (ui.layer.value) body.target_layer = ui.layer.value;
     const cls = classValue(ui.classIdx.value.trim());
     if (cls !== null) body.class_idx = cls;
@@ -378,6 +395,222 @@
     ui.pacsOutcome.replaceChildren(...nodes);
     ui.pacsOutcome.hidden = !nodes.length;
     ui.pacsOutcome.dataset.stored = String(stored.length);
+    // What was stored is in the study now: its new series show in the browser.
+    if (pacs.store && stored.length && browse.study && browse.study.study_uid === pacs.study_uid) {
+      loadSeries(pacs.study_uid, false);
+    }
+  }
+
+  // ---------------------------------------------------------------- PACS browser (issue 19)
+
+  // The page asks the service (GET /dicomweb/...), never the PACS itself: the service searches
+  // with QIDO-RS and renders a frame retrieved with WADO-RS through its own decoder and window,
+  // the picture an explanation of that frame would be drawn on.
+  const STUDIES_PAGE = 25;
+  const browse = {
+    searched: false, searches: 0, query: null, offset: 0, studies: [],  // the latest search, what it found
+    study: null, series: null,   // the study and series opened
+    images: [], steps: [0],      // the series' images in viewing order; frames before each (and all)
+    at: 0, token: 0, url: null,  // the step shown; the latest preview asked for; its blob URL
+    loading: null,               // the AbortController of the picture on its way
+  };
+  const enc = encodeURIComponent;
+
+  function browseStatus(text) { ui.pacsBrowseStatus.textContent = text; }
+
+  function plural(n, one, many = `${one}s`) { return `${n} ${n === 1 ? one : many}`; }
+
+  // The search fields as the service's query: one date alone is that day, two are a range.
+  function searchQuery() {
+    const from = ui.pacsDateFrom.value.replaceAll("-", "");
+    const to = ui.pacsDateTo.value.replaceAll("-", "");
+    const date = from && to && from !== to ? `${from}-${to}` : from || to;
+    const query = {
+      patient: ui.pacsPatient.value.trim(), patient_id: ui.pacsPatientId.value.trim(), date,
+      modality: ui.pacsModality.value.trim(), accession: ui.pacsAccession.value.trim(),
+    };
+    return Object.fromEntries(Object.entries(query).filter(([, value]) => value));
+  }
+
+  async function searchStudies(more = false) {
+    clearError();
+    browse.searched = true;
+    if (!more) Object.assign(browse, { query: searchQuery(), offset: 0, studies: [] });
+    const params = new URLSearchParams({ ...browse.query, limit: String(STUDIES_PAGE), offset: String(browse.offset) });
+    browseStatus("Searching the PACS…");
+    ui.pacsSearch.disabled = true;
+    const token = ++browse.searches;  // an older search's answer, arriving late, is dropped
+    try {
+      const found = await api(`dicomweb/studies?${params}`);
+      if (token !== browse.searches) return;
+      browse.studies.push(...found.studies);
+      browse.offset += found.studies.length;
+      renderStudies(found.more);
+      const n = browse.studies.length;
+      browseStatus(n ? `${plural(n, "study", "studies")}${found.more ? " so far" : ""} found: open one to see its series.`
+        : "No study matches: widen the search (* matches any characters).");
+    } catch (err) {
+      if (token !== browse.searches) return;
+      browseStatus("The search did not finish.");
+      showError(err, "PACS search");
+    } finally {
+      if (token === browse.searches) ui.pacsSearch.disabled = false;
+    }
+  }
+
+  function markCurrent(nodes, test) {
+    for (const node of nodes) {
+      if (test(node)) node.setAttribute("aria-current", "true");
+      else node.removeAttribute("aria-current");
+    }
+  }
+
+  function renderStudies(more) {
+    ui.pacsStudyRows.replaceChildren(...browse.studies.map((study) => {
+      const name = study.patient_name || "(no name)";
+      const open = el("button", { type: "button", className: "link", textContent: name });
+      open.setAttribute("aria-label", `Open the study of ${name}, ${study.date || "no date"}${study.description ? `, ${study.description}` : ""}`);
+      open.addEventListener("click", () => openStudy(study));
+      const cells = [study.patient_id, study.date, study.modalities.join(", "), study.accession, study.description,
+        `${study.series_count ?? "?"} · ${study.instance_count ?? "?"}`];
+      const row = el("tr", {}, el("td", {}, open), ...cells.map((text) => el("td", { textContent: text || "" })));
+      row.dataset.studyUid = study.study_uid;
+      return row;
+    }));
+    markCurrent(ui.pacsStudyRows.children, (row) => browse.study && row.dataset.studyUid === browse.study.study_uid);
+    ui.pacsStudies.hidden = !browse.studies.length;
+    ui.pacsMore.hidden = !more;
+  }
+
+  async function openStudy(study) {
+    clearError();
+    Object.assign(browse, { study, series: null, images: [], steps: [0] });
+    ui.studyUid.value = study.study_uid;  // Explain study explains it as opened
+    ui.seriesUid.value = "";
+    markCurrent(ui.pacsStudyRows.children, (row) => row.dataset.studyUid === study.study_uid);
+    ui.pacsViewer.hidden = true;
+    await loadSeries(study.study_uid, true);
+  }
+
+  async function loadSeries(studyUid, focus) {
+    if (focus) browseStatus("Listing the series…");
+    try {
+      const listed = await api(`dicomweb/studies/${enc(studyUid)}/series`);
+      if (!browse.study || browse.study.study_uid !== studyUid) return;
+      renderSeries(listed.series);
+      if (focus) {
+        browseStatus(`${plural(listed.series.length, "series", "series")} in the study: open one to step through its images.`);
+        const first = ui.pacsSeriesList.querySelector("button");
+        if (first) first.focus();
+      }
+    } catch (err) {
+      browseStatus("The series could not be listed.");
+      showError(err, "PACS series");
+    }
+  }
+
+  function renderSeries(series) {
+    const { study } = browse;
+    ui.pacsSeriesTitle.textContent = `Series of ${study.patient_name || "the study"}${study.date ? ` · ${study.date}` : ""}`;
+    ui.pacsSeriesList.replaceChildren(...series.map((s) => {
+      const text = [s.number !== null ? `#${s.number}` : null, s.modality, s.description,
+        s.instance_count !== null ? plural(s.instance_count, "instance") : null].filter(Boolean).join(" · ");
+      const button = el("button", { type: "button", className: "secondary", textContent: text });
+      button.dataset.seriesUid = s.series_uid;
+      button.addEventListener("click", () => openSeries(s));
+      return el("li", {}, button);
+    }));
+    markCurrent(ui.pacsSeriesList.querySelectorAll("button"),
+      (button) => browse.series && button.dataset.seriesUid === browse.series.series_uid);
+    ui.pacsSeries.hidden = false;
+  }
+
+  function seriesPath() {
+    return `dicomweb/studies/${enc(browse.study.study_uid)}/series/${enc(browse.series.series_uid)}`;
+  }
+
+  async function openSeries(series) {
+    clearError();
+    browse.series = series;
+    ui.seriesUid.value = series.series_uid;
+    markCurrent(ui.pacsSeriesList.querySelectorAll("button"), (button) => button.dataset.seriesUid === series.series_uid);
+    browseStatus("Listing the images…");
+    try {
+      const listed = await api(`${seriesPath()}/instances`);
+      if (browse.series !== series) return;
+      browse.images = listed.instances.filter((instance) => instance.image);
+      // A multi-frame instance is stepped through frame by frame.
+      browse.steps = browse.images.reduce((steps, image) => [...steps, steps[steps.length - 1] + image.frames], [0]);
+      const others = listed.instances.length - browse.images.length;
+      browseStatus(`${plural(browse.images.length, "image")} in series ${series.number ?? ""} ${series.modality || ""}` +
+        (others ? `; ${plural(others, "other instance")} (reports, maps) not shown` : "") + ".");
+      ui.pacsViewer.hidden = !browse.images.length;
+      if (browse.images.length) {
+        showStep(0);
+        ui.pacsImage.focus();
+      }
+    } catch (err) {
+      browseStatus("The images could not be listed.");
+      showError(err, "PACS images");
+    }
+  }
+
+  function stepCount() { return browse.steps[browse.steps.length - 1]; }
+
+  function stepAt(at) {
+    let k = 0;
+    while (browse.steps[k + 1] <= at) k++;
+    return { image: browse.images[k], frame: at - browse.steps[k] };
+  }
+
+  async function showStep(at) {
+    const total = stepCount();
+    if (!total) return;
+    at = Math.max(0, Math.min(total - 1, at));
+    browse.at = at;
+    const { image, frame } = stepAt(at);
+    ui.pacsPosition.textContent = `${at + 1} / ${total}`;
+    ui.pacsPrev.disabled = at === 0;
+    ui.pacsNext.disabled = at === total - 1;
+    const frames = image.frames > 1 ? ` · frame ${frame + 1} of ${image.frames}` : "";
+    ui.pacsImageInfo.textContent = `Instance ${image.number ?? "(no number)"}${frames} · ` +
+      `${image.columns}×${image.rows} · ${image.sop_instance_uid}`;
+    ui.pacsImage.alt = `Image ${at + 1} of ${total} of the series: instance ${image.number ?? ""}${frames}`;
+    ui.pacsImage.dataset.pending = `${image.sop_instance_uid}/${frame}`;
+    showResultFor(image, frame);
+    const token = ++browse.token;
+    // Stepping on before a picture came cancels it: only the latest one is wanted.
+    if (browse.loading) browse.loading.abort();
+    const loading = new AbortController();
+    browse.loading = loading;
+    try {
+      const response = await send(`${seriesPath()}/instances/${enc(image.sop_instance_uid)}/preview?frame=${frame}`,
+        { signal: loading.signal });
+      if (!response.ok) throw await failure(response);
+      const blob = await response.blob();
+      if (token !== browse.token) return;
+      if (browse.url) URL.revokeObjectURL(browse.url);
+      browse.url = URL.createObjectURL(blob);
+      ui.pacsImage.src = browse.url;
+    } catch (err) {
+      if (err.name !== "AbortError" && token === browse.token) showError(err, "PACS image");
+    }
+  }
+
+  // Stepping through a series that was explained shows each image's maps too.
+  function showResultFor(image, frame) {
+    if (!state.response || !state.shown || !state.shown.pacs) return;
+    const index = state.response.results.findIndex((r) =>
+      r.image.filename === `${image.sop_instance_uid}.dcm` && r.image.frame === frame);
+    if (index >= 0 && index !== state.current) show(index);
+  }
+
+  function explainShown(whole) {
+    if (!browse.series || !stepCount()) return;
+    const { image, frame } = stepAt(browse.at);
+    const target = { study_uid: browse.study.study_uid, series_uid: browse.series.series_uid };
+    if (whole) explain({ ...target, job: true, current: browse.at });
+    else explain({ ...target, instance_uids: [image.sop_instance_uid], current: frame });
   }
 
   // ---------------------------------------------------------------- running
@@ -479,17 +712,20 @@
     ui.staleNote.textContent = stale ? text : "";
   }
 
-  async function explain() {
+  // ``target``: what of the PACS to explain, {study_uid, series_uid, instance_uids, job, current}
+  // (the browser's buttons); else the UID fields'. Ignored on the Upload tab.
+  async function explain(target = null) {
     clearError();
     const pacs = state.source === "pacs";
-    if (pacs && !ui.studyUid.value.trim()) {
-      showError(new Error("Type the Study Instance UID of the study to explain."));
+    const aim = target || { study_uid: ui.studyUid.value.trim(), series_uid: ui.seriesUid.value.trim() };
+    if (pacs && !aim.study_uid) {
+      showError(new Error("Type the Study Instance UID of the study to explain, or open one from a search."));
       ui.studyUid.focus();
       return;
     }
-    // A PACS run has no files: it names a study (and a series) and every source is DICOM.
+    // A PACS run has no files: it names a study (a series, instances) and every source is DICOM.
     const selection = pacs
-      ? { files: [], dicom: true, pacs: { study_uid: ui.studyUid.value.trim(), series_uid: ui.seriesUid.value.trim(), store: ui.pacsStore.checked } }
+      ? { files: [], dicom: true, pacs: { ...aim, store: ui.pacsStore.checked } }
       : state.selection;
     if (!selection) {
       setStatus("Choose or drop images first.");
@@ -520,7 +756,11 @@
     state.abort = abort;
     const run = ++state.run;
     const { files } = selection;
-    const what = selection.pacs ? `study ${selection.pacs.study_uid} from the PACS`
+    if (selection.pacs) {
+      state.lastPacs = aim;
+      if (aim.current !== undefined) state.current = aim.current;  // the image the viewer shows
+    }
+    const what = selection.pacs ? pacsWhat(selection.pacs)
       : files.length === 1 ? files[0].name : `${files.length} files`;
     setStatus(`Explaining ${what}…`, true);
     markStale("Outdated: these maps are from the previous run; a new one is in progress.");
@@ -533,13 +773,18 @@
       run, selection, methods, window, params, dicom, started: performance.now(), got: false, errors: [], cancelled: [],
       stored: [], skipped: [],
     };
+    // A whole series from the browser runs as a job, fast methods too (one job for them).
+    const asJob = Boolean(selection.pacs && selection.pacs.job);
     state.jobs = [];
     ui.jobs.replaceChildren();
-    ui.jobs.hidden = !slow.length;
+    ui.jobs.hidden = !slow.length && !asJob;
     ui.pacsOutcome.hidden = true;
     const parts = [];
-    if (fast.length) parts.push(runExplain(progress, fast, abort, dicomKinds(progress, true)));
-    for (const method of slow) parts.push(runJob(progress, method, abort, dicomKinds(progress, !parts.length)));
+    if (fast.length) {
+      const kinds = dicomKinds(progress, true);
+      parts.push(asJob ? runJob(progress, fast, abort, kinds) : runExplain(progress, fast, abort, kinds));
+    }
+    for (const method of slow) parts.push(runJob(progress, [method], abort, dicomKinds(progress, !parts.length)));
     await Promise.all(parts);
     if (run !== state.run) return;
     state.abort = null;
@@ -554,6 +799,15 @@
       markStale(state.response ? "These maps are from the previous run: the new one did not finish." : "");
     }
   }
+
+  function pacsWhat(pacs) {
+    if (pacs.instance_uids) return `image ${pacs.instance_uids[0]} from the PACS`;
+    if (pacs.series_uid) return `series ${pacs.series_uid} from the PACS`;
+    return `study ${pacs.study_uid} from the PACS`;
+  }
+
+  // The same run again (a class picked from the predictions): the PACS target it explained.
+  function rerun() { return explain(state.source === "pacs" ? state.lastPacs : null); }
 
   async function runExplain(progress, methods, abort, dicom) {
     try {
@@ -609,18 +863,18 @@
 
   // ---------------------------------------------------------------- jobs
 
-  function jobRow(method) {
-    const title = methodTitle(method);
+  function jobRow(methods) {
+    const title = methods.map(methodTitle).join(", ");
     const bar = el("progress", { max: 1, value: 0 });
     bar.setAttribute("aria-label", `${title} progress`);
     const text = el("span", { className: "job-text", textContent: "submitting…" });
     const cancel = el("button", { type: "button", className: "secondary", textContent: "Cancel" });
     cancel.setAttribute("aria-label", `Cancel ${title}`);
     const row = el("div", { className: "job" }, el("span", { className: "job-title", textContent: title }), bar, text, cancel);
-    row.dataset.method = method;
+    row.dataset.method = methods.join(",");
     row.dataset.status = "submitting";
     ui.jobs.append(row);
-    return { row, bar, text, cancel };
+    return { row, bar, text, cancel, title };
   }
 
   function seconds(s) {
@@ -639,14 +893,14 @@
       `${Math.round((p.fraction || 0) * 100)}% · ${seconds(eta)}`;
   }
 
-  async function runJob(progress, method, abort, dicom) {
-    const view = jobRow(method);
-    const job = { method, id: null, ...view, finished: false };
+  async function runJob(progress, methods, abort, dicom) {
+    const view = jobRow(methods);
+    const job = { methods, id: null, ...view, finished: false };
     state.jobs.push(job);
     view.cancel.addEventListener("click", () => cancelJobs([job]));
     try {
       const submitted = await withDicomFallback(progress, dicom, (kinds) => api("jobs", {
-        method: "POST", signal: abort.signal, ...partRequest(progress, [method], kinds),
+        method: "POST", signal: abort.signal, ...partRequest(progress, methods, kinds),
       }));
       job.id = submitted.job_id;
       job.row.dataset.jobId = job.id;
@@ -666,8 +920,8 @@
       job.row.dataset.status = "failed";
       job.text.textContent = `failed: ${err.message}`;
       job.cancel.disabled = true;
-      progress.errors.push(methodTitle(method));
-      showError(err, methodTitle(method));
+      progress.errors.push(job.title);
+      showError(err, job.title);
     }
   }
 
@@ -679,13 +933,13 @@
       job.text.textContent = `done · ${final.progress.total} passes`;
     } else if (final.status === "cancelled") {
       job.text.textContent = `cancelled after ${final.progress.done} of ${final.progress.total} passes`;
-      progress.cancelled.push(methodTitle(job.method));
+      progress.cancelled.push(job.title);
     } else {
       const error = final.error || {};
       job.text.textContent = `failed: ${error.message || final.status}`;
-      progress.errors.push(methodTitle(job.method));
+      progress.errors.push(job.title);
       showError(new ApiError(error.code === "deadline_exceeded" ? 504 : 500, error.code || "failed",
-        error.message || "the job failed", error.request_id || "", null), methodTitle(job.method));
+        error.message || "the job failed", error.request_id || "", null), job.title);
     }
   }
 
@@ -732,7 +986,7 @@
       try {
         await api(`jobs/${job.id}`, { method: "DELETE" });
       } catch (err) {
-        if (!(err instanceof ApiError && err.status === 404)) showError(err, `cancelling ${methodTitle(job.method)}`);
+        if (!(err instanceof ApiError && err.status === 404)) showError(err, `cancelling ${job.title}`);
       }
     }));
   }
@@ -935,7 +1189,7 @@
       button.setAttribute("aria-label", `Explain class ${p.label} (${p.class_idx})`);
       button.addEventListener("click", () => {
         ui.classIdx.value = String(p.class_idx);
-        explain();
+        rerun();
       });
       const item = el("li", { className: explained.has(p.class_idx) ? "pred explained" : "pred" },
         el("div", { className: "pred-top" },
@@ -1317,6 +1571,23 @@
     if (event.key === "Enter") { event.preventDefault(); explain(); }
   }));
   ui.file.addEventListener("change", () => setFiles(ui.file.files));
+  ui.pacsSearch.addEventListener("click", () => searchStudies());
+  ui.pacsMore.addEventListener("click", () => searchStudies(true));
+  // Enter in a search field searches (the form's own submit would explain).
+  ui.pacsSearchFields.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && event.target instanceof HTMLInputElement) { event.preventDefault(); searchStudies(); }
+  });
+  ui.pacsPrev.addEventListener("click", () => showStep(browse.at - 1));
+  ui.pacsNext.addEventListener("click", () => showStep(browse.at + 1));
+  ui.pacsViewer.addEventListener("keydown", (event) => {
+    const moves = { ArrowLeft: browse.at - 1, ArrowRight: browse.at + 1, Home: 0, End: stepCount() - 1 };
+    if (!(event.key in moves)) return;
+    event.preventDefault();
+    showStep(moves[event.key]);
+  });
+  ui.pacsImage.addEventListener("load", () => { ui.pacsImage.dataset.shown = ui.pacsImage.dataset.pending; });
+  ui.pacsExplainImage.addEventListener("click", () => explainShown(false));
+  ui.pacsExplainSeries.addEventListener("click", () => explainShown(true));
 
   ["dragenter", "dragover"].forEach((type) => window.addEventListener(type, (event) => {
     event.preventDefault();
@@ -1365,7 +1636,7 @@
   });
   ui.classClear.addEventListener("click", () => {
     ui.classIdx.value = "";
-    if (state.response) explain();
+    if (state.response) rerun();
   });
   ui.apiKey.addEventListener("change", () => {
     const key = ui.apiKey.value.trim();

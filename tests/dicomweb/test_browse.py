@@ -1,0 +1,177 @@
+"""Browsing the PACS through the service (search, series, instances, preview) against a real
+Orthanc: the review page's PACS tab asks these routes, never the PACS."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import ready_client
+from tests.dicomweb.archive import Archive, fill
+from tests.dicomweb.orthanc import Orthanc, free_port, start_orthanc
+
+MAX_SIDE = 100  # the overlay cap of the service under test: the CT's 128 pixels are shown at 100
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+@pytest.fixture(scope="module")
+def archive(orthanc: Orthanc) -> Archive:
+    return fill(orthanc)
+
+
+@pytest.fixture(scope="module")
+def client(orthanc: Orthanc) -> Iterator[TestClient]:
+    app = create_app(Settings(warmup=False, dicomweb_url=orthanc.dicomweb, overlay_max_side=MAX_SIDE))
+    yield from ready_client(app)
+
+
+def _found(client: TestClient, **query: object) -> list[str]:
+    response = client.get("/dicomweb/studies", params=query)
+    assert response.status_code == 200, response.text
+    return [s["patient_id"] for s in response.json()["studies"]]
+
+
+def test_search_by_patient_modality_date_and_accession(client: TestClient, archive: Archive) -> None:
+    assert sorted(_found(client)) == ["PID-A", "PID-B", "PID-C"]
+    assert sorted(_found(client, patient="DOE*")) == ["PID-A", "PID-B"]  # wildcard
+    assert _found(client, patient="DOE^JANE") == ["PID-B"]  # the ^ between name parts
+    assert _found(client, patient_id="PID-C") == ["PID-C"]
+    assert sorted(_found(client, modality="MR")) == ["PID-A", "PID-B"]  # A's second series
+    assert sorted(_found(client, modality="ct")) == ["PID-A", "PID-C"]
+    assert _found(client, date="20240105") == ["PID-A"]
+    assert sorted(_found(client, date="20240101-20240331")) == ["PID-A", "PID-C"]
+    assert _found(client, date="20240201-") == ["PID-C"]
+    assert _found(client, date="-20231231") == ["PID-B"]
+    assert _found(client, accession="ACCB2") == ["PID-B"]
+    assert _found(client, patient="DOE*", modality="CT") == ["PID-A"]  # every filter at once
+    assert _found(client, patient="NOBODY*") == []
+
+
+def test_a_study_is_plain_json(client: TestClient, archive: Archive) -> None:
+    (study,) = client.get("/dicomweb/studies", params={"accession": "ACCA1"}).json()["studies"]
+    a = archive.studies["A"]
+    assert study["study_uid"] == a["uid"] and study["patient_name"] == "DOE^JOHN"
+    assert study["date"] == "2024-01-05" and study["description"] == "Chest"
+    assert sorted(study["modalities"]) == ["CT", "MR"]
+    assert study["series_count"] == 2 and study["instance_count"] == 5
+
+
+def test_search_pages(client: TestClient, archive: Archive) -> None:
+    first = client.get("/dicomweb/studies", params={"limit": 2}).json()
+    assert len(first["studies"]) == 2 and first["more"] is True
+    rest = client.get("/dicomweb/studies", params={"limit": 2, "offset": 2}).json()
+    assert len(rest["studies"]) == 1 and rest["more"] is False
+    seen = {s["study_uid"] for s in first["studies"] + rest["studies"]}
+    assert seen == {s["uid"] for s in archive.studies.values()}
+
+
+@pytest.mark.parametrize("query", [
+    {"date": "2024-01-05"}, {"date": "20241301"}, {"date": "20240301-20240101"}, {"date": "2024"},
+    {"modality": "C T"}, {"patient": "DOE\\JOHN"}, {"accession": "A" * 17},
+    {"limit": 0}, {"limit": 101}, {"offset": -1},
+])
+def test_bad_search_filters_are_422(client: TestClient, query: dict[str, object]) -> None:
+    response = client.get("/dicomweb/studies", params=query)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_option"
+
+
+def test_the_series_of_a_study(client: TestClient, archive: Archive) -> None:
+    body = client.get(f"/dicomweb/studies/{archive.studies['A']['uid']}/series").json()
+    listed = [(s["series_uid"], s["modality"], s["number"], s["instance_count"]) for s in body["series"]]
+    assert listed == [(archive.ct_series, "CT", 1, 4), (archive.mf_series, "MR", 2, 1)]
+    assert body["truncated"] is False
+
+
+def test_instances_come_in_the_order_the_series_is_explained(client: TestClient, archive: Archive) -> None:
+    study = archive.studies["A"]["uid"]
+    listed = client.get(f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances").json()
+    rows = listed["instances"]
+    assert [r["sop_instance_uid"] for r in rows] == [*archive.by_position, archive.text]
+    assert [r["number"] for r in rows[:3]] == [2, 3, 1]  # by position, not by number
+    assert all(r["image"] and r["frames"] == 1 and (r["rows"], r["columns"]) == (128, 128) for r in rows[:3])
+    assert rows[3]["image"] is False and "no pixel data" in rows[3]["skip_reason"]
+    explained = client.post("/dicomweb/explain", json={
+        "study_uid": study, "series_uid": archive.ct_series, "outputs": "image", "mask_size": "feature"})
+    assert explained.status_code == 200, explained.text
+    results = explained.json()["results"]
+    assert [r["image"]["filename"].removesuffix(".dcm") for r in results] == archive.by_position
+    # The preview is the frame the explanation showed: same decoder, window and size.
+    base = f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances"
+    first = client.get(f"{base}/{archive.by_position[0]}/preview")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(results[0]["image_png"]))).convert("RGB"))
+    preview = np.asarray(Image.open(io.BytesIO(first.content)).convert("RGB"))
+    assert preview.shape == shown.shape == (MAX_SIDE, MAX_SIDE, 3)
+    assert np.array_equal(preview, shown)
+
+
+def test_a_multi_frame_preview(client: TestClient, archive: Archive) -> None:
+    base = f"/dicomweb/studies/{archive.studies['A']['uid']}/series/{archive.mf_series}/instances"
+    (row,) = client.get(base).json()["instances"]
+    assert row["frames"] == archive.mf_frames and (row["rows"], row["columns"]) == (48, 64)
+    frames = []
+    for k in (0, archive.mf_frames - 1):
+        response = client.get(f"{base}/{archive.mf_sop}/preview", params={"frame": k})
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(response.content))
+        assert image.size == (64, 48)  # under the cap: the frame's own size
+        frames.append(np.asarray(image.convert("L")))
+    assert frames[0][:, :8].max() == 0 and frames[0][:, 8:].min() == 255  # windowed to its range
+    past = client.get(f"{base}/{archive.mf_sop}/preview", params={"frame": archive.mf_frames})
+    assert past.status_code == 422 and f"has {archive.mf_frames} frames" in past.json()["error"]["message"]
+
+
+def test_unknown_and_malformed_uids(client: TestClient, archive: Archive) -> None:
+    study = archive.studies["A"]["uid"]
+    assert client.get("/dicomweb/studies/1.2.3.4.5.6.7/series").status_code == 404
+    assert client.get(f"/dicomweb/studies/{study}/series/1.2.3.4.5/instances").status_code == 404
+    unknown = client.get(f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances/1.2.3/preview")
+    assert unknown.status_code == 404 and "1.2.3" in unknown.json()["error"]["message"]
+    for path in ("/dicomweb/studies/not-a-uid/series",
+                 f"/dicomweb/studies/{study}/series/1.2.x/instances",
+                 f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances/1..2/preview"):
+        response = client.get(path)
+        assert response.status_code == 422 and "UID" in response.json()["error"]["message"], path
+    base = f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances"
+    text = client.get(f"{base}/{archive.text}/preview")
+    assert text.status_code == 415 and "no pixel data" in text.json()["error"]["message"]
+
+
+def test_a_preview_over_the_decode_limits_is_refused(orthanc: Orthanc, archive: Archive) -> None:
+    app = create_app(Settings(warmup=False, dicomweb_url=orthanc.dicomweb, max_image_pixels=1000))
+    for client in ready_client(app):
+        study = archive.studies["A"]["uid"]
+        response = client.get(
+            f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances/{archive.by_position[0]}/preview")
+        assert response.status_code == 413 and "128x128" in response.json()["error"]["message"]
+
+
+def test_an_unreachable_pacs_is_502_and_no_pacs_is_404() -> None:
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    app = create_app(Settings(warmup=False, dicomweb_url=dead, dicomweb_timeout_s=2))
+    for client in ready_client(app):
+        for path in ("/dicomweb/studies", "/dicomweb/studies/1.2.3/series"):
+            response = client.get(path)
+            assert response.status_code == 502, path
+            error = response.json()["error"]
+            assert error["code"] == "pacs_unavailable" and "127.0.0.1" not in error["message"]
+    for client in ready_client(create_app(Settings(warmup=False))):
+        response = client.get("/dicomweb/studies")
+        assert response.status_code == 404 and "CAMSERVE_DICOMWEB_URL" in response.json()["error"]["message"]
