@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -35,6 +36,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 import service.openmp  # noqa: F401  (before torch loads: see its docstring)
+from service import frontends
 from service.config import Settings, get_settings
 from service.connections import ConnectionGuard, descriptor_bound, linger_bytes
 from service.engine.pool import WorkerFactory
@@ -134,16 +136,32 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="front-end processes (default CAMSERVE_WORKERS; 0: the cores)")
     args = parser.parse_args(argv)
     configure_logging(getattr(logging, args.log_level.upper()))
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (the cores) or more")
     settings, specs = _usable_settings()
+    frontend = frontends.current()
+    if frontend is None:
+        workers = frontends.worker_count(settings.workers if args.workers is None else args.workers)
+        if workers > 1:
+            child_argv = ["--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
+            _exit_now(frontends.supervise(args.host, args.port, workers, child_argv))
+    else:
+        frontends.watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     # The engine calls back on a fatal device error; the server is built below.
     app = create_app(settings, worker_factory, specs=specs, on_fatal=lambda reason: server.fatal(reason))
-    in_flight = InFlight(app)
-    max_connections = descriptor_bound(settings.max_connections)
-    if max_connections < settings.max_connections:
+    in_flight = InFlight(app if frontend is None else frontends.Tagged(app, frontend.index))
+    # Each of N front ends takes its share of the bound.
+    asked = settings.max_connections
+    if frontend is not None:
+        asked = max(1, asked // frontend.count)
+    max_connections = descriptor_bound(asked)
+    if max_connections < asked:
         log.warning("CAMSERVE_MAX_CONNECTIONS lowered to what the descriptor limit allows",
-                    extra={"asked": settings.max_connections, "max_connections": max_connections})
+                    extra={"asked": asked, "max_connections": max_connections})
     guard = ConnectionGuard(settings.client_timeout_s, max_connections,
                             linger_bytes(settings.max_upload_bytes))
     config = uvicorn.Config(
@@ -157,7 +175,10 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         timeout_graceful_shutdown=max(5, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app, in_flight, settings.drain_timeout_s)
-    server.run()
+    if frontend is None:
+        server.run()
+    else:  # the supervisor's socket, already listening (service.frontends)
+        server.run(sockets=[socket.socket(fileno=frontend.fd)])
     if server.device_failed is not None:
         _exit_now(EXIT_DEVICE_FAILED)
     if server.cut_short is not None:
