@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return 0
 
-    quiet = {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto")}
+    # One front end: the CPU figures are of one process (loadtests.bench_frontends compares more).
+    quiet = {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto"), "CAMSERVE_WORKERS": "1"}
     configs = {
         "batched": Config("batched", [sys.executable, "-m", "service", "--log-level", "warning"],
                           {**quiet, "CAMSERVE_MAX_BATCH_SIZE": "8"}, "/readyz"),

@@ -34,6 +34,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.types import ASGIApp
 
 import service.openmp  # noqa: F401  (before torch loads: see its docstring)
 from service import frontends
@@ -153,7 +154,12 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         frontends.watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     # The engine calls back on a fatal device error; the server is built below.
     app = create_app(settings, worker_factory, specs=specs, on_fatal=lambda reason: server.fatal(reason))
-    in_flight = InFlight(app if frontend is None else frontends.Tagged(app, frontend.index))
+    served: ASGIApp = app
+    if frontend is not None:
+        served = frontends.Tagged(app, frontend.index)
+        if frontend.index > 0:  # listens once its models are loaded (service.frontends)
+            served = frontends.JoinWhenReady(served, lambda: app.state.engine.wait_ready())
+    in_flight = InFlight(served)
     # Each of N front ends takes its share of the bound.
     asked = settings.max_connections
     if frontend is not None:

@@ -5,11 +5,16 @@ hundred requests a second whatever the device could compute. With ``N > 1`` the 
 becomes a small **supervisor** of ``N`` complete server processes (front ends), each with its
 own engine and model copies, serving the same port:
 
-- The supervisor binds ``N`` listening sockets to the port with ``SO_REUSEPORT`` and hands one
-  to each front end (inherited descriptor), so the kernel spreads new connections over them by
-  their addresses. One shared socket would let the first process to wake take a whole burst of
+- The supervisor binds ``N`` sockets to the port with ``SO_REUSEPORT`` (after checking with a
+  plain bind that no other server listens there) and hands one to each front end (inherited
+  descriptor); the kernel spreads new connections over those listening, by their addresses. One shared socket would let the first process to wake take a whole burst of
   connections (asyncio accepts up to 100 per wake-up), and keep-alive clients would then stay
   on it.
+- Front end 0 listens at once, as a single server does (``/healthz`` answers while the models
+  load, ``/readyz`` says 503 until they are ready); the others listen only once their models
+  are loaded (:class:`JoinWhenReady`), so no connection reaches a process that would answer
+  "still loading" while another is ready. Each answers ``/healthz`` and ``/readyz`` for itself:
+  a probe sees the state of the process its connection reached.
 - Each front end gets ``cores / N`` torch and decode threads (unless ``CAMSERVE_TORCH_THREADS``
   or ``CAMSERVE_DECODE_THREADS`` is set) and ``CAMSERVE_MAX_CONNECTIONS / N`` connections.
 - A temporary folder, removed at exit, holds what the front ends share: prometheus-client's
@@ -45,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -129,8 +134,15 @@ def watch_parent(on_orphaned: Callable[[], None]) -> None:
 
 
 def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` sockets listening on one port, ``SO_REUSEPORT`` (the first fixes port 0)."""
+    """``count`` sockets bound to one port with ``SO_REUSEPORT``: the first listening (so that no
+    other server can take the port from here on), the others not yet (each front end listens
+    when it serves). The port is first bound plainly, which fails if any other server listens
+    there (with ``SO_REUSEPORT`` alone, a second camserve would silently share it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]  # port 0: the one the system chose
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -139,9 +151,9 @@ def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
-            port = sock.getsockname()[1]
-            sock.listen(2048)
             sock.set_inheritable(True)
+            if not sockets[1:]:
+                sock.listen(2048)
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -282,3 +294,24 @@ class Tagged:
             await send(message)
 
         await self.app(scope, receive, tagged)
+
+
+class JoinWhenReady:
+    """ASGI wrapper of front ends 1..N-1: the lifespan's start-up completes (so uvicorn starts
+    listening) only once ``ready()`` returns, when the models are loaded (or failed to)."""
+
+    def __init__(self, app: ASGIApp, ready: Callable[[], Awaitable[None]]) -> None:
+        self.app = app
+        self.ready = ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_when_ready(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await self.ready()
+            await send(message)
+
+        await self.app(scope, receive, send_when_ready)
