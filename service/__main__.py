@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
             child_argv = ["--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
             _exit_now(frontends.supervise(args.host, args.port, workers, child_argv))
     else:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(frontends.LogField(frontend.index))
         frontends.watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     # The engine calls back on a fatal device error; the server is built below.
     app = create_app(settings, worker_factory, specs=specs, on_fatal=lambda reason: server.fatal(reason))

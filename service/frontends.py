@@ -7,27 +7,30 @@ own engine and model copies, serving the same port:
 
 - The supervisor binds ``N`` sockets to the port with ``SO_REUSEPORT`` (after checking with a
   plain bind that no other server listens there) and hands one to each front end (inherited
-  descriptor); the kernel spreads new connections over those listening, by their addresses. One shared socket would let the first process to wake take a whole burst of
-  connections (asyncio accepts up to 100 per wake-up), and keep-alive clients would then stay
-  on it.
-- Front end 0 listens at once, as a single server does (``/healthz`` answers while the models
-  load, ``/readyz`` says 503 until they are ready); the others listen only once their models
-  are loaded (:class:`JoinWhenReady`), so no connection reaches a process that would answer
-  "still loading" while another is ready. Each answers ``/healthz`` and ``/readyz`` for itself:
-  a probe sees the state of the process its connection reached.
+  descriptor); the kernel spreads new connections over the listening ones by their addresses.
+  One shared socket would let the first process to wake take a whole burst of connections
+  (asyncio accepts up to 100 per wake-up), and keep-alive clients would then stay on it.
+- The first socket listens at once (front end 0 serves it as a single server does:
+  ``/healthz`` answers while the models load, ``/readyz`` says 503 until they are ready); the
+  other front ends listen only once their models are loaded (:class:`JoinWhenReady`), so no
+  connection reaches a process still loading while another is ready. Each answers
+  ``/healthz`` and ``/readyz`` for itself: a probe sees the process its connection reached.
 - Each front end gets ``cores / N`` torch and decode threads (unless ``CAMSERVE_TORCH_THREADS``
   or ``CAMSERVE_DECODE_THREADS`` is set) and ``CAMSERVE_MAX_CONNECTIONS / N`` connections.
 - A temporary folder, removed at exit, holds what the front ends share: prometheus-client's
   multiprocess files (``PROMETHEUS_MULTIPROC_DIR``: ``/metrics`` from any front end sums
   them) and the jobs (:mod:`service.api.sharedjobs`), so a job is seen, followed and cancelled
   from whichever process a request lands on.
-- SIGTERM (or SIGINT) is forwarded once to every front end, which drains as a single server
-  does; the supervisor exits 0 when they all exited 0.
+- SIGTERM (or SIGINT) is forwarded to every front end, which drains as a single server does
+  (a second one stops at once, as there); the supervisor exits 0 when they all exited 0.
 - A front end that exits on its own (status 70 after a fatal device error, a crash, a kill)
   stops the others (SIGTERM: they drain) and the supervisor exits 70, or 1 for any other
   failure: the whole service is restarted by its container policy or orchestrator, as one
   process is, rather than a supervisor restarting a front end behind the orchestrator's back.
 - Front ends watch their parent: when the supervisor is killed they drain and exit too.
+- Each front end batches its own requests: with ``N`` of them on one GPU, ``N`` CUDA contexts
+  take turns on it with batches up to ``CAMSERVE_MAX_BATCH_SIZE`` each (a device-owner process
+  fed by all would batch across them, at the price of moving images between processes).
 
 ``N = 1`` (and ``CAMSERVE_WORKERS=1``) is the single process, exactly as before. The default,
 0, takes the cores the process may use (CPU affinity and the cgroup's CPU quota), at most
@@ -273,6 +276,18 @@ def _forget_metrics(pid: int, shared: Path) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, str(shared / "metrics"))
+
+
+class LogField(logging.Filter):
+    """Adds ``front_end: <index>`` to every log record of a front end."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.front_end = self.index
+        return True
 
 
 class Tagged:
