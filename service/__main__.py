@@ -30,9 +30,9 @@ import signal
 import socket
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
@@ -40,12 +40,14 @@ import service.openmp  # noqa: F401  (before torch loads: see its docstring)
 from service import frontends
 from service.config import Settings, get_settings
 from service.connections import ConnectionGuard, descriptor_bound, linger_bytes
-from service.engine.pool import WorkerFactory
 from service.logs import configure_logging
-from service.main import checked_specs, create_app
-from service.models.loader import ModelLoadError
-from service.models.spec import ModelsFileError, ModelSpec
+from service.models.spec import ModelsFileError, ModelSpec, registered_specs
 from service.shutdown import InFlight
+
+if TYPE_CHECKING:  # torch comes with these: imported where a server runs, not in the supervisor
+    from fastapi import FastAPI
+
+    from service.engine.pool import WorkerFactory
 
 log = logging.getLogger("service")
 
@@ -107,16 +109,27 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def _usable_settings() -> tuple[Settings, list[ModelSpec]]:
-    """The settings and the checked models, or one log line and exit status 1."""
+def _usable_settings(weights: bool = True) -> tuple[Settings, list[ModelSpec]]:
+    """The settings and the checked models, or one log line and exit status 1. ``weights=False``
+    (the supervisor of several front ends, which never loads torch): the models file is read
+    but the weights are left to the front ends, and no models are returned."""
+    refused: tuple[type[Exception], ...] = (ModelsFileError, RuntimeError)
     try:
         settings = get_settings()
+        if not weights:
+            if settings.default_model not in registered_specs(settings.models_file):
+                raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
+            return settings, []
+        from service.main import checked_specs
+        from service.models.loader import ModelLoadError
+
+        refused = (*refused, ModelLoadError)
         return settings, checked_specs(settings)
     except ValidationError as exc:
         problems = "; ".join(f"CAMSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
                              for e in exc.errors())
         reason = f"invalid settings: {problems}"
-    except (ModelsFileError, ModelLoadError, RuntimeError) as exc:
+    except refused as exc:
         reason = str(exc)
     log.error("cannot start: %s", reason)
     raise SystemExit(1)
@@ -143,9 +156,9 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
     configure_logging(getattr(logging, args.log_level.upper()))
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 (the cores) or more")
-    settings, specs = _usable_settings()
     frontend = frontends.current()
     if frontend is None:
+        settings, _ = _usable_settings(weights=False)
         workers = frontends.worker_count(settings.workers if args.workers is None else args.workers)
         if workers > 1:
             child_argv = ["--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
@@ -154,6 +167,8 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         for handler in logging.getLogger().handlers:
             handler.addFilter(frontends.LogField(frontend.index))
         frontends.watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    settings, specs = _usable_settings()
+    from service.main import create_app  # torch: only where a server runs
     # The engine calls back on a fatal device error; the server is built below.
     app = create_app(settings, worker_factory, specs=specs, on_fatal=lambda reason: server.fatal(reason))
     served: ASGIApp = app

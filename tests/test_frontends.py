@@ -103,6 +103,9 @@ def counted(text: str, name: str, **labels: str) -> float:
 
 def test_both_front_ends_serve_and_metrics_sum_them(server: Server) -> None:
     assert len(children(server)) == 2  # two server processes under the supervisor
+    # The supervisor stays small: torch is loaded by the front ends only.
+    assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+    assert all("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in children(server))
     served = {0: 0, 1: 0}
     for index in (0, 1, 0, 1):
         answer = on(server, index, "POST", "/predict", files={"file": ("cat.png", CAT, "image/png")})
