@@ -215,3 +215,32 @@ def fatal_png(tag: int) -> bytes:
     from tests.test_fatal_exit import png
 
     return png(tag)
+
+
+def test_a_front_end_killed_stops_the_service_with_1(tmp_path: Path) -> None:
+    server = start(tmp_path, module="tests.fatal_server")
+    try:
+        first, second = children(server)
+        os.kill(second, signal.SIGKILL)
+        assert server.process.wait(timeout=120) == 1
+        assert not Path(f"/proc/{first}").exists()  # the other one was stopped, not left behind
+        log = server.log_path.read_text()
+        assert f"(pid {second}) exited with status -{int(signal.SIGKILL)}; stopping the others" in log
+        assert "drained; shutting down" in log
+    finally:
+        stop(server)
+
+
+def test_front_ends_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    server = start(tmp_path, module="tests.fatal_server")
+    try:
+        front_ends = children(server)
+        server.process.kill()
+        server.process.wait()
+        # Each notices its parent has gone, drains and exits.
+        poll(lambda: not any(Path(f"/proc/{pid}").exists() and "zombie" not in
+                             Path(f"/proc/{pid}/status").read_text() for pid in front_ends),
+             "the front ends to exit", timeout_s=60)
+        assert server.log_path.read_text().count("the supervisor has gone; stopping") == 2
+    finally:
+        stop(server)
