@@ -32,28 +32,13 @@ input_size = [96, 96]
 """
 
 
-def tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds of ``pid`` and its children (the supervisor and its front ends)."""
-    total = serving.process_cpu_s(pid)
-    if total is None:
-        return None
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return total + sum(serving.process_cpu_s(int(child)) or 0.0 for child in children)
-
-
 async def measured(server: Server, image: bytes, concurrency: int, seconds: float, warm_up_s: float) -> None:
-    """One turn of load on ``server``, its processes' CPU time added to its outcome."""
+    """One turn of load on ``server``; its processes' CPU time (``bench_serving.tree_cpu_s``)
+    added to its outcome."""
     outcome = server.outcome
     if warm_up_s:
         await serving.load(server.base, image, concurrency, warm_up_s, Outcome("warm-up"))
-    before = tree_cpu_s(server.process.pid)
-    await serving.load(server.base, image, concurrency, seconds, outcome)
-    after = tree_cpu_s(server.process.pid)
-    if before is not None and after is not None:
-        outcome.server_cpu_s = (outcome.server_cpu_s or 0.0) + after - before
+    await serving.load(server.base, image, concurrency, seconds, outcome, server_pid=server.process.pid)
 
 
 def main(argv: list[str] | None = None) -> int:

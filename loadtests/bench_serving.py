@@ -204,6 +204,19 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live children: with several front ends
+    (``CAMSERVE_WORKERS``), the supervisor and the server processes under it."""
+    total = process_cpu_s(pid)
+    if total is None:
+        return None
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return total + sum(process_cpu_s(int(child)) or 0.0 for child in children)
+
+
 def own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -247,13 +260,13 @@ async def load(
         if warm_up_s:
             warm_until = time.perf_counter() + warm_up_s
             await asyncio.gather(*(client_loop(warm_until, False) for _ in range(concurrency)))
-        server_before = process_cpu_s(server_pid) if server_pid else None
+        server_before = tree_cpu_s(server_pid) if server_pid else None
         client_before = own_cpu_s()
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(began + duration_s, True) for _ in range(concurrency)))
         outcome.elapsed += time.perf_counter() - began
         outcome.client_cpu_s += own_cpu_s() - client_before
-        server_after = process_cpu_s(server_pid) if server_pid else None
+        server_after = tree_cpu_s(server_pid) if server_pid else None
         if server_before is not None and server_after is not None:
             outcome.server_cpu_s = (outcome.server_cpu_s or 0.0) + server_after - server_before
 

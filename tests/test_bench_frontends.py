@@ -1,5 +1,6 @@
 """The front-end benchmark's pieces (the benchmark itself runs by hand): its cheap model is a
-valid registration that loads at 96x96, and CPU time is summed over the server's processes."""
+valid registration at 96x96, and CPU time is summed over the server's processes
+(``bench_serving.tree_cpu_s``, which every serving benchmark uses)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests import bench_frontends
+from loadtests import bench_frontends, bench_serving
 from service.models.spec import read_models_file
 
 
@@ -30,8 +31,8 @@ def test_cpu_time_counts_the_children_too() -> None:
                                f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}])"])
     try:
         def children_cpu_s() -> float:
-            return (bench_frontends.tree_cpu_s(parent.pid) or 0.0) - (
-                bench_frontends.serving.process_cpu_s(parent.pid) or 0.0)
+            return (bench_serving.tree_cpu_s(parent.pid) or 0.0) - (
+                bench_serving.process_cpu_s(parent.pid) or 0.0)
 
         deadline = time.monotonic() + 60
         while children_cpu_s() < 0.25:
