@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
     if frontend is not None:
         served = frontends.Tagged(app, frontend.index)
         if frontend.index > 0:  # listens once its models are loaded (service.frontends)
-            served = frontends.JoinWhenReady(served, lambda: app.state.engine.wait_ready())
+            served = frontends.JoinWhenReady(served, lambda: app.state.engine.wait_ready(),
+                                             lambda: server.should_exit)
     in_flight = InFlight(served)
     # Each of N front ends takes its share of the bound.
     asked = settings.max_connections

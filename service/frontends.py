@@ -41,6 +41,7 @@ Nothing here imports torch or the HTTP layer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -313,11 +314,14 @@ class Tagged:
 
 class JoinWhenReady:
     """ASGI wrapper of front ends 1..N-1: the lifespan's start-up completes (so uvicorn starts
-    listening) only once ``ready()`` returns, when the models are loaded (or failed to)."""
+    listening) only once ``ready()`` returns, when the models are loaded (or failed to), or
+    once ``stopping()`` holds (a SIGTERM while loading is not kept waiting for the load)."""
 
-    def __init__(self, app: ASGIApp, ready: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, app: ASGIApp, ready: Callable[[], Awaitable[None]],
+                 stopping: Callable[[], bool]) -> None:
         self.app = app
         self.ready = ready
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -326,7 +330,17 @@ class JoinWhenReady:
 
         async def send_when_ready(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
-                await self.ready()
+                await self._ready_or_stopping()
             await send(message)
 
         await self.app(scope, receive, send_when_ready)
+
+    async def _ready_or_stopping(self) -> None:
+        ready = asyncio.ensure_future(self.ready())
+        try:
+            while not self.stopping():
+                done, _ = await asyncio.wait([ready], timeout=_PARENT_POLL_S / 10)
+                if done:
+                    return
+        finally:
+            ready.cancel()

@@ -57,3 +57,36 @@ def test_the_port_is_refused_when_another_server_listens(tmp_path: Path) -> None
         other.listen()
         port = other.getsockname()[1]
         assert frontends.supervise("127.0.0.1", port, 2, []) == frontends.EXIT_FAILED
+
+
+def _lifespan_app() -> object:
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        await send({"type": "lifespan.startup.complete"})  # type: ignore[operator]
+
+    return app
+
+
+@pytest.mark.parametrize("how", ["ready", "stopping"])
+def test_a_later_front_end_starts_listening_once_ready_or_stopping(how: str) -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        loaded, stop = asyncio.Event(), False
+        sent: list[str] = []
+
+        async def send(message: dict[str, str]) -> None:
+            sent.append(message["type"])
+
+        wrapper = frontends.JoinWhenReady(_lifespan_app(), loaded.wait, lambda: stop)  # type: ignore[arg-type]
+        startup = asyncio.create_task(wrapper({"type": "lifespan"}, None, send))  # type: ignore[arg-type]
+        for _ in range(20):  # the models are loading: uvicorn is not told to listen yet
+            await asyncio.sleep(0.01)
+        assert sent == [] and not startup.done()
+        if how == "ready":
+            loaded.set()
+        else:
+            stop = True
+        await asyncio.wait_for(startup, 10)
+        assert sent == ["lifespan.startup.complete"]
+
+    asyncio.run(scenario())
