@@ -19,6 +19,7 @@ States: ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``cancelled``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -271,7 +272,8 @@ class JobStore:
             for job in [j for j in self._jobs.values() if not j.finished]:
                 if self.shared.cancel_requested(job.job_id):
                     log.info("job cancelled from another front end", extra={"job_id": job.job_id})
-                    await self.cancel(job.job_id)
+                    with contextlib.suppress(ServiceError):  # expired meanwhile: nothing to stop
+                        await self.cancel(job.job_id)
 
     def _changed(self, job: Job) -> None:
         """Publish a change: a new status at once, progress at most every PUBLISH_EVERY_S."""
