@@ -74,15 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         serving.stop(servers)
     print(f"\n/explain, Grad-CAM, mask ({form['mask_encoding']}, {form['mask_size']} size) + overlay PNG, "
           f"chelsea.png, concurrency {args.concurrency}")
-    print("(cpu srv: CPU ms per answered request, of every server process together)")
+    print("(cpu: CPU ms per answered request, of every server process together and of the load client;"
+          " cores: what they used meanwhile)")
     print(f"{'config':<14} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} "
-          f"{'cpu srv':>8}")
+          f"{'cpu srv':>8} {'cpu cli':>8} {'cores':>6}")
     for server in servers:
         o = server.outcome
         errors = ",".join(f"{k}:{v}" for k, v in sorted(o.errors.items())) or "0"
-        cpu = o.cpu_ms(o.server_cpu_s)
+        cpu, client = o.cpu_ms(o.server_cpu_s), o.cpu_ms(o.client_cpu_s)
+        cores = ((o.server_cpu_s or 0.0) + o.client_cpu_s) / o.elapsed if o.elapsed else 0.0
         print(f"{o.name:<14} {len(o.latencies):>8} {o.throughput:>7.1f} {o.percentile(0.5) * 1000:>8.0f} "
-              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {cpu if cpu is None else round(cpu, 1)!s:>8}")
+              f"{o.percentile(0.99) * 1000:>8.0f} {errors:>8} {cpu if cpu is None else round(cpu, 1)!s:>8} "
+              f"{client if client is None else round(client, 1)!s:>8} {cores:>6.2f}")
     one, two = (server.outcome.throughput for server in servers)
     if one:
         print(f"throughput 2 front ends / 1 front end: {two / one:.2f}x")
