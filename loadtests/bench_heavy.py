@@ -70,7 +70,8 @@ def run(concurrency: int, duration_s: float, heavy_form: dict[str, str], workdir
     image = IMAGE.read_bytes()
     port = free_port()
     config = Config("camserve", [sys.executable, "-m", "service", "--log-level", "warning"],
-                    {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto")}, "/readyz")
+                    {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto"), "CAMSERVE_WORKERS": "1"},
+                    "/readyz")
     process = start(config, port, workdir / "camserve.log")
     base = f"http://127.0.0.1:{port}"
     try:
