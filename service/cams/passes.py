@@ -55,7 +55,9 @@ class PassRun:
     """One heavy explanation's passes: how far it is, and whether it may go on."""
 
     deadline: float  # time.monotonic() after which no further pass runs
-    total: float  # passes expected, in forward-pass equivalents (an estimate until the run ends; never below ``done``)
+    # passes expected, in forward-pass equivalents (an estimate until the run ends; never below
+    # ``done``)
+    total: float
     budget_s: float = 0.1  # target duration of one chunk
     seconds_per_pass: float = 0.02  # first guess at one image's forward pass on this device
     turn: Turn | None = None
