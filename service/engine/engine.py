@@ -3,8 +3,10 @@
 Route handlers call :meth:`Engine.submit` and await; they never touch torch. Each worker slot
 (one per device, see :mod:`service.engine.pool`) has a runner coroutine that, whenever its slot
 is free, takes the oldest queued image and the queued images compatible with it (same model,
-methods and layers) up to ``max_batch_size``, waiting at most ``max_batch_delay_ms`` counted
-from the oldest image's arrival. Incompatible images keep their place for the next batch, and
+methods and layers) up to the slot's batch size (``CAMSERVE_MAX_BATCH_SIZE``, else its device
+kind's default, :meth:`service.config.Settings.batch_size_for`: a CUDA slot forms larger
+batches than a CPU slot), waiting at most ``max_batch_delay_ms`` counted from the oldest
+image's arrival. Incompatible images keep their place for the next batch, and
 a request's images may be spread over several batches; each has its own future, so the
 request reassembles them in upload order.
 
@@ -144,7 +146,7 @@ class Engine:
             devices = self.devices or resolve_devices(self.settings.device)
             self.slots = [WorkerSlot(i, d, self.worker_factory) for i, d in enumerate(devices)]
             catalogs = await asyncio.gather(*(
-                slot.start(self.specs, self._warm_sizes()) for slot in self.slots
+                slot.start(self.specs, self._warm_sizes(slot.device)) for slot in self.slots
             ))
         except Exception as exc:
             self.state, self.failure = "failed", str(exc)
@@ -163,8 +165,11 @@ class Engine:
         log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
                                         "models": list(self._catalog)})
 
-    def _warm_sizes(self) -> list[int]:
-        return warm_batch_sizes(self.settings.max_batch_size) if self.settings.warmup else []
+    def _warm_sizes(self, device: torch.device) -> list[int]:
+        """The batch sizes a slot on ``device`` will see, up to its own largest batch."""
+        if not self.settings.warmup:
+            return []
+        return warm_batch_sizes(self.settings.batch_size_for(device.type), device)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -432,7 +437,7 @@ class Engine:
     async def _run(self, slot: WorkerSlot) -> None:
         """One slot's loop: whenever the slot is free, take the next batch and compute it."""
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(slot)
             self._in_flight += len(batch)
             self._computing[slot.index] = batch
             try:
@@ -458,8 +463,10 @@ class Engine:
                 self._in_flight -= len(batch)
                 self._changed.set()
 
-    async def _next_batch(self) -> list[WorkItem]:
-        max_size = self.settings.max_batch_size
+    async def _next_batch(self, slot: WorkerSlot) -> list[WorkItem]:
+        """The next batch for ``slot``, at most its device kind's size (a CUDA slot takes
+        more images at once than a CPU slot beside it)."""
+        max_size = self.settings.batch_size_for(slot.device.type)
         max_delay = self.settings.max_batch_delay_ms / 1000.0
         async with self._forming:
             while True:

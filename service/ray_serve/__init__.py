@@ -128,7 +128,8 @@ class _ModelReplica:
         channels_last, precision = self.settings.channels_last, self.settings.precision
         self.slot = WorkerSlot(0, device, lambda d: Worker(d, threads, channels_last=channels_last,
                                                            precision=precision))
-        warm = warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
+        size = self.settings.batch_size_for(device.type)
+        warm = warm_batch_sizes(size, device) if self.settings.warmup else []
         self.info = (await self.slot.start([spec], warm))[model]
         self.device_failed: str | None = None
         log.info("model replica ready", extra={"model": model, "device": str(device)})
@@ -274,6 +275,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
     values = settings.model_dump(mode="json")
     overrides = _deployment_overrides(args.get("deployments"))
     gpus = _gpus_per_replica(args.get("gpus_per_replica"), settings.device)
+    # The ingress's engine forms the batches on CPU slots for replicas on the devices Ray
+    # gives them: unset, the batch size is that of the replicas' kind, decided here once.
+    values["max_batch_size"] = settings.batch_size_for("cuda" if gpus > 0 else "cpu")
     handles = {}
     for name in registered_specs(settings.models_file):
         deployment_name = model_deployment_name(name)
