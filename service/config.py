@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         True, description="run a forward and a CAM pass per model and batch size before ready"
     )
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    gpu_decode: Literal["auto", "off"] = Field(
+        "auto", description="auto: on CUDA workers, baseline JPEGs are decoded (nvjpeg) and resized "
+        "on the device; off: every file is decoded on the host"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="CUDA only: the model's forward under autocast in this dtype; CAM maths "
         "stays float32, and fp32 turns TF32 off"

@@ -240,6 +240,13 @@ class Engine:
         return self._seconds_per_pass
 
     @property
+    def jpeg_on_device(self) -> bool:
+        """Whether the API hands this engine baseline JPEGs as bytes for the workers to decode
+        (service.imaging.encoded): ``CAMSERVE_GPU_DECODE=auto`` and every slot on CUDA."""
+        return (self.settings.gpu_decode == "auto" and bool(self.slots)
+                and all(slot.device.type == "cuda" for slot in self.slots))
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 
@@ -772,7 +779,9 @@ class Engine:
         for item, result in zip(items, results, strict=True):
             result.queue_ms = (started - item.enqueued) * 1000
             result.batch_size = len(items)
-            if not item.future.done():
+            if result.error is not None:
+                _fail(item, result.error)  # its input alone, its neighbours answered
+            elif not item.future.done():
                 item.future.set_result(result)
         first = items[0]
         methods = list(first.explain.methods) if first.explain else []
@@ -790,7 +799,7 @@ class Engine:
 
 def _fit_key(item: WorkItem) -> tuple[object, ...]:
     """What decides a batch's memory: its model, methods, layers and options, and input shape."""
-    return (*item.batch_key(), item.pixels.shape)
+    return (*item.batch_key(), item.input_shape())
 
 
 def _note_request(state: dict[str, Any] | None, items: Sequence[WorkItem]) -> None:

@@ -202,7 +202,8 @@ class RemoteWorker:
         """Model replicas warm up before they take traffic."""
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
-        payload = [RemoteItem(i.model, i.pixels, i.topk, i.explain, i.request_id) for i in items]
+        # The ingress's slots are CPU ones, so the API decodes every file: pixels, never bytes.
+        payload = [RemoteItem(i.model, _pixels(i), i.topk, i.explain, i.request_id) for i in items]
         try:
             results: list[ItemResult] = self.handles[items[0].model].compute.remote(payload).result()
         except Exception as exc:
@@ -211,6 +212,12 @@ class RemoteWorker:
                 raise ReplicaDeviceFailed("a model replica's device failed; Serve replaces it") from None
             raise
         return results
+
+
+def _pixels(item: WorkItem) -> np.ndarray:
+    if item.pixels is None:
+        raise RuntimeError("a model replica is sent decoded pixels only")
+    return item.pixels
 
 
 class _Ingress:

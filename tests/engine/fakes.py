@@ -44,6 +44,7 @@ class Script:
     device_batches: list[tuple[str, list[int]]] = field(default_factory=list)
     # Per device kind, a gate of its own in place of ``gate`` (so one kind's slot can be held).
     gates: dict[str, threading.Event] = field(default_factory=dict)
+    items: list[WorkItem] = field(default_factory=list)  # every item computed, in order
     built: int = 0  # workers the factory built
     builds_allowed: int | None = None  # the factory fails after this many
     warmed: list[list[int]] = field(default_factory=list)
@@ -103,7 +104,8 @@ class Script:
 
 
 def tag_of(item: WorkItem) -> int:
-    return int(item.pixels[0, 0, 0])
+    """The first pixel value; 0 for an encoded input (a JPEG left for the device to decode)."""
+    return int(item.pixels[0, 0, 0]) if item.pixels is not None else 0
 
 
 class FakeWorker:
@@ -125,6 +127,7 @@ class FakeWorker:
         with script._lock:
             script.batches.append(tags)
             script.device_batches.append((self.device.type, tags))
+            script.items.extend(items)
         script.notify()
         script.gates.get(self.device.type, script.gate).wait(WAIT_S)
         if script.fatal & set(tags):
