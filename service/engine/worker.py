@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
@@ -107,6 +109,9 @@ class Worker:
         self.models: dict[str, LoadedModel] = {}
         # One image's forward pass in seconds, measured in warm-up (the slowest model's).
         self.seconds_per_pass: float | None = None
+        # False once the device's JPEG decoder failed on a file any decoder reads (warm-up):
+        # encoded inputs then take the host path at once instead of failing twice each.
+        self.device_jpeg = True
 
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
         if self.device.type == "cpu":
@@ -150,7 +155,20 @@ class Worker:
                         self.seconds_per_pass = max(self.seconds_per_pass or 0.0, per_image)
                 with self.autocast():
                     explain_batch(runner, inputs, [loaded.default_layer], [gradcam], [None] * size)
+        if self.device.type == "cuda":
+            self._warm_decoder()
         self._synchronize()
+
+    def _warm_decoder(self) -> None:
+        """Decode a small JPEG on the device, so the first request does not pay nvjpeg's
+        set-up; a decoder that fails here is not used (encoded inputs take the host path)."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 30, 200)).save(buffer, format="JPEG")
+        (decoded,) = self._decode([EncodedImage(buffer.getvalue(), 64, 48, None, None)])
+        if isinstance(decoded, Exception):
+            self.device_jpeg = False
+            log.warning("the device cannot decode JPEGs; the host decodes them",
+                        extra={"device": str(self.device), "reason": str(decoded)[:200]})
 
     def autocast(self) -> AbstractContextManager[object]:
         """The model's forward in ``precision`` on CUDA (CAM maths stays float32: the
@@ -377,6 +395,8 @@ class Worker:
         engine's own handling), never taken for a bad file."""
         if not images:
             return []
+        if not self.device_jpeg:
+            return [RuntimeError("the device's JPEG decoder is not used")] * len(images)
         # torchvision 0.29 points at TorchCodec on every call; its decoder is still the one
         # with nvjpeg batches. (A filter, not catch_warnings: that is not thread-safe.)
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",

@@ -31,6 +31,7 @@ from service.errors import UnsupportedMedia
 from service.imaging.decode import DecodeLimits, decode_image
 from service.imaging.encoded import routed_frame
 from service.imaging.limits import ByteBudget
+from service.imaging.preprocess import resize_for_model
 from service.main import create_app
 from service.models.spec import embedded_default
 from tests.engine.fakes import Script, settings
@@ -217,27 +218,54 @@ def test_a_corrupt_jpeg_is_the_same_415_and_the_service_keeps_serving(clients: d
     assert post(clients["device"], "/explain", jpeg()).status_code == 200
 
 
-def test_in_one_batch_only_the_corrupt_jpeg_fails() -> None:
-    worker = Worker(CPU, 1)
-    worker.load([embedded_default()])
+@pytest.fixture(scope="module")
+def worker() -> Worker:
+    loaded = Worker(CPU, 1)
+    loaded.load([embedded_default()])
+    return loaded
+
+
+def _compute(worker: Worker, *inputs: bytes | np.ndarray) -> list[ItemResult]:
+    """One batch: JPEG bytes as encoded items (as the API routes them), arrays as pixels."""
     loop = asyncio.new_event_loop()
     try:
         limits = DecodeLimits(10**8, 4, reduce_to=(1024, 224))
         spec = ExplainSpec(("gradcam",), ("features.18",), None, (224, 224), None)
-
-        def encoded(data: bytes) -> WorkItem:
-            routed = routed_frame(data, limits, "x.jpg", 1024, False)
-            assert routed is not None
-            return WorkItem("mobilenet_v2", None, 1, spec, time.monotonic() + 60, loop.create_future(),
-                            encoded=routed[1])
-
-        pixels = np.asarray(cat().resize((224, 224), Image.Resampling.BILINEAR))
-        plain = WorkItem("mobilenet_v2", pixels, 1, spec, time.monotonic() + 60, loop.create_future())
-        results = worker.compute([encoded(jpeg()), encoded(corrupt_jpeg()), plain])
+        items = []
+        for one in inputs:
+            if isinstance(one, bytes):
+                routed = routed_frame(one, limits, "x.jpg", 1024, False)
+                assert routed is not None
+                items.append(WorkItem("mobilenet_v2", None, 1, spec, time.monotonic() + 60,
+                                      loop.create_future(), encoded=routed[1]))
+            else:
+                items.append(WorkItem("mobilenet_v2", one, 1, spec, time.monotonic() + 60,
+                                      loop.create_future()))
+        return worker.compute(items)
     finally:
         loop.close()
+
+
+def test_in_one_batch_only_the_corrupt_jpeg_fails(worker: Worker) -> None:
+    pixels = np.asarray(cat().resize((224, 224), Image.Resampling.BILINEAR))
+    results = _compute(worker, jpeg(), corrupt_jpeg(), pixels)
     assert [type(r.error) for r in results] == [type(None), UnsupportedMedia, type(None)]
     assert "could not be decoded" in str(results[1].error)
-    good, _, plain_result = results
-    assert good.predictions[0][0] == plain_result.predictions[0][0]
-    assert _pearson(good.explanations[0].mask, plain_result.explanations[0].mask) >= 0.99
+    good, _, plain = results
+    assert good.predictions[0][0] == plain.predictions[0][0]
+    assert _pearson(good.explanations[0].mask, plain.explanations[0].mask) >= 0.99
+
+
+def test_a_device_decoder_that_fails_its_warm_up_is_not_used(worker: Worker) -> None:
+    worker._warm_decoder()
+    assert worker.device_jpeg  # torchvision's decoder reads JPEGs on the CPU
+    worker.device_jpeg = False
+    try:
+        on_host = _compute(worker, jpeg())[0]
+    finally:
+        worker.device_jpeg = True
+    # Exactly the API's host decode: Pillow's pixels, resized as resize_for_model does.
+    decoded = Image.open(io.BytesIO(jpeg())).convert("RGB")
+    plain = _compute(worker, resize_for_model(decoded, (224, 224)))[0]
+    assert on_host.error is None
+    np.testing.assert_allclose(on_host.explanations[0].mask, plain.explanations[0].mask, atol=1e-6)
