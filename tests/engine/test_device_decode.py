@@ -107,6 +107,16 @@ def test_a_cuda_engine_is_sent_a_baseline_jpeg_as_bytes_and_other_files_as_pixel
             assert sent(script).pixels.shape == (224, 224, 3), kind  # type: ignore[union-attr]
 
 
+def test_kserve_jpegs_are_sent_as_bytes_too() -> None:
+    script = Script()
+    instance = {"image": {"b64": base64.b64encode(jpeg()).decode()}}
+    with fake_serving(script, [CUDA]) as client:
+        for verb in ("predict", "explain"):
+            response = client.post(f"/v1/models/mobilenet_v2:{verb}", json={"instances": [instance]})
+            assert response.status_code == 200, response.text
+            assert sent(script).pixels is None and sent(script).encoded is not None, verb
+
+
 def test_a_cpu_engine_and_the_setting_off_get_pixels_as_before() -> None:
     for devices, overrides in (([CPU], {}), ([CUDA], {"gpu_decode": "off"}), ([CUDA, CPU], {})):
         script = Script()
