@@ -26,7 +26,17 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.bench_serving import IMAGE, Config, Outcome, free_port, load, start, stop, wait_ready
+from loadtests.bench_serving import (
+    IMAGE,
+    Config,
+    Outcome,
+    free_port,
+    load,
+    start,
+    stop,
+    tree_cpu_s,
+    wait_ready,
+)
 
 HEAVY_TIMEOUT_S = 600
 
@@ -49,9 +59,11 @@ async def heavy_loop(
 
 async def phase(
     base: str, image: bytes, concurrency: int, duration_s: float, heavy_form: dict[str, str] | None,
-    light: bool, minimum_heavy: int,
+    light: bool, minimum_heavy: int, cores: list[float] | None = None, server_pid: int | None = None,
 ) -> tuple[Outcome, list[float]]:
+    """One phase; appends to ``cores`` the server's CPU seconds per second of it (cores busy)."""
     outcome, heavy_times = Outcome("light"), []
+    cpu_before, started = (tree_cpu_s(server_pid) if server_pid else None), time.perf_counter()
     done = asyncio.Event()
     tasks = []
     if heavy_form is not None:
@@ -63,6 +75,9 @@ async def phase(
         await asyncio.sleep(duration_s)  # the heavy loop alone, for as long as a light phase
     done.set()
     await asyncio.gather(*tasks)
+    cpu_after = tree_cpu_s(server_pid) if server_pid else None
+    if cores is not None and cpu_before is not None and cpu_after is not None:
+        cores.append((cpu_after - cpu_before) / (time.perf_counter() - started))
     return outcome, heavy_times
 
 
@@ -70,17 +85,22 @@ def run(concurrency: int, duration_s: float, heavy_form: dict[str, str], workdir
     image = IMAGE.read_bytes()
     port = free_port()
     config = Config("camserve", [sys.executable, "-m", "service", "--log-level", "warning"],
-                    {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto")}, "/readyz")
+                    {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto"), "CAMSERVE_WORKERS": "1"},
+                    "/readyz")
     process = start(config, port, workdir / "camserve.log")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, base, config.ready_path)
         asyncio.run(load(base, image, concurrency, 3.0, Outcome("warm-up")))  # unrecorded
-        alone, _ = asyncio.run(phase(base, image, concurrency, duration_s, None, True, 0))
+        cores: list[float] = []
+        pid = process.pid
+        alone, _ = asyncio.run(phase(base, image, concurrency, duration_s, None, True, 0, cores, pid))
         print(f"  light alone: {len(alone.latencies)} requests", flush=True)
-        _, heavy_alone = asyncio.run(phase(base, image, concurrency, duration_s, heavy_form, False, 1))
+        _, heavy_alone = asyncio.run(
+            phase(base, image, concurrency, duration_s, heavy_form, False, 1, cores, pid))
         print(f"  heavy alone: {len(heavy_alone)} requests", flush=True)
-        loaded, heavy_loaded = asyncio.run(phase(base, image, concurrency, duration_s, heavy_form, True, 1))
+        loaded, heavy_loaded = asyncio.run(
+            phase(base, image, concurrency, duration_s, heavy_form, True, 1, cores, pid))
         print(f"  both: {len(loaded.latencies)} light and {len(heavy_loaded)} heavy requests", flush=True)
     finally:
         stop([_Running(process)])
@@ -95,6 +115,9 @@ def run(concurrency: int, duration_s: float, heavy_form: dict[str, str], workdir
         "light_rps_loaded": loaded.throughput,
         "heavy_alone_s": statistics.fmean(heavy_alone),
         "heavy_loaded_s": statistics.fmean(heavy_loaded),
+        **({f"server_cores_{name}": value
+            for name, value in zip(("light", "heavy", "both"), cores, strict=True)}
+           if len(cores) == 3 else {}),
     }
 
 
@@ -119,6 +142,19 @@ def report(numbers: dict[str, float]) -> dict[str, float]:
     print()
     for name, value in ratios.items():
         print(f"  {name:<48} {value:6.2f}x")
+    # Whether the three goals fit on this machine at all: if the light clients alone keep every
+    # core busy, the light requests' share of the machine with heavy work (their throughput
+    # against alone's, which with closed-loop clients is 1 / the p50 ratio) and the heavy
+    # request's share (1 / its time ratio) add up to at most about 1, while the goals need
+    # 1/2 + 1/1.5 = 1.17 of it.
+    light_share = n["light_rps_loaded"] / n["light_rps_alone"]
+    heavy_share = n["heavy_alone_s"] / n["heavy_loaded_s"]
+    print(f"\n  shares of the machine together: light {light_share:.2f} + heavy {heavy_share:.2f} = "
+          f"{light_share + heavy_share:.2f} (the goals need 1/2 + 1/1.5 = 1.17)")
+    if "server_cores_light" in n:
+        print(f"  server cores busy: light alone {n['server_cores_light']:.2f}, heavy alone "
+              f"{n['server_cores_heavy']:.2f}, together {n['server_cores_both']:.2f} "
+              f"(of {len(os.sched_getaffinity(0))} cores)")
     return ratios
 
 

@@ -225,22 +225,41 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def torch_threads_cpu_s(pid: int) -> float | None:
-    """CPU seconds so far of the process's threads named ``camserve-worker...``: the worker's
-    threads and the OpenMP threads torch started from them, which inherit the name (servers
-    started through loadtests/named_threads.py). None where there is no such thread."""
+    """CPU seconds so far of the threads named ``camserve-worker...`` of ``pid`` and its
+    children (the front ends under a supervisor): the worker's threads and the OpenMP threads
+    torch started from them, which inherit the name (servers started through
+    loadtests/named_threads.py). None where there is no such thread."""
     from loadtests.named_threads import WORKER_PREFIX
 
     total, found = 0.0, False
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            if not (task / "comm").read_text().startswith(WORKER_PREFIX):
-                continue
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # the thread ended
-        found = True
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for process in [pid, *children_of(pid)]:
+        for task in Path(f"/proc/{process}/task").glob("*"):
+            try:
+                if not (task / "comm").read_text().startswith(WORKER_PREFIX):
+                    continue
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # the thread ended
+            found = True
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total if found else None
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (none where /proc cannot tell)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live children: with several front ends
+    (``CAMSERVE_WORKERS``), the supervisor and the server processes under it."""
+    total = process_cpu_s(pid)
+    if total is None:
+        return None
+    return total + sum(process_cpu_s(child) or 0.0 for child in children_of(pid))
 
 
 def own_cpu_s() -> float:
@@ -286,14 +305,14 @@ async def load(
         if warm_up_s:
             warm_until = time.perf_counter() + warm_up_s
             await asyncio.gather(*(client_loop(warm_until, False) for _ in range(concurrency)))
-        server_before = process_cpu_s(server_pid) if server_pid else None
+        server_before = tree_cpu_s(server_pid) if server_pid else None
         torch_before = torch_threads_cpu_s(server_pid) if server_pid else None
         client_before = own_cpu_s()
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(began + duration_s, True) for _ in range(concurrency)))
         outcome.elapsed += time.perf_counter() - began
         outcome.client_cpu_s += own_cpu_s() - client_before
-        server_after = process_cpu_s(server_pid) if server_pid else None
+        server_after = tree_cpu_s(server_pid) if server_pid else None
         torch_after = torch_threads_cpu_s(server_pid) if server_pid else None
         if server_before is not None and server_after is not None:
             outcome.server_cpu_s = (outcome.server_cpu_s or 0.0) + server_after - server_before
@@ -545,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return 0
 
-    quiet = {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto")}
+    # One front end: the CPU figures are of one process (loadtests.bench_frontends compares more).
+    quiet = {"CAMSERVE_DEVICE": os.environ.get("CAMSERVE_DEVICE", "auto"), "CAMSERVE_WORKERS": "1"}
     configs = {
         "batched": Config("batched", camserve_command("--log-level", "warning"),
                           {**quiet, "CAMSERVE_MAX_BATCH_SIZE": "8"}, "/readyz"),

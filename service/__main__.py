@@ -27,22 +27,27 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.types import ASGIApp
 
 import service.openmp  # noqa: F401  (before torch loads: see its docstring)
+from service import frontends
 from service.config import Settings, get_settings
 from service.connections import ConnectionGuard, descriptor_bound, linger_bytes
-from service.engine.pool import WorkerFactory
 from service.logs import configure_logging
-from service.main import checked_specs, create_app
-from service.models.loader import ModelLoadError
-from service.models.spec import ModelsFileError, ModelSpec
+from service.models.spec import ModelsFileError, ModelSpec, registered_specs
 from service.shutdown import InFlight
+
+if TYPE_CHECKING:  # torch comes with these: imported where a server runs, not in the supervisor
+    from fastapi import FastAPI
+
+    from service.engine.pool import WorkerFactory
 
 log = logging.getLogger("service")
 
@@ -104,16 +109,27 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def _usable_settings() -> tuple[Settings, list[ModelSpec]]:
-    """The settings and the checked models, or one log line and exit status 1."""
+def _usable_settings(weights: bool = True) -> tuple[Settings, list[ModelSpec]]:
+    """The settings and the checked models, or one log line and exit status 1. ``weights=False``
+    (the supervisor of several front ends, which never loads torch): the models file is read
+    but the weights are left to the front ends, and no models are returned."""
+    refused: tuple[type[Exception], ...] = (ModelsFileError, RuntimeError)
     try:
         settings = get_settings()
+        if not weights:
+            if settings.default_model not in registered_specs(settings.models_file):
+                raise RuntimeError(f"CAMSERVE_DEFAULT_MODEL={settings.default_model!r} is not registered")
+            return settings, []
+        from service.main import checked_specs
+        from service.models.loader import ModelLoadError
+
+        refused = (*refused, ModelLoadError)
         return settings, checked_specs(settings)
     except ValidationError as exc:
         problems = "; ".join(f"CAMSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
                              for e in exc.errors())
         reason = f"invalid settings: {problems}"
-    except (ModelsFileError, ModelLoadError, RuntimeError) as exc:
+    except refused as exc:
         reason = str(exc)
     log.error("cannot start: %s", reason)
     raise SystemExit(1)
@@ -134,16 +150,42 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="front-end processes (default CAMSERVE_WORKERS; 0: the cores)")
     args = parser.parse_args(argv)
     configure_logging(getattr(logging, args.log_level.upper()))
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (the cores) or more")
+    frontend = frontends.current()
+    if frontend is None:
+        settings, _ = _usable_settings(weights=False)
+        workers = frontends.worker_count(settings.workers if args.workers is None else args.workers)
+        if workers > 1:
+            child_argv = ["--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
+            _exit_now(frontends.supervise(args.host, args.port, workers, child_argv))
+    else:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(frontends.LogField(frontend.index))
+        frontends.watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     settings, specs = _usable_settings()
+    from service.main import create_app  # torch: only where a server runs
     # The engine calls back on a fatal device error; the server is built below.
     app = create_app(settings, worker_factory, specs=specs, on_fatal=lambda reason: server.fatal(reason))
-    in_flight = InFlight(app)
-    max_connections = descriptor_bound(settings.max_connections)
-    if max_connections < settings.max_connections:
+    served: ASGIApp = app
+    if frontend is not None:
+        served = frontends.Tagged(app, frontend.index)
+        if frontend.index > 0:  # listens once its models are loaded (service.frontends)
+            served = frontends.JoinWhenReady(served, lambda: app.state.engine.wait_ready(),
+                                             lambda: server.should_exit)
+    in_flight = InFlight(served)
+    # Each of N front ends takes its share of the bound.
+    asked = settings.max_connections
+    if frontend is not None:
+        asked = max(1, asked // frontend.count)
+    max_connections = descriptor_bound(asked)
+    if max_connections < asked:
         log.warning("CAMSERVE_MAX_CONNECTIONS lowered to what the descriptor limit allows",
-                    extra={"asked": settings.max_connections, "max_connections": max_connections})
+                    extra={"asked": asked, "max_connections": max_connections})
     guard = ConnectionGuard(settings.client_timeout_s, max_connections,
                             linger_bytes(settings.max_upload_bytes))
     config = uvicorn.Config(
@@ -157,7 +199,10 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         timeout_graceful_shutdown=max(5, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app, in_flight, settings.drain_timeout_s)
-    server.run()
+    if frontend is None:
+        server.run()
+    else:  # the supervisor's socket, already listening (service.frontends)
+        server.run(sockets=[socket.socket(fileno=frontend.fd)])
     if server.device_failed is not None:
         _exit_now(EXIT_DEVICE_FAILED)
     if server.cut_short is not None:

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
         1000, ge=1, description="open connections (python -m service); at the bound the longest-idle "
         "one is closed for a new one, or the new one gets 503"
     )
+    workers: int = Field(
+        0, ge=0, le=64, description="python -m service: front-end processes serving the port, each "
+        "with its own engine; 0 = the cores the process may use (at most 8); 1 = one process"
+    )
     metrics_require_key: bool = Field(
         False, description="with CAMSERVE_API_KEY set, /metrics needs the key too"
     )

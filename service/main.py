@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import __version__
+from service import __version__, frontends
 from service.api.deps import require_api_key
 from service.api.disconnect import DisconnectMiddleware
 from service.api.errors import install_error_handlers
@@ -35,6 +35,7 @@ from service.api.routes import (
     kserve,
     ui,
 )
+from service.api.sharedjobs import SharedJobs
 from service.config import Settings, get_settings
 from service.engine.engine import Engine
 from service.engine.pool import WorkerFactory
@@ -88,7 +89,10 @@ def create_app(
         for status, count in store.counts().items():
             metrics.jobs.labels(status).set(count)
 
-    store = JobStore(settings, on_finish=job_finished)
+    # Front-end processes (service.frontends) share their jobs through the supervisor's folder.
+    frontend = frontends.current()
+    store = JobStore(settings, on_finish=job_finished,
+                     shared=SharedJobs(frontend.jobs_dir) if frontend is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,9 +104,11 @@ def create_app(
         app.state.engine = engine
         app.state.jobs = store
         loading = asyncio.create_task(engine.start(), name="camserve-load")
+        gauges = asyncio.create_task(metrics.refresh_forever(), name="camserve-gauges")
         try:
             yield
         finally:
+            gauges.cancel()
             await loading
             store.stop_accepting()
             if engine.state != "stopped":  # a timed-out drain has stopped it already

@@ -14,18 +14,28 @@ templates (``unmatched`` for any other path), HTTP methods the standard ones (``
 and CAM methods registered names only (bound by the app's lifespan), and the CAM methods of a
 request count one sample per method (``camserve_cam_method_requests_total``), not one series
 per list: a list in request order made 12,000 requests 157,794 series.
+
+Several front-end processes (:mod:`service.frontends`) run prometheus-client's multiprocess
+mode: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before they start, every metric writes
+to that folder, and ``/metrics`` from any of them sums every process's files (counters and
+histograms are totals over all processes, the ones gone included; the gauges are ``livesum``:
+the sum over the processes alive). The engine's gauges, read from a function in one process,
+are then written by each process every :data:`REFRESH_S` and when it is scraped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import request_state
@@ -35,6 +45,9 @@ log = logging.getLogger("service.access")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _CODE = re.compile(r"^[a-z_]{1,40}$")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# prometheus-client chooses its value store when it is imported, from this variable.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+REFRESH_S = 1.0
 _STAGE = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -54,7 +67,8 @@ class Metrics:
             "camserve_errors_total", "error responses, by error code and endpoint",
             ["code", "endpoint"], registry=r)
         self.in_flight_requests = Gauge(
-            "camserve_in_flight_requests", "HTTP requests being handled", registry=r)
+            "camserve_in_flight_requests", "HTTP requests being handled", registry=r,
+            multiprocess_mode="livesum")
         self.queue_wait = Histogram(
             "camserve_queue_wait_seconds", "time an image waited in the queue before its batch started",
             ["model"], buckets=_STAGE, registry=r)
@@ -68,9 +82,11 @@ class Metrics:
         self.batch_size = Histogram(
             "camserve_batch_size", "images per computed batch", ["model"],
             buckets=[s for s in sizes if s <= max_batch_size], registry=r)
-        self.queue_depth = Gauge("camserve_queue_depth", "images waiting in the queue", registry=r)
+        self.queue_depth = Gauge("camserve_queue_depth", "images waiting in the queue", registry=r,
+                                 multiprocess_mode="livesum")
         self.in_flight_images = Gauge(
-            "camserve_in_flight_images", "images being computed by the workers", registry=r)
+            "camserve_in_flight_images", "images being computed by the workers", registry=r,
+            multiprocess_mode="livesum")
         self.images_accepted = Counter(
             "camserve_images_accepted_total", "images accepted into the queue", ["model"], registry=r)
         self.expired = Counter(
@@ -80,7 +96,8 @@ class Metrics:
         self.cam_methods: frozenset[str] = frozenset()
         self.worker_restarts = Counter(
             "camserve_worker_restarts_total", "workers rebuilt after their thread died", registry=r)
-        self.jobs = Gauge("camserve_jobs", "jobs held, by status", ["status"], registry=r)
+        self.jobs = Gauge("camserve_jobs", "jobs held, by status", ["status"], registry=r,
+                          multiprocess_mode="livesum")  # each process counts the jobs it runs
         self.job_duration = Histogram(
             "camserve_job_duration_seconds", "time from a job's creation to its end, by CAM method "
             "(a job of several methods counts once for each) and final status",
@@ -95,8 +112,36 @@ class Metrics:
         self.cam_methods = frozenset(cam_methods)
 
     def bind_engine(self, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
-        self.queue_depth.set_function(queue_depth)
-        self.in_flight_images.set_function(in_flight)
+        if MULTIPROCESS_DIR is None:
+            self.queue_depth.set_function(queue_depth)
+            self.in_flight_images.set_function(in_flight)
+        else:  # a function gauge is only seen by its own process's registry: write it instead
+            self._engine_reads = (queue_depth, in_flight)
+
+    _engine_reads: tuple[Callable[[], int], Callable[[], int]] | None = None
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the engine's gauges to this process's files."""
+        if self._engine_reads is not None:
+            queue_depth, in_flight = self._engine_reads
+            self.queue_depth.set(queue_depth())
+            self.in_flight_images.set(in_flight())
+
+    async def refresh_forever(self) -> None:
+        """Multiprocess mode: :meth:`refresh` every :data:`REFRESH_S`, so a scrape answered by
+        another process sees this one's queue; returns at once in a single process."""
+        while MULTIPROCESS_DIR is not None:
+            self.refresh()
+            await asyncio.sleep(REFRESH_S)
+
+    def exposition(self) -> bytes:
+        """The text exposition: this app's registry, or every front end's files summed."""
+        if MULTIPROCESS_DIR is None:
+            return generate_latest(self.registry)
+        self.refresh()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
+        return generate_latest(registry)
 
     def observe_batch(
         self, model: str, device: str, size: int, queue_waits_s: Sequence[float], compute_s: float

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from service.config import Settings
 from service.main import create_app
 
 DATA = Path(__file__).parent / "data"
+
+# The real-server tests start ``python -m service`` and look at one process (its descriptors,
+# its connection bound, its exit): one front end, as CAMSERVE_WORKERS=1 asks. The tests of
+# several front ends (tests/test_frontends.py) ask for them themselves.
+os.environ.setdefault("CAMSERVE_WORKERS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

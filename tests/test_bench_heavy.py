@@ -17,6 +17,8 @@ def test_report_prints_the_three_ratios(capsys: pytest.CaptureFixture[str]) -> N
     assert list(ratios.values()) == pytest.approx([1.5, 2.0, 1.2])
     out = capsys.readouterr().out
     assert "1.50x" in out and "2.00x" in out and "1.20x" in out
+    # light keeps 15/20 of its throughput, heavy 10/12 of its speed
+    assert "light 0.75 + heavy 0.83 = 1.58" in out
 
 
 @pytest.mark.slow
@@ -26,3 +28,4 @@ def test_the_benchmark_runs_against_a_real_server(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "light alone:" in out and "both:" in out
     assert out.count("x\n") >= 3  # the three ratio lines
+    assert "server cores busy: light alone" in out

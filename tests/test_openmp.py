@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Records the environment at the moment torch is first imported, then imports the entry point.
+# Records the environment at the moment torch is first imported, then imports the entry point
+# and the app it runs.
 PROBE = """
 import os, sys
 seen = {}
@@ -24,6 +25,7 @@ class Watch:
 
 sys.meta_path.insert(0, Watch())
 import service.__main__
+import service.main  # what python -m service imports next, where it serves (not in a supervisor)
 print(seen.get("env", "<torch never imported>"))
 """
 

@@ -51,7 +51,8 @@ class AblationCAM(CAMMethod):
         positions = torch.arange(max(1, batch_size), device=acts.device)  # made once, on the device
         for b in range(acts.shape[0]):
             indices = live[b].nonzero().flatten()
-            for start, stop in chunked(indices.numel(), batch_size, key="ablated"):
+            for start, stop in chunked(indices.numel(), batch_size, key="ablated",
+                                       weight=self.extra_pass_cost):
                 chunk = indices[start:stop]
                 ablated = acts[b].expand(chunk.numel(), *acts.shape[1:]).clone()
                 ablated[positions[:chunk.numel()], chunk] = 0

@@ -55,13 +55,13 @@ class PassRun:
     """One heavy explanation's passes: how far it is, and whether it may go on."""
 
     deadline: float  # time.monotonic() after which no further pass runs
-    total: int  # passes expected (an estimate until the run ends; never below ``done``)
+    total: float  # passes expected, in forward-pass equivalents (an estimate until the run ends; never below ``done``)
     budget_s: float = 0.1  # target duration of one chunk
     seconds_per_pass: float = 0.02  # first guess at one image's forward pass on this device
     turn: Turn | None = None
     on_progress: Callable[[PassRun], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    done: int = 0
+    done: float = 0.0  # forward-pass equivalents run so far (a tail pass counts less than one)
     busy_s: float = 0.0  # seconds spent computing chunks (not waiting for the device)
     _rates: dict[str, float] = field(default_factory=dict)
 
@@ -72,7 +72,7 @@ class PassRun:
             self.turn.pass_turn(self)
             self._check()
 
-    def count(self, passes: int, seconds: float) -> None:
+    def count(self, passes: float, seconds: float) -> None:
         self.done += passes
         self.busy_s += seconds
         self.total = max(self.total, self.done)
@@ -99,9 +99,9 @@ class PassRun:
     def _check(self) -> None:
         # The deadline first: a passed deadline also cancels the request's future.
         if time.monotonic() > self.deadline:
-            raise PassesCancelled("deadline", self.done)
+            raise PassesCancelled("deadline", round(self.done))
         if self.cancelled.is_set():
-            raise PassesCancelled("cancelled", self.done)
+            raise PassesCancelled("cancelled", round(self.done))
 
 
 def current() -> PassRun | None:
@@ -120,11 +120,13 @@ def active(run: PassRun) -> Iterator[PassRun]:
         _local.run = previous
 
 
-def chunked(count: int, limit: int, key: str = "") -> Iterator[tuple[int, int]]:
+def chunked(count: int, limit: int, key: str = "", weight: float = 1.0) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` slices covering ``range(count)``, each a chunk of passes.
 
     ``limit`` is the most rows one chunk may hold (the method's ``batch_size``); ``key`` names
-    the kind of pass, whose measured cost sizes its later chunks.
+    the kind of pass, whose measured cost sizes its later chunks; ``weight`` is what one row
+    counts in forward-pass equivalents, the unit of the run's estimate and progress (the
+    method's ``extra_pass_cost`` for passes through the network's tail only).
     """
     run = current()
     start = 0
@@ -140,7 +142,7 @@ def chunked(count: int, limit: int, key: str = "") -> Iterator[tuple[int, int]]:
         yield start, stop
         seconds = time.perf_counter() - began
         run.measured(key, stop - start, seconds)
-        run.count(stop - start, seconds)
+        run.count((stop - start) * weight, seconds)
         start = stop
 
 

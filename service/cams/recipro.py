@@ -81,7 +81,8 @@ class ReciproCAM(CAMMethod):
         masks = position_masks(height, width, bool(self.options["gaussian"]), acts)
         scores = torch.zeros(acts.shape[0], height * width, dtype=acts.dtype, device=acts.device)
         for b in range(acts.shape[0]):
-            for start, stop in chunked(height * width, int(self.options["batch_size"]), key="tail"):
+            for start, stop in chunked(height * width, int(self.options["batch_size"]), key="tail",
+                                       weight=self.extra_pass_cost):
                 copies = acts[b][None] * masks[start:stop, None]  # (n, K, H, W)
                 rows = torch.full((stop - start,), b, dtype=torch.long, device=acts.device)
                 logits = context.probe.from_layer(context.layer, copies, rows)
@@ -188,7 +189,8 @@ class ViTReciproCAM(CAMMethod):
         scores = torch.zeros(stream.shape[0], count, dtype=stream.dtype, device=stream.device)
         for b in range(stream.shape[0]):
             normed = block.get_submodule("ln_1")(stream[b])
-            for start, stop in chunked(count, int(self.options["batch_size"]), key="tokens"):
+            for start, stop in chunked(count, int(self.options["batch_size"]), key="tokens",
+                                       weight=self.extra_pass_cost):
                 chunk = weights[start:stop]
                 logits = masked_tail(parts, index, stream[b] * chunk, normed * chunk)
                 scores[b, start:stop] = logits.softmax(dim=1)[:, context.classes[b]]

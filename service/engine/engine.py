@@ -422,7 +422,7 @@ class Engine:
         left = sum(item.passes for item in self._heavy_pending if not item.future.done())
         for task_item in self._heavy_items():
             run = task_item.run
-            done = run.done if isinstance(run, PassRun) else 0
+            done = round(run.done) if isinstance(run, PassRun) else 0
             left += max(0, task_item.passes - done)
         return left
 
@@ -712,11 +712,11 @@ class Engine:
         )
         item.run = run
         if item.on_progress is not None:
-            item.on_progress(0, run.total)  # started
+            item.on_progress(0, round(run.total))  # started
             loop, report = asyncio.get_running_loop(), item.on_progress
 
             def progressed(r: PassRun) -> None:  # on the heavy item's thread
-                loop.call_soon_threadsafe(report, r.done, r.total)
+                loop.call_soon_threadsafe(report, round(r.done), round(r.total))
 
             run.on_progress = progressed
         # However the item's answer comes (a result, 504, the client gone), no pass runs after.
@@ -753,7 +753,7 @@ class Engine:
         else:
             run.total = run.done = max(run.done, 1)  # the estimate gives way to what was run
             if item.on_progress is not None:
-                item.on_progress(run.done, run.total)
+                item.on_progress(round(run.done), round(run.total))
             self._learn_pass_rate(run)
             self._finish(slot, [item], [result], started)
         finally:

@@ -342,6 +342,9 @@ def test_gpu_profile_reserves_a_gpu_and_builds_cuda_torch() -> None:
     # The host work for a GPU's images (decode, overlays, JSON) needs more cores than the CPU service.
     cpu_limit = float(services["camserve"]["deploy"]["resources"]["limits"]["cpus"])
     assert float(gpu["deploy"]["resources"]["limits"]["cpus"]) >= max(8.0, 4 * cpu_limit)
+    # Several front ends share the host work, each with cores to spare for its torch threads.
+    workers = int(gpu["environment"]["CAMSERVE_WORKERS"])
+    assert workers > 1 and float(gpu["deploy"]["resources"]["limits"]["cpus"]) / workers >= 2
 
 
 def _nginx() -> str:

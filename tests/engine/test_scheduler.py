@@ -272,3 +272,26 @@ def test_the_deadline_estimate_counts_the_heavy_requests_already_running() -> No
             await first
 
     run(scenario)
+
+
+def test_tail_passes_count_what_the_estimate_counts_them() -> None:
+    """Ablation-CAM's passes through the network's tail count a quarter of a forward each, in
+    the estimate and in the progress alike: the total a job shows at the start holds to the end
+    (it was re-estimated upwards fourfold when each tail pass counted as a whole forward)."""
+    async def scenario() -> None:
+        async with real_engine() as engine:
+            progress = Progress()
+            heavy = item(methods=("ablationcam",), on_progress=progress)
+            (result,) = await engine.submit([heavy])
+            assert heavy.heavy and result.explanations[0].method == "ablationcam"
+            first_total = progress.reports[0][1]
+            assert first_total == heavy.passes
+            running = progress.reports[1:-1]
+            assert running, progress.reports  # it reported while its passes ran
+            assert {total for _, total in running} == {first_total}
+            done = [d for d, _ in progress.reports]
+            assert done == sorted(done)
+            # What ran is what was estimated, give or take the channels that were already zero.
+            assert 0.5 * first_total <= done[-1] <= first_total
+
+    run(scenario)

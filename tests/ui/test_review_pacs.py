@@ -1,9 +1,11 @@
 """The review page's PACS tab (issue 19) in real Chromium against a real Orthanc: the tab shows
 only when /readyz names a PACS; a study is explained by its UID through POST /dicomweb/explain
-and shown like an upload, its parametric map downloadable; "Store to PACS" sends store: true and
-the page lists what the service answered it stored. The browser: studies searched, a series
-opened and stepped through, one image and a whole series explained, the results stored, all
-through the service (the page may reach no other host)."""
+and shown like an upload, its parametric map downloadable, nothing stored; then "Store to PACS"
+on the result sends the same request with store: true (a series as a job again), the PACS's
+study holds the parametric map, secondary capture and report, referencing the source, and the
+page lists them; a store the PACS cannot take shows the service's message. The browser: studies
+searched, a series opened and stepped through, one image and a whole series explained, the
+results stored, all through the service (the page may reach no other host)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
@@ -25,6 +28,8 @@ from tests.ui.test_review_page import canvas_stats, open_page
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+REPORT = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (TID 1500)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +56,26 @@ def is_pacs_explain(response: Response) -> bool:
     return response.url.endswith("/dicomweb/explain") and response.request.method == "POST"
 
 
+def series_of(orthanc: Orthanc, study_uid: str) -> set[str]:
+    """The study's series as the PACS itself lists them (its own DICOMweb, not the service)."""
+    found = DICOMwebClient(url=orthanc.dicomweb).search_for_series(study_instance_uid=study_uid)
+    return {d["0020000E"]["Value"][0] for d in found}
+
+
+def references(ds: pydicom.Dataset, sop_uid: str) -> bool:
+    """Whether any sequence of ``ds``, at any depth, names the instance ``sop_uid``."""
+    return any(e.keyword == "ReferencedSOPInstanceUID" and str(e.value) == sop_uid for e in ds.iterall())
+
+
+def store_shown(page: Page, path: str = "/dicomweb/explain") -> Response:
+    """Press Store to PACS and answer the service's response to it."""
+    button = page.locator("#pacs-store")
+    expect(button).to_be_enabled()
+    with page.expect_response(lambda r: r.url.endswith(path) and r.request.method == "POST") as answer:
+        button.click()
+    return answer.value
+
+
 def explain_study(page: Page) -> Response:
     with page.expect_response(is_pacs_explain) as answer:
         page.click("#run")
@@ -68,8 +93,8 @@ def test_no_pacs_tab_without_a_pacs(page: Page, live_server: LiveServer) -> None
     expect(page.locator("#pacs-panel")).to_be_hidden()
 
 
-def test_a_study_explained_from_the_pacs_and_stored_back(
-    page: Page, pacs_server: LiveServer, tmp_path: Path
+def test_a_study_explained_from_the_pacs_then_stored_back(
+    page: Page, pacs_server: LiveServer, orthanc: Orthanc, tmp_path: Path
 ) -> None:
     source = pydicom.dcmread(CT)
     open_page(page, pacs_server)
@@ -117,25 +142,87 @@ def test_a_study_explained_from_the_pacs_and_stored_back(
     pm = pydicom.dcmread(io.BytesIO(path.read_bytes()))
     assert pm.SOPClassUID == PARAMETRIC_MAP and pm.StudyInstanceUID == source.StudyInstanceUID
 
-    # Store to PACS: store: true is sent and the answer is shown, whatever it was.
-    page.check("#pacs-store")
-    stored = explain_study(page)
-    assert stored.request.post_data_json["store"] is True
+    # Explained, not stored: the PACS's study still holds the source's series alone.
+    assert series_of(orthanc, source.StudyInstanceUID) == {source.SeriesInstanceUID}
+    expect(page.locator("#pacs-outcome")).to_be_hidden()
+
+    # Store to PACS, on the result: the same request again with store: true.
+    expect(page.locator("#pacs-store-bar")).to_be_visible()
+    expect(page.locator("#pacs-store-note")).to_contain_text("recomputed on the server")
+    stored = store_shown(page)
+    again = stored.request.post_data_json
+    assert again["store"] is True
+    for key in ("study_uid", "series_uid", "methods", "model", "topk", "mask_size"):
+        assert again[key] == sent[key], key
+    assert set(again["outputs"].split(",")) == {"dicom_pm", "dicom_sc", "dicom_sr"}
+    assert stored.status == 200, stored.text()
+    objects = stored.json()["stored"]
+    button = page.locator("#pacs-store")
+    expect(button).to_have_text("Stored to PACS")
+    expect(button).to_be_disabled()  # stored once; a new result enables it again
     outcome = page.locator("#pacs-outcome")
-    if stored.ok:
-        objects = stored.json()["stored"]
-        assert objects, "store: true answered 200 with nothing stored"
-        expect(outcome).to_be_visible()
-        expect(outcome).to_have_attribute("data-stored", str(len(objects)))
-        for obj in objects:
-            expect(outcome).to_contain_text(obj["sop_instance_uid"])
-    else:
-        # Only a build without the store writer may refuse (422, saying so); any other failure
-        # of the store fails here. The page says what the service said.
-        message = stored.json()["error"]["message"]
-        assert stored.status == 422 and "DICOM results writer" in message, stored.text()
-        expect(page.locator("#banner-message")).to_contain_text(message)
-        expect(outcome).to_be_hidden()
+    expect(outcome).to_have_attribute("data-stored", str(len(objects)))
+    for name in ("Parametric Map", "Secondary Capture", "Comprehensive 3D SR"):
+        expect(outcome).to_contain_text(name)
+    for obj in objects:
+        expect(outcome).to_contain_text(obj["sop_instance_uid"])
+        expect(outcome).to_contain_text(obj["series_instance_uid"])
+
+    # In the PACS: one parametric map, secondary capture and report, in series of their own
+    # in the same study, each referencing the source; the map is the one the page showed.
+    assert sorted(o["sop_class_uid"] for o in objects) == sorted([PARAMETRIC_MAP, SECONDARY_CAPTURE, REPORT])
+    new_series = {o["series_instance_uid"] for o in objects}
+    assert series_of(orthanc, source.StudyInstanceUID) == {source.SeriesInstanceUID, *new_series}
+    client = DICOMwebClient(url=orthanc.dicomweb)
+    for obj in objects:
+        held = client.retrieve_instance(source.StudyInstanceUID, obj["series_instance_uid"],
+                                        obj["sop_instance_uid"])
+        assert held.SOPClassUID == obj["sop_class_uid"] and held.StudyInstanceUID == source.StudyInstanceUID
+        assert held.PatientID == source.PatientID
+        assert references(held, source.SOPInstanceUID), obj
+        if held.SOPClassUID == PARAMETRIC_MAP:
+            assert held.pixel_array.shape == pm.pixel_array.shape
+            assert np.allclose(held.pixel_array, pm.pixel_array, atol=1e-6)
+
+    # A new result can be stored again: the button comes back.
+    response = explain_study(page)
+    assert response.status == 200, response.text()
+    expect(button).to_have_text("Store to PACS")
+    expect(button).to_be_enabled()
+    expect(outcome).to_be_hidden()
+
+
+def test_a_store_the_pacs_cannot_take_shows_the_services_message(
+    page: Page, tmp_path: Path
+) -> None:
+    """Explained while the PACS is up; stopped before Store to PACS: the service's 502 is shown,
+    nothing is listed as stored, and the button can be pressed again."""
+    source = pydicom.dcmread(CT)
+    pacs = start_orthanc(tmp_path / "orthanc")
+    live = None
+    try:
+        pacs.upload(CT.read_bytes())
+        live = _start(Settings(dicomweb_url=pacs.dicomweb, warmup=False))
+        open_page(page, live)
+        page.click("#tab-pacs")
+        page.fill("#study-uid", source.StudyInstanceUID)
+        assert explain_study(page).status == 200
+        pacs.stop()
+        refused = store_shown(page)
+        assert refused.status == 502, refused.text()
+        error = refused.json()["error"]
+        assert error["code"] in ("pacs_unavailable", "pacs_refused")
+        expect(page.locator("#banner")).to_be_visible()
+        expect(page.locator("#banner-message")).to_contain_text(error["message"])
+        expect(page.locator("#banner-title")).to_contain_text("Store to PACS")
+        button = page.locator("#pacs-store")
+        expect(button).to_have_text("Store to PACS")
+        expect(button).to_be_enabled()  # nothing was stored: it may be tried again
+        expect(page.locator("#pacs-outcome")).not_to_contain_text("Stored to PACS")
+    finally:
+        pacs.stop()
+        if live is not None:
+            _stop(live)
 
 
 def test_a_slow_method_on_a_study_runs_as_a_job_with_progress(page: Page, pacs_server: LiveServer) -> None:
@@ -247,9 +334,9 @@ def test_browse_step_explain_an_image_and_a_series_and_store(
     assert canvas_stats(page)["mean"][3] > 50
 
     # Store to PACS: the objects the service stored are listed, and are in the study.
-    page.check("#pacs-store")
-    stored = explain_with(page, "#pacs-explain-image")
+    stored = store_shown(page)
     assert stored.request.post_data_json["store"] is True
+    assert stored.request.post_data_json["instance_uids"] == [archive.by_position[1]]
     assert stored.status == 200, stored.text()
     objects = stored.json()["stored"]
     assert objects
@@ -263,7 +350,6 @@ def test_browse_step_explain_an_image_and_a_series_and_store(
     # The study's series list now shows the stored results' series too.
     new_series = {obj["series_instance_uid"] for obj in objects}
     expect(series).to_have_count(2 + len(new_series))
-    page.uncheck("#pacs-store")
 
     # Explain series: the multi-frame series as a job, with its progress bar; then stepping
     # through the frames shows each one's maps.
@@ -283,6 +369,27 @@ def test_browse_step_explain_an_image_and_a_series_and_store(
     image.press("ArrowRight")
     expect(page.locator("#image-title")).to_contain_text(f"frame 2 of {archive.mf_frames}")
     expect(image).to_have_attribute("data-shown", f"{archive.mf_sop}/1")
+
+    # Store to PACS after a series: the same series job again, with store: true and its own
+    # progress row; what it stored is listed and appears in the study's series.
+    before = series_of(orthanc, a)
+    with page.expect_request(lambda r: r.url.endswith("/jobs") and r.method == "POST") as again:
+        page.click("#pacs-store")
+    body = again.value.post_data_json
+    assert body["store"] is True and body["series_uid"] == archive.mf_series and "instance_uids" not in body
+    store_row = page.locator('#jobs .job[data-method="gradcam"]').last
+    expect(store_row).to_contain_text("Store to PACS")
+    expect(store_row).to_have_attribute("data-status", "succeeded", timeout=120_000)
+    expect(page.locator("#pacs-store")).to_have_text("Stored to PACS")
+    outcome = page.locator("#pacs-outcome")
+    expect(outcome).to_contain_text("Stored to PACS")
+    count = int(outcome.get_attribute("data-stored") or 0)
+    assert count >= 2  # the maps' objects and the report
+    added = series_of(orthanc, a) - before
+    assert added  # the stored objects' series, in the PACS's own listing
+    expect(series).to_have_count(len(before) + len(added))
+    for uid in added:
+        expect(outcome).to_contain_text(uid)
     assert elsewhere == []
 
 

@@ -136,7 +136,7 @@ def viewing_order(instances: list[Instance]) -> list[Instance]:
 
 # ---------------------------------------------------------------- routes
 
-_PACS_ERRORS = error_responses(401, 404, 422, 502)
+_PACS_ERRORS = error_responses(400, 401, 404, 422, 502)
 
 
 @router.get(
@@ -211,7 +211,7 @@ async def list_instances(request: Request, study_uid: Uid, series_uid: Uid) -> I
     "(WADO-RS). 404 when the PACS has no such instance, 413 over the limits, 415 when it is not "
     "an image, 422 for a frame it does not have.",
     responses={200: {"content": {"image/png": {}}, "description": "the frame as PNG"},
-               **error_responses(401, 404, 413, 415, 422, 502, 504)},
+               **error_responses(400, 401, 404, 413, 415, 422, 502, 504)},
     response_class=Response,
 )
 async def preview(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import EngineDep, require_api_key
@@ -61,4 +61,5 @@ async def metrics(request: Request) -> Response:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
         require_api_key(settings, given if scheme.lower() == "bearer" else None)
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # One process's registry, or every front end's files summed (service.metrics).
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

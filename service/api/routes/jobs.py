@@ -18,6 +18,7 @@ from service.api.errors import error_responses, request_id_of
 from service.api.jobstore import Job, JobStore
 from service.api.options import ExplainForm, plan_explain
 from service.api.schemas import JobOut
+from service.api.sharedjobs import Snapshot
 from service.engine.jobs import WorkItem
 
 router = APIRouter(tags=["jobs"])
@@ -31,7 +32,7 @@ def _store(request: Request) -> JobStore:
     return store
 
 
-def _job(job: Job, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _job(job: Job | Snapshot, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(job.dumps(), status_code=status_code, media_type="application/json", headers=headers)
 
 

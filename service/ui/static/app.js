@@ -38,8 +38,8 @@
     dicomReport: $("#dicom-report"),
     tabs: $("#source-tabs"), tabUpload: $("#tab-upload"), tabPacs: $("#tab-pacs"),
     uploadPanel: $("#upload-panel"), pacsPanel: $("#pacs-panel"), studyUid: $("#study-uid"),
-    seriesUid: $("#series-uid"), pacsStore: $("#pacs-store"), pacsReach: $("#pacs-reach"),
-    pacsOutcome: $("#pacs-outcome"),
+    seriesUid: $("#series-uid"), pacsReach: $("#pacs-reach"),
+    pacsOutcome: $("#pacs-outcome"), pacsStoreBar: $("#pacs-store-bar"), pacsStore: $("#pacs-store"),
     pacsSearchFields: $("#pacs-search-fields"), pacsPatient: $("#pacs-patient"), pacsPatientId: $("#pacs-patient-id"),
     pacsDateFrom: $("#pacs-date-from"), pacsDateTo: $("#pacs-date-to"), pacsModality: $("#pacs-modality"),
     pacsAccession: $("#pacs-accession"), pacsSearch: $("#pacs-search"), pacsBrowser: $("#pacs-browser"),
@@ -72,6 +72,7 @@
     jobs: [],             // the latest run's jobs: {id, method, row, ...}
     source: "upload",     // the tab in use: "upload" or "pacs" (when the service has a PACS)
     lastPacs: null,       // what the latest PACS run explained: {study_uid, series_uid, instance_uids}
+    store: null,          // the shown PACS result's "Store to PACS": {parts, study_uid, skipped, status, stored}
   };
   let prepared = new Map();        // result index -> Promise of its prepared entry, per response
 
@@ -347,7 +348,7 @@
     const body = {
       study_uid: pacs.study_uid, methods: methods.join(","), model: ui.model.value,
       topk: TOPK, outputs: ["mask", "image", ...dicom].join(","), mask_size: "original",
-      mask_encoding: "base64", store: pacs.store,
+      mask_encoding: "base64", store: false,  // stored afterwards, by "Store to PACS"
     };
     if (pacs.series_uid) body.series_uid = pacs.series_uid;
     if (pacs.instance_uids) body.instance_uids = pacs.instance_uids;
@@ -368,25 +369,35 @@
     return { body: baseForm(progress.selection.files, methods, progress.window, progress.params, kinds) };
   }
 
-  // A PACS answer is an /explain response plus what it stored into the study and what it
-  // skipped; the parts of a run each store their own maps, so the list grows with them.
+  // A PACS answer is an /explain response plus what it skipped (not images); the parts of a run
+  // skip the same instances, so each is listed once.
   function notePacsOutcome(progress, response) {
     if (!progress.selection.pacs) return;
-    progress.stored.push(...(response.stored || []));
     const seen = new Set(progress.skipped.map((row) => row.sop_instance_uid));
     progress.skipped.push(...(response.skipped || []).filter((row) => !seen.has(row.sop_instance_uid)));
-    renderPacsOutcome(progress.selection.pacs, progress.stored, progress.skipped);
+    renderPacsOutcome(progress.selection.pacs.study_uid, null, progress.skipped);
   }
 
   function uidList(title, rows, text) {
     return [el("strong", { textContent: title }), el("ul", {}, ...rows.map((row) => el("li", { textContent: text(row) })))];
   }
 
-  function renderPacsOutcome(pacs, stored, skipped) {
+  // The SOP classes the service stores, by name; any other is shown by its UID.
+  const SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR (report)",
+  };
+
+  // ``stored``: what "Store to PACS" stored (null before it is pressed).
+  function renderPacsOutcome(studyUid, stored, skipped) {
     const nodes = [];
-    if (pacs.store) {
-      nodes.push(...uidList(`Stored to PACS: ${stored.length} object${stored.length === 1 ? "" : "s"} in study ${pacs.study_uid}`,
-        stored, (row) => `${row.sop_instance_uid} · class ${row.sop_class_uid} · series ${row.series_instance_uid}`));
+    if (stored) {
+      nodes.push(...uidList(`Stored to PACS: ${stored.length} object${stored.length === 1 ? "" : "s"} in study ${studyUid}`,
+        stored, (row) => `${SOP_CLASSES[row.sop_class_uid] || `SOP class ${row.sop_class_uid}`} · ` +
+          `series ${row.series_instance_uid} · instance ${row.sop_instance_uid}`));
     }
     if (skipped.length) {
       nodes.push(...uidList(`Skipped: ${skipped.length} instance${skipped.length === 1 ? "" : "s"}`,
@@ -394,10 +405,98 @@
     }
     ui.pacsOutcome.replaceChildren(...nodes);
     ui.pacsOutcome.hidden = !nodes.length;
-    ui.pacsOutcome.dataset.stored = String(stored.length);
+    ui.pacsOutcome.dataset.stored = String(stored ? stored.length : 0);
+  }
+
+  // ---------------------------------------------------------------- Store to PACS (issue 19)
+
+  // The page never sends DICOM to write into the PACS: "Store to PACS" sends each part of the
+  // shown run again, the same UIDs, methods, classes, layer, model and parameters, with
+  // store: true, and the service recomputes the maps (deterministic, seeded where random) and
+  // stores them. A series part runs as a job again, with its progress bar. Only the DICOM
+  // outputs are asked back (the maps are on the page already), with the secondary capture
+  // beside each parametric map: the map's picture, for viewers that cannot draw a map.
+  function storeOutputs(outputs) {
+    const kinds = outputs.split(",").filter((kind) => kind.startsWith("dicom_"));
+    if (kinds.includes("dicom_pm") && !kinds.includes("dicom_sc")) kinds.push("dicom_sc");
+    return kinds.join(",");
+  }
+
+  // A part of a PACS run that was shown: what it asked, to be asked again by the store.
+  function notePart(progress, job, methods, request) {
+    if (progress.selection.pacs) progress.parts.push({ job, methods, body: JSON.parse(request.body), stored: null });
+  }
+
+  function renderStoreBar() {
+    const store = state.store;
+    ui.pacsStoreBar.hidden = !store;
+    if (!store) return;
+    ui.pacsStore.disabled = store.status !== "ready" || Boolean(store.blocked);
+    ui.pacsStore.textContent = store.status === "storing" ? "Storing to PACS…"
+      : store.status === "stored" ? "Stored to PACS" : "Store to PACS";
+    ui.pacsStoreBar.dataset.status = store.status;
+  }
+
+  async function storeShown() {
+    const store = state.store;
+    if (!store || store.status !== "ready" || store.blocked) return;
+    clearError();
+    store.status = "storing";
+    renderStoreBar();
+    setStatus(`Storing the results into study ${store.study_uid}…`, true);
+    let failed = null;
+    for (const part of store.parts.filter((p) => !p.stored)) {
+      // A part stored before a later one failed is not stored twice when the button is pressed again.
+      const body = JSON.stringify({ ...part.body, store: true, outputs: storeOutputs(part.body.outputs) });
+      const request = { method: "POST", headers: { "Content-Type": "application/json" }, body };
+      try {
+        const answer = part.job ? await storeJob(part.methods, request) : await api("dicomweb/explain", request);
+        part.stored = answer.stored || [];
+      } catch (err) {
+        failed = err;
+        break;
+      }
+    }
+    const stored = store.parts.flatMap((p) => p.stored || []);
+    store.status = failed ? "ready" : "stored";
+    if (state.store === store) {
+      // A failure lists only what earlier parts did store, if any.
+      renderPacsOutcome(store.study_uid, failed && !stored.length ? null : stored, store.skipped);
+      renderStoreBar();
+      if (failed) showError(failed, "Store to PACS");
+      setStatus(failed ? `Not stored: ${failed.message}` : `Stored ${stored.length} object${stored.length === 1 ? "" : "s"} into study ${store.study_uid}.`);
+    }
     // What was stored is in the study now: its new series show in the browser.
-    if (pacs.store && stored.length && browse.study && browse.study.study_uid === pacs.study_uid) {
-      loadSeries(pacs.study_uid, false);
+    if (stored.length && browse.study && browse.study.study_uid === store.study_uid) loadSeries(store.study_uid, false);
+  }
+
+  // A series stored as a job, as it was explained: its own progress row, and Cancel.
+  async function storeJob(methods, request) {
+    const view = jobRow(methods, `Store to PACS: ${methods.map(methodTitle).join(", ")}`);
+    const job = { methods, id: null, ...view, finished: false };
+    ui.jobs.hidden = false;
+    view.cancel.addEventListener("click", () => cancelJobs([job]));
+    try {
+      const submitted = await api("jobs", request);
+      job.id = submitted.job_id;
+      job.row.dataset.jobId = job.id;
+      showProgress(job, submitted.progress, submitted.eta_s, submitted.status);
+      if (job.cancelRequested) await cancelJobs([job]);
+      const final = await followJob(job, undefined);
+      job.finished = true;
+      finishJob(null, job, final);
+      if (final.status === "cancelled") throw new Error("The store was cancelled: nothing more was stored");
+      if (final.status !== "succeeded") throw jobError(final);
+      return final.result;
+    } catch (err) {
+      if (!job.finished) {
+        job.row.dataset.status = "failed";
+        job.text.textContent = `failed: ${err.message}`;
+        job.cancel.disabled = true;
+      }
+      throw err;
+    } finally {
+      job.finished = true;
     }
   }
 
@@ -725,7 +824,7 @@
     }
     // A PACS run has no files: it names a study (a series, instances) and every source is DICOM.
     const selection = pacs
-      ? { files: [], dicom: true, pacs: { ...aim, store: ui.pacsStore.checked } }
+      ? { files: [], dicom: true, pacs: { ...aim } }
       : state.selection;
     if (!selection) {
       setStatus("Choose or drop images first.");
@@ -771,7 +870,7 @@
     if (run !== state.run) return;
     const progress = {
       run, selection, methods, window, params, dicom, started: performance.now(), got: false, errors: [], cancelled: [],
-      stored: [], skipped: [],
+      skipped: [], parts: [],
     };
     // A whole series from the browser runs as a job, fast methods too (one job for them).
     const asJob = Boolean(selection.pacs && selection.pacs.job);
@@ -779,6 +878,8 @@
     ui.jobs.replaceChildren();
     ui.jobs.hidden = !slow.length && !asJob;
     ui.pacsOutcome.hidden = true;
+    if (state.store) state.store.blocked = true;  // until this run's result replaces it, or fails
+    renderStoreBar();
     const parts = [];
     if (fast.length) {
       const kinds = dicomKinds(progress, true);
@@ -788,6 +889,13 @@
     await Promise.all(parts);
     if (run !== state.run) return;
     state.abort = null;
+    if (state.store) state.store.blocked = false;
+    if (progress.got && selection.pacs) {
+      state.store = { parts: progress.parts, study_uid: selection.pacs.study_uid, skipped: progress.skipped, status: "ready" };
+    } else if (progress.got) {
+      state.store = null;
+    }
+    renderStoreBar();
     if (progress.got) {
       const count = state.response.results.length;
       let text = `Done: ${count} image${count === 1 ? "" : "s"} explained with ${methods.join(", ")}.`;
@@ -812,10 +920,13 @@
   async function runExplain(progress, methods, abort, dicom) {
     try {
       const path = progress.selection.pacs ? "dicomweb/explain" : "explain";
-      const response = await withDicomFallback(progress, dicom, (kinds) => api(path, {
-        method: "POST", signal: abort.signal, ...partRequest(progress, methods, kinds),
-      }));
+      let request = null;
+      const response = await withDicomFallback(progress, dicom, (kinds) => {
+        request = partRequest(progress, methods, kinds);
+        return api(path, { method: "POST", signal: abort.signal, ...request });
+      });
       if (progress.run !== state.run) return;
+      notePart(progress, false, methods, request);
       notePacsOutcome(progress, response);
       await accept(progress, response);
     } catch (err) {
@@ -863,8 +974,7 @@
 
   // ---------------------------------------------------------------- jobs
 
-  function jobRow(methods) {
-    const title = methods.map(methodTitle).join(", ");
+  function jobRow(methods, title = methods.map(methodTitle).join(", ")) {
     const bar = el("progress", { max: 1, value: 0 });
     bar.setAttribute("aria-label", `${title} progress`);
     const text = el("span", { className: "job-text", textContent: "submitting…" });
@@ -899,9 +1009,11 @@
     state.jobs.push(job);
     view.cancel.addEventListener("click", () => cancelJobs([job]));
     try {
-      const submitted = await withDicomFallback(progress, dicom, (kinds) => api("jobs", {
-        method: "POST", signal: abort.signal, ...partRequest(progress, methods, kinds),
-      }));
+      let request = null;
+      const submitted = await withDicomFallback(progress, dicom, (kinds) => {
+        request = partRequest(progress, methods, kinds);
+        return api("jobs", { method: "POST", signal: abort.signal, ...request });
+      });
       job.id = submitted.job_id;
       job.row.dataset.jobId = job.id;
       showProgress(job, submitted.progress, submitted.eta_s, submitted.status);
@@ -911,6 +1023,7 @@
       if (progress.run !== state.run) return;
       finishJob(progress, job, final);
       if (final.status === "succeeded") {
+        notePart(progress, true, methods, request);
         notePacsOutcome(progress, final.result);
         await accept(progress, final.result);
       }
@@ -925,6 +1038,7 @@
     }
   }
 
+  // ``progress``: the run the job is a part of (null for a store's job: its caller reports).
   function finishJob(progress, job, final) {
     job.cancel.disabled = true;
     job.row.dataset.status = final.status;
@@ -933,14 +1047,20 @@
       job.text.textContent = `done · ${final.progress.total} passes`;
     } else if (final.status === "cancelled") {
       job.text.textContent = `cancelled after ${final.progress.done} of ${final.progress.total} passes`;
-      progress.cancelled.push(job.title);
+      if (progress) progress.cancelled.push(job.title);
     } else {
-      const error = final.error || {};
-      job.text.textContent = `failed: ${error.message || final.status}`;
+      job.text.textContent = `failed: ${(final.error || {}).message || final.status}`;
+      if (!progress) return;
       progress.errors.push(job.title);
-      showError(new ApiError(error.code === "deadline_exceeded" ? 504 : 500, error.code || "failed",
-        error.message || "the job failed", error.request_id || "", null), job.title);
+      showError(jobError(final), job.title);
     }
+  }
+
+  // A failed job's error as the service's own answer would have carried it.
+  function jobError(final) {
+    const error = final.error || {};
+    return new ApiError(error.code === "deadline_exceeded" ? 504 : 500, error.code || "failed",
+      error.message || "the job failed", error.request_id || "", null);
   }
 
   // The job's server-sent events, read with fetch() so the API key header can be sent
@@ -1588,6 +1708,7 @@
   ui.pacsImage.addEventListener("load", () => { ui.pacsImage.dataset.shown = ui.pacsImage.dataset.pending; });
   ui.pacsExplainImage.addEventListener("click", () => explainShown(false));
   ui.pacsExplainSeries.addEventListener("click", () => explainShown(true));
+  ui.pacsStore.addEventListener("click", () => storeShown());
 
   ["dragenter", "dragover"].forEach((type) => window.addEventListener(type, (event) => {
     event.preventDefault();
