@@ -145,9 +145,11 @@ class Engine:
         try:
             devices = self.devices or resolve_devices(self.settings.device)
             self.slots = [WorkerSlot(i, d, self.worker_factory) for i, d in enumerate(devices)]
-            catalogs = await asyncio.gather(*(
-                slot.start(self.specs, self._warm_sizes(slot.device)) for slot in self.slots
-            ))
+            # One slot after the other: loading traces the models with torch.fx, which patches
+            # nn.Module.__call__ process-wide while it runs, so another slot's forward (its
+            # own load's probe, or its warm-up) on another thread would be traced into it and
+            # fail ("module is not installed as a submodule"): two devices never started.
+            catalogs = [await slot.start(self.specs, self._warm_sizes(slot.device)) for slot in self.slots]
         except Exception as exc:
             self.state, self.failure = "failed", str(exc)
             log.exception("engine failed to start")
