@@ -15,6 +15,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+# Images per batch by device kind when CAMSERVE_MAX_BATCH_SIZE is unset. A CPU's cores are
+# busy at 8; a GPU is far from full there, and 64 is a first guess for CUDA, to be measured
+# by `make gpu-check` (service.gpucheck). Kinds not listed take the CPU's.
+BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}
 
 
 class Settings(BaseSettings):
@@ -25,7 +29,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="cpu, cuda, cuda:1, ...; auto takes CUDA when present")
     models_file: Path | None = Field(None, description="TOML or JSON file registering models")
     default_model: str = Field("mobilenet_v2", description="model used when a request names none")
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256, description="images per batch; unset: the device's own default "
+        "(BATCH_DEFAULTS: 8 on the CPU, 64 on CUDA)",
+    )
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1)
     # The heavy lane (service.engine.turns, service.cams.passes): long explanations run in
@@ -86,6 +93,10 @@ class Settings(BaseSettings):
         True, description="run a forward and a CAM pass per model and batch size before ready"
     )
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
+    gpu_decode: Literal["auto", "off"] = Field(
+        "auto", description="auto: on CUDA workers, baseline JPEGs are decoded (nvjpeg) and resized "
+        "on the device; off: every file is decoded on the host"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="CUDA only: the model's forward under autocast in this dtype; CAM maths "
         "stays float32, and fp32 turns TF32 off"
@@ -147,6 +158,21 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    def batch_size_for(self, device_type: str) -> int:
+        """The largest batch formed for a device of this kind ("cpu", "cuda", ...): the
+        explicit setting, else the kind's default."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return BATCH_DEFAULTS.get(device_type, BATCH_DEFAULTS["cpu"])
+
+    def largest_batch_size(self) -> int:
+        """The largest batch any device that ``device`` may resolve to forms (``auto`` may
+        be CUDA), for what must be sized before the devices are known (metrics buckets)."""
+        kinds: set[str] = set()
+        for name in self.device.split(","):
+            kinds.update(("cpu", "cuda") if name == "auto" else (name.split(":")[0],))
+        return max(self.batch_size_for(kind) for kind in kinds)
 
     @property
     def mask_side(self) -> int:

@@ -79,7 +79,9 @@ def create_app(
     is called with the reason when a device fails beyond repair (``python -m service`` exits);
     ``devices`` overrides ``CAMSERVE_DEVICE`` (one engine slot each)."""
     settings = settings or get_settings()
-    metrics = Metrics(settings.max_batch_size)
+    # The batch-size histogram's buckets reach the largest batch any device here forms.
+    metrics = Metrics(max(settings.batch_size_for(d.type) for d in devices) if devices
+                      else settings.largest_batch_size())
 
     def job_finished(job: Job, seconds: float) -> None:
         for method in job.methods:

@@ -11,11 +11,12 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 from fastapi import Response, UploadFile
+from PIL import Image
 
 from service.api import dicom_results
 from service.api.options import ExplainPlan
@@ -33,6 +34,7 @@ from service.engine.jobs import ExplainSpec, ItemResult, WorkItem
 from service.errors import BadRequest, InvalidOption, PayloadTooLarge
 from service.imaging.decode import DecodeLimits, declared_bytes, iter_frames, shrink
 from service.imaging.encode import display_size
+from service.imaging.encoded import routed_frame
 from service.imaging.limits import MB, ByteBudget, megabytes
 from service.imaging.preprocess import resize_for_model
 from service.models.catalog import ModelInfo
@@ -64,6 +66,8 @@ async def decode_sources(
     admit: Callable[[int], None] | None = None,
     display: bool = True,
     window: tuple[float, float] | None = None,
+    on_device: bool = False,
+    shows_image: bool = False,
 ) -> list[Upload]:
     """Decode every file (in the decode pool, not on the loop) into frames at the model's
     input size, under the request's limits.
@@ -73,7 +77,10 @@ async def decode_sources(
     budget and ``deadline`` are passed down, so a file is refused from its header and a slow
     one stopped between frames. ``display``: overlays will be drawn, so frames are kept at up
     to the overlay size; else at the model's input size only. ``window``: (centre, width) for
-    DICOM and 16-bit frames instead of their own (see decode.iter_frames).
+    DICOM and 16-bit frames instead of their own (see decode.iter_frames). ``on_device``:
+    the workers decode baseline JPEGs themselves (Engine.jpeg_on_device), so those are read
+    and checked here but handed over as bytes (service.imaging.encoded); ``shows_image``: the
+    response shows the image (overlay, heatmap, image_png), so such a worker sends it back.
     """
     if not sources:
         raise BadRequest(f"no {what}: send one or more images")
@@ -87,13 +94,23 @@ async def decode_sources(
     keep = (settings.overlay_max_side if display else 0, max(model.input_size))
     # One trip to the decode pool for the whole request (each trip costs the loop and the
     # threads a hand-over): the headers, then every file in order.
+    route = _Route(settings.overlay_max_side, shows_image) if on_device else None
     return await _in_decode_pool(
-        settings, _decode_all, sources, settings, model.input_size, what, deadline, keep, window)
+        settings, _decode_all, sources, settings, model.input_size, what, deadline, keep, window, route)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """JPEGs go to the workers as bytes: the overlay cap, and whether they send the image back."""
+
+    max_side: int
+    shows_image: bool
 
 
 def _decode_all(
     sources: Sequence[Source], settings: Settings, input_size: tuple[int, int], what: str,
     deadline: float, keep: tuple[int, int], window: tuple[float, float] | None,
+    route: _Route | None = None,
 ) -> list[Upload]:
     decoded = ByteBudget(int(settings.max_decoded_mb_per_request * MB))
     # Every file's header before any file's pixels: a request whose files together declare more
@@ -112,7 +129,11 @@ def _decode_all(
             max_frame_bytes=int(settings.max_decoded_mb_per_frame * MB), request_bytes=decoded,
             deadline=deadline, allow_truncated=settings.allow_truncated_images, reduce_to=keep,
         )
-        uploads.extend(_prepare(data, limits, index, filename, input_size, window))
+        routed = routed_frame(data, limits, filename, route.max_side, route.shows_image) if route else None
+        if routed is not None:
+            uploads.append(Upload(index, filename, routed[0], None, encoded=routed[1]))
+        else:
+            uploads.extend(_prepare(data, limits, index, filename, input_size, window))
     return uploads
 
 
@@ -203,7 +224,7 @@ def explain_items(
             display_wanted=dicom_size is not None or "heatmap" in plan.outputs,
         )
         item = _item(plan.model, upload, plan.form.topk, spec, deadline)
-        if overlay is not None and frame.image.size == shown:
+        if overlay is not None and upload.encoded is None and frame.image.size == shown:
             # The frame is already at the display size (else the API resizes and draws it as
             # before): a reference, no copy; only a worker that draws overlays reads it.
             item.overlay_base = frame.image
@@ -221,6 +242,7 @@ def _item(
         explain=spec,
         deadline=deadline,
         future=asyncio.get_running_loop().create_future(),
+        encoded=upload.encoded,
     )
 
 
@@ -314,20 +336,28 @@ async def read_files(parts: Sequence[UploadFile]) -> list[Source]:
 async def prepare_predict(
     model: ModelInfo, topk: int, sources: Sequence[Source], settings: Settings, deadline: float,
     admit: Callable[[int], None], what: str = "file", timer: Timer | None = None,
+    on_device: bool = False,
 ) -> Prepared:
+    """``on_device``: the engine's workers decode baseline JPEGs (Engine.jpeg_on_device)."""
     timer = timer or Timer()
     uploads = await timer.decode(decode_sources(
-        sources, settings, model, what, deadline=deadline, admit=admit, display=False))
+        sources, settings, model, what, deadline=deadline, admit=admit, display=False,
+        on_device=on_device))
     return Prepared(model, None, uploads, predict_items(model, uploads, topk, deadline), timer)
 
 
 async def prepare_explain(
     plan: ExplainPlan, sources: Sequence[Source], settings: Settings, deadline: float,
     admit: Callable[[int], None], what: str = "file", timer: Timer | None = None,
+    on_device: bool = False,
 ) -> Prepared:
+    """``on_device``: the engine's workers decode baseline JPEGs (Engine.jpeg_on_device);
+    not for DICOM outputs, which are built from the host's frame."""
     timer = timer or Timer()
     uploads = await timer.decode(decode_sources(
-        sources, settings, plan.model, what, deadline=deadline, admit=admit, window=plan.window))
+        sources, settings, plan.model, what, deadline=deadline, admit=admit, window=plan.window,
+        on_device=on_device and not dicom_results.wanted(plan),
+        shows_image=bool({"overlay", "heatmap", "image"} & plan.outputs)))
     dicom_results.check(plan, uploads)  # a DICOM output of a file that cannot have it: 422 now
     items = explain_items(plan, uploads, settings, deadline)
     return Prepared(plan.model, plan, uploads, items, timer)
@@ -363,6 +393,7 @@ def _render_and_serialize(
     layout: Layout, extra: Mapping[str, Any] | None, dicom: bool,
 ) -> tuple[bytes, dict[str, float]]:
     entries: list[dict[str, Any]] | None = None
+    prepared = _with_decoded_images(prepared, results)
     if prepared.plan is not None:
         rendered, entries = _render_explain(prepared, results, settings, dicom)
     else:
@@ -370,6 +401,19 @@ def _render_and_serialize(
     body = {"request_id": request_id, "model": model_ref(prepared.model), **layout(rendered),
             **({"dicom": entries} if entries is not None else {}), **(extra or {})}
     return _serialize(body, results, prepared.timer.started, prepared.timer.render_started)
+
+
+def _with_decoded_images(prepared: Prepared, results: Sequence[ItemResult]) -> Prepared:
+    """The uploads a worker decoded with the image it sent back as their frame's image (at
+    the display size, as the host's shrunk frame would be), so rendering reads no JPEG."""
+    if not any(upload.encoded is not None for upload in prepared.uploads):
+        return prepared
+    uploads = [
+        replace(upload, frame=replace(upload.frame, image=Image.fromarray(result.image)))
+        if upload.encoded is not None and result.image is not None else upload
+        for upload, result in zip(prepared.uploads, results, strict=True)
+    ]
+    return replace(prepared, uploads=uploads)
 
 
 def _render_explain(

@@ -16,6 +16,7 @@ from service.engine.jobs import ItemResult, MapResult
 from service.errors import PayloadTooLarge
 from service.imaging import encode
 from service.imaging.decode import Frame
+from service.imaging.encoded import EncodedImage
 from service.imaging.limits import MB, megabytes
 from service.models.catalog import ModelInfo
 
@@ -27,7 +28,10 @@ class Upload:
     index: int
     filename: str | None
     frame: Frame
-    pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
+    pixels: np.ndarray | None  # (H, W, 3) uint8 at the model's input size; None: ``encoded``
+    # A JPEG left for a CUDA worker to decode (service.imaging.encoded): ``frame`` then has
+    # its size and an undecoded image, replaced by the worker's decoded one before rendering.
+    encoded: EncodedImage | None = None
 
 
 # Upper bounds, in bytes as sent. A float32 in [0, 1] is at most 15 characters as JSON

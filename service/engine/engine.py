@@ -3,8 +3,10 @@
 Route handlers call :meth:`Engine.submit` and await; they never touch torch. Each worker slot
 (one per device, see :mod:`service.engine.pool`) has a runner coroutine that, whenever its slot
 is free, takes the oldest queued image and the queued images compatible with it (same model,
-methods and layers) up to ``max_batch_size``, waiting at most ``max_batch_delay_ms`` counted
-from the oldest image's arrival. Incompatible images keep their place for the next batch, and
+methods and layers) up to the slot's batch size (``CAMSERVE_MAX_BATCH_SIZE``, else its device
+kind's default, :meth:`service.config.Settings.batch_size_for`: a CUDA slot forms larger
+batches than a CPU slot), waiting at most ``max_batch_delay_ms`` counted from the oldest
+image's arrival. Incompatible images keep their place for the next batch, and
 a request's images may be spread over several batches; each has its own future, so the
 request reassembles them in upload order.
 
@@ -143,9 +145,11 @@ class Engine:
         try:
             devices = self.devices or resolve_devices(self.settings.device)
             self.slots = [WorkerSlot(i, d, self.worker_factory) for i, d in enumerate(devices)]
-            catalogs = await asyncio.gather(*(
-                slot.start(self.specs, self._warm_sizes()) for slot in self.slots
-            ))
+            # One slot after the other: loading traces the models with torch.fx, which patches
+            # nn.Module.__call__ process-wide while it runs, so another slot's forward (its
+            # own load's probe, or its warm-up) on another thread would be traced into it and
+            # fail ("module is not installed as a submodule"): two devices never started.
+            catalogs = [await slot.start(self.specs, self._warm_sizes(slot.device)) for slot in self.slots]
         except Exception as exc:
             self.state, self.failure = "failed", str(exc)
             log.exception("engine failed to start")
@@ -163,8 +167,11 @@ class Engine:
         log.info("engine ready", extra={"devices": [str(s.device) for s in self.slots],
                                         "models": list(self._catalog)})
 
-    def _warm_sizes(self) -> list[int]:
-        return warm_batch_sizes(self.settings.max_batch_size) if self.settings.warmup else []
+    def _warm_sizes(self, device: torch.device) -> list[int]:
+        """The batch sizes a slot on ``device`` will see, up to its own largest batch."""
+        if not self.settings.warmup:
+            return []
+        return warm_batch_sizes(self.settings.batch_size_for(device.type), device)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -233,6 +240,13 @@ class Engine:
     def seconds_per_pass(self) -> float:
         """One image's forward pass on the slowest device, as last measured."""
         return self._seconds_per_pass
+
+    @property
+    def jpeg_on_device(self) -> bool:
+        """Whether the API hands this engine baseline JPEGs as bytes for the workers to decode
+        (service.imaging.encoded): ``CAMSERVE_GPU_DECODE=auto`` and every slot on CUDA."""
+        return (self.settings.gpu_decode == "auto" and bool(self.slots)
+                and all(slot.device.type == "cuda" for slot in self.slots))
 
     @property
     def in_flight(self) -> int:
@@ -432,7 +446,7 @@ class Engine:
     async def _run(self, slot: WorkerSlot) -> None:
         """One slot's loop: whenever the slot is free, take the next batch and compute it."""
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(slot)
             self._in_flight += len(batch)
             self._computing[slot.index] = batch
             try:
@@ -458,8 +472,10 @@ class Engine:
                 self._in_flight -= len(batch)
                 self._changed.set()
 
-    async def _next_batch(self) -> list[WorkItem]:
-        max_size = self.settings.max_batch_size
+    async def _next_batch(self, slot: WorkerSlot) -> list[WorkItem]:
+        """The next batch for ``slot``, at most its device kind's size (a CUDA slot takes
+        more images at once than a CPU slot beside it)."""
+        max_size = self.settings.batch_size_for(slot.device.type)
         max_delay = self.settings.max_batch_delay_ms / 1000.0
         async with self._forming:
             while True:
@@ -765,7 +781,9 @@ class Engine:
         for item, result in zip(items, results, strict=True):
             result.queue_ms = (started - item.enqueued) * 1000
             result.batch_size = len(items)
-            if not item.future.done():
+            if result.error is not None:
+                _fail(item, result.error)  # its input alone, its neighbours answered
+            elif not item.future.done():
                 item.future.set_result(result)
         first = items[0]
         methods = list(first.explain.methods) if first.explain else []
@@ -783,7 +801,7 @@ class Engine:
 
 def _fit_key(item: WorkItem) -> tuple[object, ...]:
     """What decides a batch's memory: its model, methods, layers and options, and input shape."""
-    return (*item.batch_key(), item.pixels.shape)
+    return (*item.batch_key(), item.input_shape())
 
 
 def _note_request(state: dict[str, Any] | None, items: Sequence[WorkItem]) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.imaging.encoded import EncodedImage
+
 
 @dataclass(frozen=True)
 class ExplainSpec:
@@ -46,7 +48,7 @@ class ExplainSpec:
 @dataclass(eq=False)  # an item is itself: compared and removed by identity, never by its pixels
 class WorkItem:
     model: str
-    pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
+    pixels: np.ndarray | None  # (H, W, 3) uint8 at the model's input size; None: ``encoded``
     topk: int
     explain: ExplainSpec | None
     deadline: float  # time.monotonic() after which the item is not computed
@@ -66,6 +68,16 @@ class WorkItem:
     # (h, w, 3) uint8) when the request asks for an overlay. Only a worker that draws
     # overlays (CUDA) reads its pixels, so the CPU path costs nothing for it.
     overlay_base: object | None = None
+    # A JPEG the worker decodes on its device instead of ``pixels`` (CUDA workers, see
+    # service.imaging.encoded); it sends back the image at ``base_size`` as ItemResult.image.
+    encoded: EncodedImage | None = None
+
+    def input_shape(self) -> tuple[int, ...]:
+        """The input's shape as it arrives (decoded pixels, or the JPEG's declared size)."""
+        if self.pixels is not None:
+            return tuple(self.pixels.shape)
+        assert self.encoded is not None
+        return (self.encoded.height, self.encoded.width, 3)
 
     def batch_key(self) -> tuple[object, ...]:
         """Items with equal keys share a forward (and backward) pass."""
@@ -93,3 +105,8 @@ class ItemResult:
     queue_ms: float
     compute_ms: float
     batch_size: int = 1  # images in the batch this one was computed in
+    # The shown image (h, w, 3) uint8 at EncodedImage.base_size, for an encoded input.
+    image: np.ndarray | None = None
+    # The item's own failure (an encoded input neither the device nor the host could decode:
+    # the same 4xx the API's decode raises); the engine answers the item with it.
+    error: Exception | None = None

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from service.cams import CAMMethod, get_method, normalize
 from service.cams.extractor import SampleMap, explain_batch
 from service.engine import device_render
 from service.engine.faithfulness import add_faithfulness
 from service.engine.jobs import ItemResult, MapResult, WorkItem
+from service.engine.pool import is_fatal_device_error, is_out_of_memory
+from service.errors import ServiceError
+from service.imaging.encoded import EncodedImage, host_decode
 from service.models.catalog import ModelInfo
 from service.models.loader import LoadedModel, load_model
 from service.models.runner import Runner
@@ -103,6 +109,9 @@ class Worker:
         self.models: dict[str, LoadedModel] = {}
         # One image's forward pass in seconds, measured in warm-up (the slowest model's).
         self.seconds_per_pass: float | None = None
+        # False once the device's JPEG decoder failed on a file any decoder reads (warm-up):
+        # encoded inputs then take the host path at once instead of failing twice each.
+        self.device_jpeg = True
 
     def load(self, specs: Sequence[ModelSpec]) -> dict[str, ModelInfo]:
         if self.device.type == "cpu":
@@ -146,7 +155,20 @@ class Worker:
                         self.seconds_per_pass = max(self.seconds_per_pass or 0.0, per_image)
                 with self.autocast():
                     explain_batch(runner, inputs, [loaded.default_layer], [gradcam], [None] * size)
+        if self.device.type == "cuda":
+            self._warm_decoder()
         self._synchronize()
+
+    def _warm_decoder(self) -> None:
+        """Decode a small JPEG on the device, so the first request does not pay nvjpeg's
+        set-up; a decoder that fails here is not used (encoded inputs take the host path)."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 30, 200)).save(buffer, format="JPEG")
+        (decoded,) = self._decode([EncodedImage(buffer.getvalue(), 64, 48, None, None)])
+        if isinstance(decoded, Exception):
+            self.device_jpeg = False
+            log.warning("the device cannot decode JPEGs; the host decodes them",
+                        extra={"device": str(self.device), "reason": str(decoded)[:200]})
 
     def autocast(self) -> AbstractContextManager[object]:
         """The model's forward in ``precision`` on CUDA (CAM maths stays float32: the
@@ -168,10 +190,22 @@ class Worker:
                 torch.cuda.empty_cache()
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
-        """One batch of compatible items (same model, methods and layers)."""
+        """One batch of compatible items (same model, methods and layers). An encoded input
+        that cannot be decoded anywhere is answered with its own error (ItemResult.error),
+        the rest of the batch computed without it."""
         started = time.perf_counter()
         loaded = self.models[items[0].model]
-        inputs = self._to_tensor(loaded, [item.pixels for item in items])
+        images, bases, failures = self._inputs(loaded, items)
+        kept = [item for index, item in enumerate(items) if index not in failures]
+        computed = iter(self._compute(loaded, kept, images, bases, started) if kept else [])
+        return [ItemResult([], [], 0.0, 0.0, error=failures[index]) if index in failures
+                else next(computed) for index in range(len(items))]
+
+    def _compute(
+        self, loaded: LoadedModel, items: Sequence[WorkItem], images: torch.Tensor,
+        bases: Sequence[torch.Tensor | None], started: float,
+    ) -> list[ItemResult]:
+        inputs = self._normalise(loaded, images)
         spec = items[0].explain
         if spec is None:
             runner = self._runner(loaded, (), [])
@@ -194,7 +228,7 @@ class Worker:
         top = torch.topk(probabilities, k=min(max(item.topk for item in items), probabilities.shape[1]))
         top_indices, top_values = top.indices.tolist(), top.values.tolist()
         scores = probabilities.cpu().numpy()
-        maps = self._finish_maps(items, per_sample_maps)
+        maps, shown = self._finish_maps(items, per_sample_maps, bases)
         results = []
         for row, item in enumerate(items):
             predictions = list(zip(top_indices[row][:item.topk], top_values[row][:item.topk], strict=True))
@@ -211,7 +245,7 @@ class Worker:
                 )
                 for sample, (mask, display, overlay) in zip(per_sample_maps[row], maps[row], strict=True)
             ]
-            results.append(ItemResult(predictions, explanations, 0.0, 0.0))
+            results.append(ItemResult(predictions, explanations, 0.0, 0.0, image=shown[row]))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
             with self.autocast():
                 add_faithfulness(runner.forward, inputs, items, per_sample_maps, results)
@@ -232,10 +266,12 @@ class Worker:
         return loaded.runner(layers, exact=exact)
 
     def _finish_maps(
-        self, items: Sequence[WorkItem], per_sample_maps: Sequence[Sequence[SampleMap]]
-    ) -> list[list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]:
+        self, items: Sequence[WorkItem], per_sample_maps: Sequence[Sequence[SampleMap]],
+        bases: Sequence[torch.Tensor | None],
+    ) -> tuple[list[list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]], list[np.ndarray | None]]:
         """Every sample's map at its mask size and display size, as float32 numpy arrays, and
-        its overlay where this worker draws it (CUDA, :meth:`_overlay_base`), as uint8.
+        its overlay where this worker draws it (CUDA, :meth:`_overlay_base`), as uint8; and
+        each item's shown image decoded here (``bases``, encoded inputs) as uint8.
 
         Maps with the same grid and target size are resized in one call; on CUDA everything
         a batch sends to the host goes in one pinned copy (device_render.to_host).
@@ -251,8 +287,8 @@ class Worker:
         tensors: list[torch.Tensor | None] = list(_resize_all(wanted))
         overlays: list[torch.Tensor | None] = []
         at = 1
-        for item, samples in zip(items, per_sample_maps, strict=True):
-            base = self._overlay_base(item)
+        for item, samples, decoded in zip(items, per_sample_maps, bases, strict=True):
+            base = self._overlay_base(item, decoded)
             for _ in samples:
                 display = tensors[at]
                 drawn = None
@@ -263,35 +299,127 @@ class Worker:
                         tensors[at] = None  # only the overlay needed it: not copied back
                 overlays.append(drawn)
                 at += 2
-        arrays = device_render.to_host([*tensors, *overlays])
-        masks_displays, drawn_overlays = arrays[:len(tensors)], arrays[len(tensors):]
+        arrays = device_render.to_host([*tensors, *overlays, *bases])
+        masks_displays = arrays[:len(tensors)]
+        drawn_overlays = arrays[len(tensors):len(tensors) + len(overlays)]
+        shown = arrays[len(tensors) + len(overlays):]
         out: list[list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = []
         at = 0
         for samples in per_sample_maps:
             row: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
             for _ in samples:
-                mask, shown = masks_displays[2 * at], masks_displays[2 * at + 1]
+                mask, heat = masks_displays[2 * at], masks_displays[2 * at + 1]
                 assert mask is not None
-                row.append((mask, shown, drawn_overlays[at]))
+                row.append((mask, heat, drawn_overlays[at]))
                 at += 1
             out.append(row)
-        return out
+        return out, shown
 
-    def _overlay_base(self, item: WorkItem) -> torch.Tensor | None:
+    def _overlay_base(self, item: WorkItem, decoded: torch.Tensor | None = None) -> torch.Tensor | None:
         """The image this worker blends ``item``'s overlays on, on its device: CUDA workers
         only, when the request asks for an overlay at the display maps' size; else None (the
-        API draws, as it always does for the CPU)."""
+        API draws, as it always does for the CPU). ``decoded``: the image decoded here."""
         spec = item.explain
         if (self.device.type != "cuda" or spec is None or spec.overlay is None
-                or item.overlay_base is None or spec.display_size is None):
+                or spec.display_size is None):
             return None
-        base = device_render.image_to_device(item.overlay_base, self.device)
+        if decoded is not None:
+            base: torch.Tensor | None = decoded
+        elif item.overlay_base is None:
+            return None
+        else:
+            base = device_render.image_to_device(item.overlay_base, self.device)
         if base is None or tuple(base.shape[:2]) != spec.display_size:
             return None
         return base
 
     def _to_tensor(self, loaded: LoadedModel, pixels: Sequence[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        return self._normalise(loaded, self._upload(pixels))
+
+    def _upload(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """(N, H, W, 3) uint8 on the device, in one transfer."""
+        return torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+
+    def _inputs(
+        self, loaded: LoadedModel, items: Sequence[WorkItem]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], dict[int, Exception]]:
+        """The model inputs of the items that have one, as (N, H, W, 3) uint8 on the device;
+        each one's shown image decoded here ((h, w, 3) uint8 on the device, encoded inputs
+        that want it), else None; and the failures, by index in ``items``.
+
+        Encoded inputs are decoded on the device in one call (nvjpeg on CUDA) and resized
+        there as the CPU path resizes (antialiased bilinear, like Pillow's, rounded to uint8);
+        one the device cannot decode takes the CPU path itself (host_decode), whose 4xx
+        error is that item's answer when the host cannot decode it either."""
+        arrays = [item.pixels for item in items if item.pixels is not None]
+        if len(arrays) == len(items):
+            return self._upload(arrays), [None] * len(items), {}
+        size = loaded.spec.input_size
+        on_host: dict[int, np.ndarray] = {}
+        inputs: dict[int, torch.Tensor] = {}
+        bases: dict[int, torch.Tensor | None] = {}
+        failures: dict[int, Exception] = {}
+        encoded = [(index, item.encoded) for index, item in enumerate(items) if item.pixels is None]
+        decoded = self._decode([image for _, image in encoded if image is not None])
+        for (index, image), pixels in zip(encoded, decoded, strict=True):
+            assert image is not None
+            if isinstance(pixels, torch.Tensor):
+                inputs[index] = _resized(pixels, size)
+                bases[index] = _resized(pixels, image.base_size) if image.base_size else None
+                continue
+            log.info("decoding on the host: the device could not", extra={
+                "worker": str(self.device), "reason": str(pixels)[:200],
+                "request_ids": [items[index].request_id]})
+            try:
+                on_host[index], shown = host_decode(image, size)
+            except ServiceError as exc:
+                failures[index] = exc
+                continue
+            bases[index] = (torch.from_numpy(np.ascontiguousarray(shown)).to(self.device)
+                            if shown is not None else None)
+        for index, item in enumerate(items):
+            if item.pixels is not None:
+                on_host[index] = item.pixels
+        if on_host:
+            order = sorted(on_host)
+            uploaded = self._upload([on_host[index] for index in order])
+            inputs.update(zip(order, uploaded, strict=True))
+        kept = [index for index in range(len(items)) if index not in failures]
+        stacked = torch.stack([inputs[index] for index in kept]) if kept else torch.empty(0)
+        return stacked, [bases.get(index) for index in kept], failures
+
+    def _decode(self, images: Sequence[EncodedImage]) -> list[torch.Tensor | Exception]:
+        """Each JPEG as a (3, H, W) uint8 tensor on the device, or the error that stopped it.
+        One call for all (nvjpeg decodes a list in one go); if that fails, one at a time, so
+        only the bad file falls back. A fatal or out-of-memory device error is raised (the
+        engine's own handling), never taken for a bad file."""
+        if not images:
+            return []
+        if not self.device_jpeg:
+            return [RuntimeError("the device's JPEG decoder is not used")] * len(images)
+        # torchvision 0.29 points at TorchCodec on every call; its decoder is still the one
+        # with nvjpeg batches. (A filter, not catch_warnings: that is not thread-safe.)
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                                category=DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+        data = [torch.frombuffer(bytearray(image.data), dtype=torch.uint8) for image in images]
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+        except Exception as exc:
+            if is_fatal_device_error(exc) or is_out_of_memory(exc):
+                raise
+        out: list[torch.Tensor | Exception] = []
+        for one in data:
+            try:
+                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+            except Exception as exc:
+                if is_fatal_device_error(exc) or is_out_of_memory(exc):
+                    raise
+                out.append(exc)
+        return out
+
+    def _normalise(self, loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 on the device to the model's normalised float input."""
         images = batch.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(loaded.spec.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(loaded.spec.std, device=self.device).view(1, 3, 1, 1)
@@ -321,6 +449,20 @@ def _resize_all(
         for row, index in enumerate(indices):
             out[index] = stacked[row]
     return out
+
+
+def _resized(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A decoded (3, H, W) uint8 image at ``size`` = (height, width), as (h, w, 3) uint8, the
+    way Pillow's BILINEAR resize (the CPU path's) computes it: antialiased bilinear, across
+    then down, rounded to 8 bits after each pass (which matches it to within one level in
+    about 0.2% of pixels, against 17% for one float pass)."""
+    height, width = size
+    pixels = image[None].float()
+    for pass_size in ((pixels.shape[2], width), (height, width)):
+        if tuple(pixels.shape[2:]) != pass_size:
+            pixels = F.interpolate(pixels, size=pass_size, mode="bilinear", antialias=True,
+                                   align_corners=False).round_().clamp_(0, 255)
+    return pixels[0].to(torch.uint8).permute(1, 2, 0)
 
 
 def _size(grid: torch.Tensor) -> tuple[int, int]:

@@ -132,3 +132,34 @@ def _fewest_bits(
         elif kind == _LOSSLESS:
             bits += cols * rows * dc  # one code per sample
     return bits
+
+
+BASELINE = 0xC0
+
+
+def frame_marker(data: bytes) -> int | None:
+    """The marker of the first picture's frame header (0xC0 baseline, 0xC2 progressive, ...),
+    or None when the segments up to it cannot be followed."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    try:
+        for _ in range(_MAX_SEGMENTS):
+            if pos + 4 > len(data) or data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte before a marker
+                pos += 1
+                continue
+            if marker in (0xD9, 0xDA):  # the image ended, or a scan began, before any frame
+                return None
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+                pos += 2
+                continue
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                return marker
+            (length,) = struct.unpack_from(">H", data, pos + 2)
+            pos += 2 + length
+    except struct.error:
+        return None
+    return None

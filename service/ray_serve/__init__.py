@@ -128,7 +128,8 @@ class _ModelReplica:
         channels_last, precision = self.settings.channels_last, self.settings.precision
         self.slot = WorkerSlot(0, device, lambda d: Worker(d, threads, channels_last=channels_last,
                                                            precision=precision))
-        warm = warm_batch_sizes(self.settings.max_batch_size, device) if self.settings.warmup else []
+        size = self.settings.batch_size_for(device.type)
+        warm = warm_batch_sizes(size, device) if self.settings.warmup else []
         self.info = (await self.slot.start([spec], warm))[model]
         self.device_failed: str | None = None
         log.info("model replica ready", extra={"model": model, "device": str(device)})
@@ -201,7 +202,8 @@ class RemoteWorker:
         """Model replicas warm up before they take traffic."""
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
-        payload = [RemoteItem(i.model, i.pixels, i.topk, i.explain, i.request_id) for i in items]
+        # The ingress's slots are CPU ones, so the API decodes every file: pixels, never bytes.
+        payload = [RemoteItem(i.model, _pixels(i), i.topk, i.explain, i.request_id) for i in items]
         try:
             results: list[ItemResult] = self.handles[items[0].model].compute.remote(payload).result()
         except Exception as exc:
@@ -210,6 +212,12 @@ class RemoteWorker:
                 raise ReplicaDeviceFailed("a model replica's device failed; Serve replaces it") from None
             raise
         return results
+
+
+def _pixels(item: WorkItem) -> np.ndarray:
+    if item.pixels is None:
+        raise RuntimeError("a model replica is sent decoded pixels only")
+    return item.pixels
 
 
 class _Ingress:
@@ -274,6 +282,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
     values = settings.model_dump(mode="json")
     overrides = _deployment_overrides(args.get("deployments"))
     gpus = _gpus_per_replica(args.get("gpus_per_replica"), settings.device)
+    # The ingress's engine forms the batches on CPU slots for replicas on the devices Ray
+    # gives them: unset, the batch size is that of the replicas' kind, decided here once.
+    values["max_batch_size"] = settings.batch_size_for("cuda" if gpus > 0 else "cpu")
     handles = {}
     for name in registered_specs(settings.models_file):
         deployment_name = model_deployment_name(name)

@@ -228,3 +228,18 @@ def test_the_cpu_config_asks_for_no_gpu() -> None:
 
     resources = _resources_after_serve_applies(yaml.safe_load(CPU_CONFIG.read_text()))
     assert not any(r.get("GPU") for r in resources.values())
+
+
+@pytest.mark.parametrize(("gpus", "settings", "size"), [
+    (1, {"device": "auto"}, 64), (0, {"device": "cpu"}, 8), (1, {"device": "auto", "max_batch_size": 12}, 12),
+])
+def test_the_ingress_batches_at_the_replicas_device_size(
+    gpus: int, settings: dict[str, Any], size: int
+) -> None:
+    # The ingress's own slots are CPU ones: an unset batch size is resolved for the replicas'
+    # kind where the app is built, and handed to the ingress and the replicas alike.
+    app = build_app({"settings": settings, "gpus_per_replica": gpus})
+    ingress = app._bound_deployment
+    model = ingress.init_args[1]["mobilenet_v2"]._bound_deployment
+    assert ingress.init_args[0]["max_batch_size"] == size
+    assert model.init_args[0]["max_batch_size"] == size

@@ -40,9 +40,15 @@ class Script:
     fatal: set[int] = field(default_factory=set)  # tags whose batch raises a sticky CUDA error
     released: int = 0  # release_memory() calls (after out-of-memory errors)
     batches: list[list[int]] = field(default_factory=list)  # every compute call, in order
+    # The same, with the kind of the worker's device ("cpu", "cuda"; fakes need no GPU).
+    device_batches: list[tuple[str, list[int]]] = field(default_factory=list)
+    # Per device kind, a gate of its own in place of ``gate`` (so one kind's slot can be held).
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    items: list[WorkItem] = field(default_factory=list)  # every item computed, in order
     built: int = 0  # workers the factory built
     builds_allowed: int | None = None  # the factory fails after this many
     warmed: list[list[int]] = field(default_factory=list)
+    warmed_on: dict[str, list[int]] = field(default_factory=dict)  # by device kind
     warm_gate: threading.Event = field(default_factory=threading.Event)
     loop: asyncio.AbstractEventLoop | None = None
     _changed: asyncio.Event | None = None
@@ -98,7 +104,8 @@ class Script:
 
 
 def tag_of(item: WorkItem) -> int:
-    return int(item.pixels[0, 0, 0])
+    """The first pixel value; 0 for an encoded input (a JPEG left for the device to decode)."""
+    return int(item.pixels[0, 0, 0]) if item.pixels is not None else 0
 
 
 class FakeWorker:
@@ -112,14 +119,17 @@ class FakeWorker:
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         self.script.warm_gate.wait(WAIT_S)
         self.script.warmed.append(list(batch_sizes))
+        self.script.warmed_on[self.device.type] = list(batch_sizes)
 
     def compute(self, items: Sequence[WorkItem]) -> list[ItemResult]:
         script = self.script
         tags = [tag_of(item) for item in items]
         with script._lock:
             script.batches.append(tags)
+            script.device_batches.append((self.device.type, tags))
+            script.items.extend(items)
         script.notify()
-        script.gate.wait(WAIT_S)
+        script.gates.get(self.device.type, script.gate).wait(WAIT_S)
         if script.fatal & set(tags):
             raise RuntimeError(FATAL_MESSAGE)
         if script.oom_above is not None and len(items) > script.oom_above:

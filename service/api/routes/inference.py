@@ -51,7 +51,7 @@ async def predict(
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     prepared = await pipeline.prepare_predict(
         model, form.topk, await pipeline.read_files(form.file), settings, deadline, engine.admit,
-        timer=timer,
+        timer=timer, on_device=engine.jpeg_on_device,
     )
     results = await engine.submit(prepared.items)
     return pipeline.json_response(*await pipeline.finish(prepared, results, request_id_of(request), settings))
@@ -86,7 +86,8 @@ async def explain(
         )
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     prepared = await pipeline.prepare_explain(
-        plan, await pipeline.read_files(form.file), settings, deadline, engine.admit, timer=timer
+        plan, await pipeline.read_files(form.file), settings, deadline, engine.admit, timer=timer,
+        on_device=engine.jpeg_on_device,
     )
     results = await engine.submit(prepared.items)
     if multipart:

@@ -143,6 +143,7 @@ async def features(
         )
     sources = [(form.file.filename, await form.file.read())]
     upload = (await pipeline.decode_sources(sources, settings, model, display=False))[0]
+    assert upload.pixels is not None  # decoded here: no on_device for this route
     maps = await engine.feature_maps(model.name, upload.pixels, layer, form.max_channels)
     grid, columns, rows, tile = tiles.tile_grid(maps.tiles)
     png = await run_in_threadpool(png_base64, grid, settings.png_compress_level)

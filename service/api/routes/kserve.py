@@ -171,7 +171,7 @@ async def predict(
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     prepared = await pipeline.prepare_predict(
         info, form.topk, _sources(body.instances), settings, deadline, engine.admit, "instances",
-        timer=timer,
+        timer=timer, on_device=engine.jpeg_on_device,
     )
     results = await engine.submit(prepared.items)
     payload, stages = await pipeline.finish(
@@ -203,7 +203,8 @@ async def explain(
                             "POST /explain and POST /jobs, not by the KServe protocol")
     deadline = pipeline.deadline_from(x_request_timeout, settings)
     prepared = await pipeline.prepare_explain(
-        plan, _sources(body.instances), settings, deadline, engine.admit, "instances", timer=timer
+        plan, _sources(body.instances), settings, deadline, engine.admit, "instances", timer=timer,
+        on_device=engine.jpeg_on_device,
     )
     results = await engine.submit(prepared.items)
     payload, stages = await pipeline.finish(
