@@ -203,8 +203,10 @@ def supervise(host: str, port: int, count: int, argv: list[str]) -> int:
     status = 0
 
     alive: set[int] = set()  # reaped by os.wait() below, never by Popen.poll()
+    forwarded: set[int] = set()  # the signals sent to the front ends
 
     def stop_all(sig: int) -> None:
+        forwarded.add(sig)
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -243,7 +245,9 @@ def supervise(host: str, port: int, count: int, argv: list[str]) -> int:
             code = os.waitstatus_to_exitcode(wait_status)
             child.returncode = code
             _forget_metrics(pid, shared)
-            if stopping and code == 0:
+            # A front end still starting (importing torch, before its server handles signals)
+            # dies of the SIGTERM it was sent: it stopped as asked, as one draining exits 0.
+            if stopping and (code == 0 or -code in forwarded):
                 continue
             reason = f"front end {index} (pid {pid}) exited with status {code}"
             if code != 0:

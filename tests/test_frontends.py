@@ -244,3 +244,23 @@ def test_front_ends_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None
         assert server.log_path.read_text().count("the supervisor has gone; stopping") == 2
     finally:
         stop(server)
+
+
+def test_sigterm_while_the_front_ends_start_exits_0(tmp_path: Path) -> None:
+    # Sent as soon as the front ends are started, the SIGTERM reaches them while they import
+    # torch, before their servers handle it: they die of it, as asked, and that is no failure.
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_WARMUP": "false", "CAMSERVE_WORKERS": "2"}
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(free_port())],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        poll(lambda: "serving with 2 front ends" in log_path.read_text(), "the front ends to start",
+             timeout_s=START_S)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log_path.read_text()
+        assert "every front end exited cleanly" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
