@@ -316,7 +316,8 @@ class JobStore:
             pending.cancel()
 
     def counts(self) -> dict[str, int]:
-        """Jobs held, by status (for the metrics)."""
+        """Jobs held, by status (for the metrics): the expired ones are let go first."""
+        self._expire()
         found = dict.fromkeys(("queued", "running", *FINAL), 0)
         for job in self._jobs.values():
             found[job.status] += 1
