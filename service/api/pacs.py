@@ -36,6 +36,9 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PING_TIMEOUT_S = 2.0
 PING_EVERY_S = 5.0
 T = TypeVar("T")
+# What dicomweb-client or pydicom raise on an answer they cannot read (not JSON, not multipart,
+# not DICOM, no Content-Type).
+_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, IndexError, InvalidDicomError)
 
 
 def check_uid(value: str, what: str) -> str:
@@ -229,6 +232,8 @@ class Pacs:
             raise PacsRefused(f"the PACS refused to store the results (HTTP {status})") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise self._unavailable("store the results", exc) from None
+        except _UNREADABLE as exc:
+            raise self._unreadable("store the results", exc) from None
         failed = getattr(answer, "FailedSOPSequence", None)
         if failed:
             reason = getattr(failed[0], "FailureReason", "unknown")
@@ -251,12 +256,15 @@ class Pacs:
             raise PacsUnavailable(f"the PACS answered HTTP {status} when asked to {what}") from None
         except (requests.ConnectionError, requests.Timeout, OSError) as exc:
             raise self._unavailable(what, exc) from None
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, InvalidDicomError) as exc:
+        except _UNREADABLE as exc:
             # An answer dicomweb-client or pydicom cannot read (not JSON, not multipart, not
             # DICOM, no Content-Type): the PACS is at fault, not the request, and never a 500.
-            log.warning("the PACS answered something unreadable", extra={
-                "pacs": self.url, "call": what, "reason": f"{type(exc).__name__}: {exc}"})
-            raise PacsUnavailable(f"the PACS's answer could not be read when asked to {what}") from None
+            raise self._unreadable(what, exc) from None
+
+    def _unreadable(self, what: str, exc: Exception) -> PacsUnavailable:
+        log.warning("the PACS answered something unreadable", extra={
+            "pacs": self.url, "call": what, "reason": f"{type(exc).__name__}: {exc}"})
+        return PacsUnavailable(f"the PACS's answer could not be read when asked to {what}")
 
     def _unavailable(self, what: str, exc: Exception) -> PacsUnavailable:
         log.warning("the PACS could not be reached", extra={

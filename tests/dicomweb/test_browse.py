@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 
 from service.api.pacs import Pacs
 from service.config import Settings
+from service.errors import PacsUnavailable
 from service.main import create_app
 from tests.conftest import ready_client
 from tests.dicomweb.archive import Archive, fill
@@ -210,7 +211,7 @@ def test_every_pacs_call_has_the_configured_time_limit(client: TestClient, archi
 
 class _Unreadable(BaseHTTPRequestHandler):
     """A PACS whose answers dicomweb-client cannot read: junk in its search lists, HTML for a
-    retrieve."""
+    retrieve, broken JSON for a store."""
 
     protocol_version = "HTTP/1.1"
 
@@ -228,6 +229,13 @@ class _Unreadable(BaseHTTPRequestHandler):
             body, kind = b'[1, "x", null, {"0020000D": "not an element"}]', "application/dicom+json"
         else:
             body, kind = b"<html>maintenance</html>", "text/html"
+        self._answer(body, kind)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(b"{cut short", "application/dicom+json")  # a store's answer, unreadable
+
+    def _answer(self, body: bytes, kind: str) -> None:
         self.send_response(200)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -249,6 +257,9 @@ def test_an_unreadable_pacs_answer_is_never_a_500() -> None:
             assert preview.status_code == 502, preview.text
             error = preview.json()["error"]
             assert error["code"] == "pacs_unavailable" and "127.0.0.1" not in error["message"]
+        ds = pydicom.dcmread(io.BytesIO(bundled("CT_small.dcm")))
+        with pytest.raises(PacsUnavailable):  # the routes answer it 502
+            Pacs(app.state.settings).store(str(ds.StudyInstanceUID), [ds])
     finally:
         server.shutdown()
         server.server_close()
