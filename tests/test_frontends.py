@@ -235,6 +235,11 @@ def test_front_ends_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None
     server = start(tmp_path, module="tests.fatal_server")
     try:
         front_ends = children(server)
+        place = json.loads(dict(
+            line.split("=", 1) for line in Path(f"/proc/{front_ends[0]}/environ").read_text().split("\0")
+            if "=" in line)["_CAMSERVE_FRONTEND"])
+        shared = Path(place["shared"])
+        assert (shared / "jobs").is_dir()
         server.process.kill()
         server.process.wait()
         # Each notices its parent has gone, drains and exits.
@@ -242,6 +247,8 @@ def test_front_ends_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None
                              Path(f"/proc/{pid}/status").read_text() for pid in front_ends),
              "the front ends to exit", timeout_s=60)
         assert server.log_path.read_text().count("the supervisor has gone; stopping") == 2
+        # The killed supervisor could not remove its folder: the last front end out did.
+        assert not shared.exists()
     finally:
         stop(server)
 
