@@ -223,7 +223,7 @@ class JobStore:
             return job
         snapshot = self._shared_get(job_id)
         if snapshot is None:
-            raise NotFound(f"no job {job_id!r}: unknown, or expired {self.settings.job_ttl_s:g} s "
+            raise NotFound(f"no job {job_id[:64]!r}: unknown, or expired {self.settings.job_ttl_s:g} s "
                            "after it finished")
         return snapshot
 

@@ -199,3 +199,12 @@ def test_the_jobs_gauge_counts_the_jobs_held_when_scraped(client: TestClient, ap
     assert client.delete(f"/jobs/{submitted['job_id']}").json()["status"] == "cancelled"
     assert _jobs_gauge(client, "running") == running - 1
     assert _jobs_gauge(client, "cancelled") == cancelled_before + 1
+
+
+def test_a_long_unknown_job_id_is_not_echoed_whole(client: TestClient) -> None:
+    job_id = "a" * 5000
+    for response in (client.get(f"/jobs/{job_id}"), client.delete(f"/jobs/{job_id}"),
+                     client.get(f"/jobs/{job_id}/events")):
+        assert response.status_code == 404
+        message = response.json()["error"]["message"]
+        assert "aaaa" in message and len(message) < 200
