@@ -60,7 +60,10 @@ class _TimedSession(requests.Session):
         # ``setdefault`` would keep: CAMSERVE_DICOMWEB_TIMEOUT_S wins (``limit_s``: a shorter one).
         kwargs["timeout"] = limit_s if limit_s is not None else self.timeout_s
         kwargs["allow_redirects"] = False  # a redirect would lead to a host nobody configured
-        return super().request(*args, **kwargs)
+        response = super().request(*args, **kwargs)
+        if response.is_redirect:  # not followed, nor read as an empty answer ("no studies")
+            raise requests.HTTPError(f"redirected with HTTP {response.status_code}", response=response)
+        return response
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         if request.url and "?" in request.url:

@@ -290,3 +290,48 @@ def test_names_with_spaces_and_accents_are_found(tmp_path: Path) -> None:
         assert found("DOE JOHN") == {studies["DOE^JOHN"]}  # as DOE^JOHN: the space reads as ?
     finally:
         orthanc.stop()
+
+
+class _Counting(BaseHTTPRequestHandler):
+    """Counts the requests it gets; answers 302 to ``redirect_to`` when that is set."""
+
+    hits = 0
+    redirect_to = ""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        self.send_response(302 if self.redirect_to else 200)
+        if self.redirect_to:
+            self.send_header("Location", f"{self.redirect_to}{self.path}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_redirecting_pacs_is_502_and_the_other_host_is_never_asked() -> None:
+    class Other(_Counting):
+        pass
+
+    class Redirecting(_Counting):
+        pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    Redirecting.redirect_to = f"http://127.0.0.1:{other.server_port}"
+    pacs = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for server in (other, pacs):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app = create_app(Settings(warmup=False, dicomweb_url=f"http://127.0.0.1:{pacs.server_port}/dw"))
+        for client in ready_client(app):
+            for path in ("/dicomweb/studies", "/dicomweb/studies/1.2/series",
+                         "/dicomweb/studies/1.2/series/1.3/instances"):
+                response = client.get(path)  # was 200 "no studies", then 404s
+                assert response.status_code == 502, (path, response.text)
+                assert "302" in response.json()["error"]["message"]
+        assert Redirecting.hits >= 3 and Other.hits == 0
+    finally:
+        for server in (other, pacs):
+            server.shutdown()
+            server.server_close()
