@@ -335,3 +335,21 @@ def test_a_redirecting_pacs_is_502_and_the_other_host_is_never_asked() -> None:
         for server in (other, pacs):
             server.shutdown()
             server.server_close()
+
+
+def test_a_preview_over_the_decoded_bytes_is_refused_before_it_is_retrieved(
+        orthanc: Orthanc, archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    retrieved: list[str] = []
+    monkeypatch.setattr(Pacs, "retrieve", lambda self, study, series, sop: retrieved.append(sop))
+    study = archive.studies["A"]["uid"]
+    # The CT is 128x128: 48 KB as the RGB frame it becomes, over 0.01 MB per frame; the
+    # multi-frame MR is 4 frames of 64x48 (9 KB each), over 0.02 MB for the request together.
+    cases = (({"max_decoded_mb_per_frame": 0.01}, archive.ct_series, archive.by_position[0]),
+             ({"max_decoded_mb_per_request": 0.02}, archive.mf_series, archive.mf_sop))
+    for settings, series, sop in cases:
+        app = create_app(Settings(warmup=False, dicomweb_url=orthanc.dicomweb, **settings))
+        for client in ready_client(app):
+            response = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/preview")
+            assert response.status_code == 413, response.text
+            assert "decoded" in response.json()["error"]["message"]
+    assert retrieved == []
