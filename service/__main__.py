@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         for handler in logging.getLogger().handlers:
             handler.addFilter(frontends.LogField(frontend.index))
         frontends.watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        frontends.arrive(frontend)
     settings, specs = _usable_settings()
     from service.main import create_app  # torch: only where a server runs
     # The engine calls back on a fatal device error; the server is built below.
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         server.run()
     else:  # the supervisor's socket, already listening (service.frontends)
         server.run(sockets=[socket.socket(fileno=frontend.fd)])
+        frontends.leave(frontend)
     if server.device_failed is not None:
         _exit_now(EXIT_DEVICE_FAILED)
     if server.cut_short is not None:

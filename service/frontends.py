@@ -27,7 +27,8 @@ own engine and model copies, serving the same port:
   stops the others (SIGTERM: they drain) and the supervisor exits 70, or 1 for any other
   failure: the whole service is restarted by its container policy or orchestrator, as one
   process is, rather than a supervisor restarting a front end behind the orchestrator's back.
-- Front ends watch their parent: when the supervisor is killed they drain and exit too.
+- Front ends watch their parent: when the supervisor is killed they drain and exit too, and
+  the last one out removes the shared folder (:func:`leave`).
 - Each front end batches its own requests: with ``N`` of them on one GPU, ``N`` CUDA contexts
   take turns on it with batches up to ``CAMSERVE_MAX_BATCH_SIZE`` each (a device-owner process
   fed by all would batch across them, at the price of moving images between processes).
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -78,6 +80,7 @@ class FrontEnd:
     count: int
     fd: int  # the inherited listening socket
     shared: Path  # the supervisor's folder
+    supervisor: int  # its pid
 
     @property
     def jobs_dir(self) -> Path:
@@ -90,7 +93,8 @@ def current() -> FrontEnd | None:
     if not raw:
         return None
     data = json.loads(raw)
-    return FrontEnd(int(data["index"]), int(data["count"]), int(data["fd"]), Path(data["shared"]))
+    return FrontEnd(int(data["index"]), int(data["count"]), int(data["fd"]), Path(data["shared"]),
+                    int(data.get("supervisor", os.getppid())))
 
 
 def usable_cores() -> int:
@@ -137,6 +141,39 @@ def watch_parent(on_orphaned: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="camserve-parent-watch", daemon=True).start()
 
 
+def arrive(frontend: FrontEnd) -> None:
+    """Mark this front end present in the shared folder (see :func:`leave`)."""
+    present = frontend.shared / "present"
+    present.mkdir(exist_ok=True)
+    (present / str(os.getpid())).touch()
+
+
+def leave(frontend: FrontEnd) -> None:
+    """A front end stops. If its supervisor has gone (killed: it cannot remove its folder), the
+    last front end out removes the shared folder, so that no killed supervisor leaves one behind
+    in the temporary directory. The lock makes "last" exact: each one unmarks itself under it."""
+    if os.getppid() != frontend.supervisor:
+        with contextlib.suppress(OSError), (frontend.shared / ".present.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            present = frontend.shared / "present"
+            with contextlib.suppress(FileNotFoundError):
+                (present / str(os.getpid())).unlink()
+            others = [int(p.name) for p in present.iterdir() if p.name.isdigit()]
+            if not any(_alive(pid) for pid in others):
+                log.info("the supervisor has gone; the last front end removes the shared folder")
+                shutil.rmtree(frontend.shared, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
     """``count`` sockets bound to one port with ``SO_REUSEPORT``: the first listening (so that no
     other server can take the port from here on), the others not yet (each front end listens
@@ -177,7 +214,8 @@ def _child_command(argv: list[str]) -> list[str]:
 
 def _child_env(index: int, count: int, fd: int, shared: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env[ENV] = json.dumps({"index": index, "count": count, "fd": fd, "shared": str(shared)})
+    env[ENV] = json.dumps({"index": index, "count": count, "fd": fd, "shared": str(shared),
+                           "supervisor": os.getpid()})
     env["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")
     share = str(max(1, usable_cores() // count))
     for name in ("CAMSERVE_TORCH_THREADS", "CAMSERVE_DECODE_THREADS"):
@@ -203,8 +241,10 @@ def supervise(host: str, port: int, count: int, argv: list[str]) -> int:
     status = 0
 
     alive: set[int] = set()  # reaped by os.wait() below, never by Popen.poll()
+    forwarded: set[int] = set()  # the signals sent to the front ends
 
     def stop_all(sig: int) -> None:
+        forwarded.add(sig)
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -243,7 +283,9 @@ def supervise(host: str, port: int, count: int, argv: list[str]) -> int:
             code = os.waitstatus_to_exitcode(wait_status)
             child.returncode = code
             _forget_metrics(pid, shared)
-            if stopping and code == 0:
+            # A front end still starting (importing torch, before its server handles signals)
+            # dies of the SIGTERM it was sent: it stopped as asked, as one draining exits 0.
+            if stopping and (code == 0 or -code in forwarded):
                 continue
             reason = f"front end {index} (pid {pid}) exited with status {code}"
             if code != 0:

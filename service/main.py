@@ -86,13 +86,12 @@ def create_app(
     def job_finished(job: Job, seconds: float) -> None:
         for method in job.methods:
             metrics.job_duration.labels(method, job.status).observe(seconds)
-        for status, count in store.counts().items():
-            metrics.jobs.labels(status).set(count)
 
     # Front-end processes (service.frontends) share their jobs through the supervisor's folder.
     frontend = frontends.current()
     store = JobStore(settings, on_finish=job_finished,
                      shared=SharedJobs(frontend.jobs_dir) if frontend is not None else None)
+    metrics.bind_jobs(store.counts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

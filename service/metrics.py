@@ -119,9 +119,21 @@ class Metrics:
             self._engine_reads = (queue_depth, in_flight)
 
     _engine_reads: tuple[Callable[[], int], Callable[[], int]] | None = None
+    _job_counts: Callable[[], dict[str, int]] | None = None
+
+    def bind_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
+        """The jobs held by status, read at each scrape (and refresh): set only when a job
+        finished, the gauge never showed a running job, and kept the expired ones."""
+        self._job_counts = counts
+
+    def _refresh_jobs(self) -> None:
+        if self._job_counts is not None:
+            for status, count in self._job_counts().items():
+                self.jobs.labels(status).set(count)
 
     def refresh(self) -> None:
-        """Multiprocess mode: write the engine's gauges to this process's files."""
+        """Multiprocess mode: write the engine's and the jobs' gauges to this process's files."""
+        self._refresh_jobs()
         if self._engine_reads is not None:
             queue_depth, in_flight = self._engine_reads
             self.queue_depth.set(queue_depth())
@@ -137,6 +149,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text exposition: this app's registry, or every front end's files summed."""
         if MULTIPROCESS_DIR is None:
+            self._refresh_jobs()
             return generate_latest(self.registry)
         self.refresh()
         registry = CollectorRegistry()

@@ -235,6 +235,11 @@ def test_front_ends_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None
     server = start(tmp_path, module="tests.fatal_server")
     try:
         front_ends = children(server)
+        place = json.loads(dict(
+            line.split("=", 1) for line in Path(f"/proc/{front_ends[0]}/environ").read_text().split("\0")
+            if "=" in line)["_CAMSERVE_FRONTEND"])
+        shared = Path(place["shared"])
+        assert (shared / "jobs").is_dir()
         server.process.kill()
         server.process.wait()
         # Each notices its parent has gone, drains and exits.
@@ -242,5 +247,27 @@ def test_front_ends_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None
                              Path(f"/proc/{pid}/status").read_text() for pid in front_ends),
              "the front ends to exit", timeout_s=60)
         assert server.log_path.read_text().count("the supervisor has gone; stopping") == 2
+        # The killed supervisor could not remove its folder: the last front end out did.
+        assert not shared.exists()
     finally:
         stop(server)
+
+
+def test_sigterm_while_the_front_ends_start_exits_0(tmp_path: Path) -> None:
+    # Sent as soon as the front ends are started, the SIGTERM reaches them while they import
+    # torch, before their servers handle it: they die of it, as asked, and that is no failure.
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_WARMUP": "false", "CAMSERVE_WORKERS": "2"}
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(free_port())],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        poll(lambda: "serving with 2 front ends" in log_path.read_text(), "the front ends to start",
+             timeout_s=START_S)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log_path.read_text()
+        assert "every front end exited cleanly" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

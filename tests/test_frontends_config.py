@@ -4,6 +4,7 @@ starting any: the count, each one's environment, its share of the cores."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def test_each_front_end_gets_its_place_and_share(monkeypatch: pytest.MonkeyPatch
     assert env["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics")
     monkeypatch.setenv(frontends.ENV, env[frontends.ENV])
     place = frontends.current()
-    assert place == frontends.FrontEnd(1, 4, 7, tmp_path)
+    assert place == frontends.FrontEnd(1, 4, 7, tmp_path, os.getpid())  # this test made the env
     assert place.jobs_dir == tmp_path / "jobs"
     assert json.loads(env[frontends.ENV])["count"] == 4
 

@@ -223,7 +223,7 @@ class JobStore:
             return job
         snapshot = self._shared_get(job_id)
         if snapshot is None:
-            raise NotFound(f"no job {job_id!r}: unknown, or expired {self.settings.job_ttl_s:g} s "
+            raise NotFound(f"no job {job_id[:64]!r}: unknown, or expired {self.settings.job_ttl_s:g} s "
                            "after it finished")
         return snapshot
 
@@ -316,7 +316,8 @@ class JobStore:
             pending.cancel()
 
     def counts(self) -> dict[str, int]:
-        """Jobs held, by status (for the metrics)."""
+        """Jobs held, by status (for the metrics): the expired ones are let go first."""
+        self._expire()
         found = dict.fromkeys(("queued", "running", *FINAL), 0)
         for job in self._jobs.values():
             found[job.status] += 1

@@ -25,6 +25,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from service.config import Settings
 from service.errors import InvalidOption, NotFound, PacsRefused, PacsUnavailable
@@ -35,6 +36,9 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PING_TIMEOUT_S = 2.0
 PING_EVERY_S = 5.0
 T = TypeVar("T")
+# What dicomweb-client or pydicom raise on an answer they cannot read (not JSON, not multipart,
+# not DICOM, no Content-Type).
+_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, IndexError, InvalidDicomError)
 
 
 def check_uid(value: str, what: str) -> str:
@@ -51,10 +55,15 @@ class _TimedSession(requests.Session):
         super().__init__()
         self.timeout_s = timeout_s
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", self.timeout_s)
+    def request(self, *args: Any, limit_s: float | None = None, **kwargs: Any) -> requests.Response:
+        # dicomweb-client passes a timeout of its own (20 s by default) to every call, which
+        # ``setdefault`` would keep: CAMSERVE_DICOMWEB_TIMEOUT_S wins (``limit_s``: a shorter one).
+        kwargs["timeout"] = limit_s if limit_s is not None else self.timeout_s
         kwargs["allow_redirects"] = False  # a redirect would lead to a host nobody configured
-        return super().request(*args, **kwargs)
+        response = super().request(*args, **kwargs)
+        if response.is_redirect:  # not followed, nor read as an empty answer ("no studies")
+            raise requests.HTTPError(f"redirected with HTTP {response.status_code}", response=response)
+        return response
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         if request.url and "?" in request.url:
@@ -68,12 +77,24 @@ class _TimedSession(requests.Session):
 # would match no one; sent as typed, they read the same to a server that does decode. A raw ^
 # is not allowed in a URL (urllib3 encodes it again), so it goes as ?, the one-character
 # wildcard: "DOE^JANE" matches DOE^JANE (and "DOE JANE"), never fewer than it should.
+# For the same reason every other character that must be encoded would never match there (a
+# space, sent as + or %20, an & or a %): each goes as ?, and a run of non-ASCII characters
+# (UTF-8 bytes %80-%FF, which Orthanc's ? does not match one by one) as *, so "Müller" is
+# asked as "M*ller". A server that decodes reads plain wildcards: never fewer than it should.
+# Only the match values of the searches carry such characters (UIDs, dates, modalities, tags
+# and numbers never do).
 _MATCHING = {"%2A": "*", "%3F": "?", "%5E": "?"}
-_ENCODED = re.compile("|".join(_MATCHING), re.IGNORECASE)
+_ENCODED = re.compile(r"(?:%[89A-F][0-9A-F])+|%[0-7][0-9A-F]|\+", re.IGNORECASE)
 
 
 def _as_typed(query: str) -> str:
-    return _ENCODED.sub(lambda m: _MATCHING[m.group(0).upper()], query)
+    def typed(found: re.Match[str]) -> str:
+        text = found.group(0).upper()
+        if text in _MATCHING:
+            return _MATCHING[text]
+        return "*" if text[1:2] in tuple("89ABCDEF") else "?"
+
+    return _ENCODED.sub(typed, query)
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,8 @@ class Pacs:
         if self._seen is not None and now - self._seen[0] < PING_EVERY_S:
             return self._seen[1]
         try:
-            answer = self.session.get(f"{self.url}/studies", params={"limit": 1}, timeout=PING_TIMEOUT_S)
+            answer = self.session.request("GET", f"{self.url}/studies", params={"limit": 1},
+                                          limit_s=PING_TIMEOUT_S)
             found = "reachable" if answer.status_code < 500 else f"unreachable: HTTP {answer.status_code}"
         except Exception as exc:
             found = f"unreachable: {type(exc).__name__}"
@@ -213,6 +235,8 @@ class Pacs:
             raise PacsRefused(f"the PACS refused to store the results (HTTP {status})") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise self._unavailable("store the results", exc) from None
+        except _UNREADABLE as exc:
+            raise self._unreadable("store the results", exc) from None
         failed = getattr(answer, "FailedSOPSequence", None)
         if failed:
             reason = getattr(failed[0], "FailureReason", "unknown")
@@ -235,6 +259,15 @@ class Pacs:
             raise PacsUnavailable(f"the PACS answered HTTP {status} when asked to {what}") from None
         except (requests.ConnectionError, requests.Timeout, OSError) as exc:
             raise self._unavailable(what, exc) from None
+        except _UNREADABLE as exc:
+            # An answer dicomweb-client or pydicom cannot read (not JSON, not multipart, not
+            # DICOM, no Content-Type): the PACS is at fault, not the request, and never a 500.
+            raise self._unreadable(what, exc) from None
+
+    def _unreadable(self, what: str, exc: Exception) -> PacsUnavailable:
+        log.warning("the PACS answered something unreadable", extra={
+            "pacs": self.url, "call": what, "reason": f"{type(exc).__name__}: {exc}"})
+        return PacsUnavailable(f"the PACS's answer could not be read when asked to {what}")
 
     def _unavailable(self, what: str, exc: Exception) -> PacsUnavailable:
         log.warning("the PACS could not be reached", extra={
@@ -258,6 +291,8 @@ def _dataset(found: dict[str, Any]) -> Dataset:
     """A search's DICOM JSON as a data set; an attribute pydicom cannot read is left out
     (a PACS's answer is not ours to validate, and one bad value must not hide a study)."""
     ds = Dataset()
+    if not isinstance(found, dict):  # a PACS's list may hold anything: an entry without attributes
+        return ds
     for tag, element in found.items():
         try:
             ds.update(Dataset.from_json({tag: element}))
@@ -267,8 +302,9 @@ def _dataset(found: dict[str, Any]) -> Dataset:
 
 
 def _value(dataset: dict[str, Any], tag: str) -> str | None:
-    values = dataset.get(tag, {}).get("Value") or []
-    return str(values[0]) if values else None
+    element = dataset.get(tag) if isinstance(dataset, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    return str(values[0]) if isinstance(values, list) and values else None
 
 
 def slice_order(instances: Sequence[Instance]) -> list[Instance]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.jobstore import JobStore
 from service.config import Settings
@@ -177,3 +178,33 @@ def test_a_full_heavy_lane_refuses_a_job_at_once(cat_png: bytes) -> None:
         assert second.json()["error"]["code"] == "queue_full"
         assert len(app.state.jobs.counts()) and app.state.jobs.counts()["failed"] == 0  # none made
         client.delete(f"/jobs/{first.json()['job_id']}")
+
+
+def _jobs_gauge(client: TestClient, status: str) -> float:
+    text = client.get("/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "camserve_jobs" and s.labels.get("status") == status)
+
+
+def test_the_jobs_gauge_counts_the_jobs_held_when_scraped(client: TestClient, app: FastAPI,
+                                                          cat_png: bytes) -> None:
+    # It was set only when a job finished: a running job never showed, an expired one stayed.
+    submitted = client.post("/jobs", files=files(cat_png), data={"methods": "scorecam"}).json()
+    for name, data in events(client, submitted["job_id"]):
+        if name == "progress" and data["done"] > 0:
+            break
+    running = app.state.jobs.counts()["running"]
+    assert running >= 1 and _jobs_gauge(client, "running") == running
+    cancelled_before = app.state.jobs.counts()["cancelled"]
+    assert client.delete(f"/jobs/{submitted['job_id']}").json()["status"] == "cancelled"
+    assert _jobs_gauge(client, "running") == running - 1
+    assert _jobs_gauge(client, "cancelled") == cancelled_before + 1
+
+
+def test_a_long_unknown_job_id_is_not_echoed_whole(client: TestClient) -> None:
+    job_id = "a" * 5000
+    for response in (client.get(f"/jobs/{job_id}"), client.delete(f"/jobs/{job_id}"),
+                     client.get(f"/jobs/{job_id}/events")):
+        assert response.status_code == 404
+        message = response.json()["error"]["message"]
+        assert "aaaa" in message and len(message) < 200

@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
+import requests
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydicom.uid import generate_uid
 
+from service.api.pacs import Pacs
 from service.config import Settings
+from service.errors import PacsUnavailable
 from service.main import create_app
 from tests.conftest import ready_client
 from tests.dicomweb.archive import Archive, fill
 from tests.dicomweb.orthanc import Orthanc, free_port, start_orthanc
+from tests.imaging.dicom_samples import bundled
 
 MAX_SIDE = 100  # the overlay cap of the service under test: the CT's 128 pixels are shown at 100
 
@@ -175,3 +186,170 @@ def test_an_unreachable_pacs_is_502_and_no_pacs_is_404() -> None:
     for client in ready_client(create_app(Settings(warmup=False))):
         response = client.get("/dicomweb/studies")
         assert response.status_code == 404 and "CAMSERVE_DICOMWEB_URL" in response.json()["error"]["message"]
+
+
+def test_every_pacs_call_has_the_configured_time_limit(client: TestClient, archive: Archive,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # dicomweb-client passes a timeout of its own (20 s) to each call; the setting must win.
+    limits: list[object] = []
+    send = requests.adapters.HTTPAdapter.send
+
+    def recording(self: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
+                  **kwargs: Any) -> requests.Response:
+        limits.append(kwargs.get("timeout"))
+        return send(self, request, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording)
+    study = archive.studies["A"]["uid"]
+    base = f"/dicomweb/studies/{study}/series/{archive.ct_series}/instances"
+    for path in ("/dicomweb/studies", f"/dicomweb/studies/{study}/series", base,
+                 f"{base}/{archive.by_position[0]}/preview"):
+        assert client.get(path).status_code == 200, path
+    configured = client.app.state.settings.dicomweb_timeout_s  # type: ignore[attr-defined]
+    assert len(limits) >= 5 and set(limits) == {configured}
+
+
+class _Unreadable(BaseHTTPRequestHandler):
+    """A PACS whose answers dicomweb-client cannot read: junk in its search lists, HTML for a
+    retrieve, broken JSON for a store."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:  # the test's output stays quiet
+        pass
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path.endswith("/instances"):  # a search: one instance that looks like an image
+            body = json.dumps([{"00080018": {"vr": "UI", "Value": ["1.2.3.4"]},
+                                "00280010": {"vr": "US", "Value": [8]},
+                                "00280011": {"vr": "US", "Value": [8]}}]).encode()
+            kind = "application/dicom+json"
+        elif path.endswith(("/studies", "/series")):
+            body, kind = b'[1, "x", null, {"0020000D": "not an element"}]', "application/dicom+json"
+        else:
+            body, kind = b"<html>maintenance</html>", "text/html"
+        self._answer(body, kind)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(b"{cut short", "application/dicom+json")  # a store's answer, unreadable
+
+    def _answer(self, body: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_an_unreadable_pacs_answer_is_never_a_500() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unreadable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app = create_app(Settings(warmup=False, dicomweb_url=f"http://127.0.0.1:{server.server_port}/dw"))
+        for client in ready_client(app):
+            studies = client.get("/dicomweb/studies")
+            assert studies.status_code == 200 and studies.json()["studies"] == []
+            series = client.get("/dicomweb/studies/1.2/series")
+            assert series.status_code == 200 and series.json()["series"] == []
+            preview = client.get("/dicomweb/studies/1.2/series/1.3/instances/1.2.3.4/preview")
+            assert preview.status_code == 502, preview.text
+            error = preview.json()["error"]
+            assert error["code"] == "pacs_unavailable" and "127.0.0.1" not in error["message"]
+        ds = pydicom.dcmread(io.BytesIO(bundled("CT_small.dcm")))
+        with pytest.raises(PacsUnavailable):  # the routes answer it 502
+            Pacs(app.state.settings).store(str(ds.StudyInstanceUID), [ds])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_names_with_spaces_and_accents_are_found(tmp_path: Path) -> None:
+    # Orthanc reads query values without percent-decoding them: "DOE%20JOHN" or "M%C3%BCller"
+    # matched no one.
+    orthanc = start_orthanc(tmp_path)
+    try:
+        studies = {"Müller^Zoë": generate_uid(), "DOE^JOHN": generate_uid(), "ROE^ANNA": generate_uid()}
+        for name, uid in studies.items():
+            ds = pydicom.dcmread(io.BytesIO(bundled("CT_small.dcm")))
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.PatientName, ds.StudyInstanceUID = name, uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+            orthanc.upload(buffer.getvalue())
+        pacs = Pacs(Settings(dicomweb_url=orthanc.dicomweb))
+
+        def found(patient: str) -> set[str]:
+            return {str(ds.StudyInstanceUID) for ds in pacs.search_studies({"PatientName": patient}, 10, 0)}
+
+        for typed in ("Müller^Zoë", "Müller*", "müller zoë"):
+            assert studies["Müller^Zoë"] in found(typed) and studies["ROE^ANNA"] not in found(typed), typed
+        assert found("DOE JOHN") == {studies["DOE^JOHN"]}  # as DOE^JOHN: the space reads as ?
+    finally:
+        orthanc.stop()
+
+
+class _Counting(BaseHTTPRequestHandler):
+    """Counts the requests it gets; answers 302 to ``redirect_to`` when that is set."""
+
+    hits = 0
+    redirect_to = ""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        self.send_response(302 if self.redirect_to else 200)
+        if self.redirect_to:
+            self.send_header("Location", f"{self.redirect_to}{self.path}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_redirecting_pacs_is_502_and_the_other_host_is_never_asked() -> None:
+    class Other(_Counting):
+        pass
+
+    class Redirecting(_Counting):
+        pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    Redirecting.redirect_to = f"http://127.0.0.1:{other.server_port}"
+    pacs = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for server in (other, pacs):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app = create_app(Settings(warmup=False, dicomweb_url=f"http://127.0.0.1:{pacs.server_port}/dw"))
+        for client in ready_client(app):
+            for path in ("/dicomweb/studies", "/dicomweb/studies/1.2/series",
+                         "/dicomweb/studies/1.2/series/1.3/instances"):
+                response = client.get(path)  # was 200 "no studies", then 404s
+                assert response.status_code == 502, (path, response.text)
+                assert "302" in response.json()["error"]["message"]
+        assert Redirecting.hits >= 3 and Other.hits == 0
+    finally:
+        for server in (other, pacs):
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_preview_over_the_decoded_bytes_is_refused_before_it_is_retrieved(
+        orthanc: Orthanc, archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    retrieved: list[str] = []
+    monkeypatch.setattr(Pacs, "retrieve", lambda self, study, series, sop: retrieved.append(sop))
+    study = archive.studies["A"]["uid"]
+    # The CT is 128x128: 48 KB as the RGB frame it becomes, over 0.01 MB per frame; the
+    # multi-frame MR is 4 frames of 64x48 (9 KB each), over 0.02 MB for the request together.
+    cases = (({"max_decoded_mb_per_frame": 0.01}, archive.ct_series, archive.by_position[0]),
+             ({"max_decoded_mb_per_request": 0.02}, archive.mf_series, archive.mf_sop))
+    for settings, series, sop in cases:
+        app = create_app(Settings(warmup=False, dicomweb_url=orthanc.dicomweb, **settings))
+        for client in ready_client(app):
+            response = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/preview")
+            assert response.status_code == 413, response.text
+            assert "decoded" in response.json()["error"]["message"]
+    assert retrieved == []

@@ -12,6 +12,7 @@ then rendered with the same decoder and windowing as ``/explain``'s ``image`` ou
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import numpy as np
@@ -251,6 +252,16 @@ def _check_listed(instance: Instance, frame: int, limits: DecodeLimits) -> None:
     limits.check_frames(described.frames, label)
     if described.rows and described.columns:
         limits.check_pixels(described.columns, described.rows, label)
+        # The decoder charges every frame's decoded bytes before it decodes one (per frame and
+        # per request): the same check here, on a budget of its own, refuses before the
+        # retrieve what would be retrieved only to be refused.
+        ds = instance.dataset
+        per_frame = -(-(_int(ds, "BitsAllocated") or 8) // 8) * (_int(ds, "SamplesPerPixel") or 1)
+        budget = limits.request_bytes
+        trial = replace(limits, request_bytes=ByteBudget(budget.limit) if budget is not None else None)
+        for index in range(described.frames):
+            trial.check_bytes(described.columns, described.rows, per_frame,
+                              f"{label} frame {index}" if described.frames > 1 else label)
     if frame >= described.frames:
         raise InvalidOption(f"frame {frame} asked for; {label} has {described.frames} "
                             f"frame{'s' if described.frames > 1 else ''} (0 to {described.frames - 1})")
