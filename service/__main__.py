@@ -64,7 +64,26 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
         self.cut_short: int | None = None  # set when the drain deadline passed with work running
         self.device_failed: str | None = None  # set by a fatal device error: exit 70
+        self.load_failed: str | None = None  # set when a front end's models failed to load: exit 1
+        self.exit_on_failed_load = False  # a front end of several: see watch_load
         self._drain: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.exit_on_failed_load:
+            self._watch = asyncio.get_running_loop().create_task(self.watch_load())
+
+    async def watch_load(self) -> None:
+        """One of several front ends whose models failed to load stops, and with it the
+        service (the supervisor stops the others): alone it would answer ``/readyz`` 503 for
+        ever beside ready ones, and a probe's answer would depend on the connection it used."""
+        engine = self.app.state.engine
+        await engine.wait_ready()
+        if engine.state == "failed":
+            self.load_failed = str(engine.failure)
+            log.error("cannot start: the models failed to load: %s", self.load_failed)
+            self.should_exit = True
 
     def fatal(self, reason: str) -> None:
         """The engine's ``on_fatal`` (on the event loop): stop serving, then exit 70."""
@@ -200,6 +219,7 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         timeout_graceful_shutdown=max(5, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app, in_flight, settings.drain_timeout_s)
+    server.exit_on_failed_load = frontend is not None
     if frontend is None:
         server.run()
     else:  # the supervisor's socket, already listening (service.frontends)
@@ -207,6 +227,8 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         frontends.leave(frontend)
     if server.device_failed is not None:
         _exit_now(EXIT_DEVICE_FAILED)
+    if server.load_failed is not None:
+        _exit_now(1)
     if server.cut_short is not None:
         _exit_now(0)
 

@@ -3,7 +3,8 @@ fakes (tests.engine.fakes) that fail with a sticky CUDA error on an image whose 
 for the test of the exit status after a fatal device error (tests/test_fatal_exit.py).
 
 With ``CAMSERVE_TEST_REAL_CUDA_FAULT=1`` the error is a real one: an out-of-bounds index on
-the GPU, which triggers a device-side assert (the ``cuda`` test of the same file)."""
+the GPU, which triggers a device-side assert (the ``cuda`` test of the same file). With
+``CAMSERVE_TEST_LOAD_FAILS=1`` building a worker fails, so the models never load."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from service.engine.jobs import ItemResult, WorkItem
 from tests.engine.fakes import FakeWorker, Script, tag_of
 
 REAL_FAULT = os.environ.get("CAMSERVE_TEST_REAL_CUDA_FAULT") == "1"
-SCRIPT = Script(fatal=set() if REAL_FAULT else {66})
+SCRIPT = Script(fatal=set() if REAL_FAULT else {66},
+                builds_allowed=0 if os.environ.get("CAMSERVE_TEST_LOAD_FAILS") == "1" else None)
 
 
 class RealFault(FakeWorker):

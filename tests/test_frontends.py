@@ -211,6 +211,24 @@ def test_a_front_end_exiting_70_stops_the_service_with_70(tmp_path: Path) -> Non
         stop(server)
 
 
+def test_a_front_end_whose_models_failed_to_load_stops_the_service_with_1(tmp_path: Path) -> None:
+    # Left running, it would answer /readyz 503 beside a ready one, by the connection's luck.
+    port = free_port()
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_WARMUP": "false", "CAMSERVE_WORKERS": "2",
+           "CAMSERVE_TEST_LOAD_FAILS": "1"}
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "tests.fatal_server", "--port", str(port)],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert process.wait(timeout=START_S) == 1
+        text = log_path.read_text()
+        assert "cannot start: the models failed to load" in text and "the device is gone" in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def fatal_png(tag: int) -> bytes:
     from tests.test_fatal_exit import png
 
