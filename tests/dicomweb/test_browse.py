@@ -33,15 +33,6 @@ MAX_SIDE = 100  # the overlay cap of the service under test: the CT's 128 pixels
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield pacs
-    finally:
-        pacs.stop()
-
-
-@pytest.fixture(scope="module")
 def archive(orthanc: Orthanc) -> Archive:
     return fill(orthanc)
 

@@ -15,7 +15,7 @@ from service.config import Settings
 from service.main import create_app
 from tests import sse
 from tests.conftest import ready_client
-from tests.dicomweb.orthanc import Orthanc, free_port, start_orthanc
+from tests.dicomweb.orthanc import Orthanc, free_port
 from tests.imaging.dicom_samples import bundled
 
 CT = pydicom.dcmread(io.BytesIO(bundled("CT_small.dcm")))
@@ -37,15 +37,6 @@ def _slice(study: str, series: str, number: int, z: float) -> pydicom.Dataset:
     ds.ImagePositionPatient = [-158.135803, -179.035797, z]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     return ds
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield pacs
-    finally:
-        pacs.stop()
 
 
 @pytest.fixture(scope="module")
