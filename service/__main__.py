@@ -154,6 +154,16 @@ def _usable_settings(weights: bool = True) -> tuple[Settings, list[ModelSpec]]:
     raise SystemExit(1)
 
 
+def _port_free_or_exit(host: str, port: int) -> None:
+    """One line and exit status 1 when ``host:port`` cannot be listened on (taken, or not an
+    address of this machine), before minutes of model loading, not after them."""
+    try:
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as exc:
+        log.error("cannot start: cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        raise SystemExit(1) from None
+
+
 def _exit_now(status: int) -> None:
     """Exit without the interpreter's teardown (see the module docstring), logs flushed first."""
     logging.shutdown()
@@ -182,6 +192,7 @@ def main(argv: list[str] | None = None, worker_factory: WorkerFactory | None = N
         if workers > 1:
             child_argv = ["--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
             _exit_now(frontends.supervise(args.host, args.port, workers, child_argv))
+        _port_free_or_exit(args.host, args.port)  # as the supervisor does, before the models load
     else:
         for handler in logging.getLogger().handlers:
             handler.addFilter(frontends.LogField(frontend.index))

@@ -60,6 +60,24 @@ def test_the_port_is_refused_when_another_server_listens(tmp_path: Path) -> None
         assert frontends.supervise("127.0.0.1", port, 2, []) == frontends.EXIT_FAILED
 
 
+def test_one_process_refuses_a_taken_port_before_loading_its_models(tmp_path: Path) -> None:
+    # As the supervisor does: exit 1 with one line at once, not uvicorn's 3 after the models.
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = {**os.environ, "CAMSERVE_WORKERS": "1", "CAMSERVE_DEVICE": "cpu"}
+        done = subprocess.run([sys.executable, "-m", "service", "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"cannot start: cannot listen on 127.0.0.1:{port}" in done.stderr + done.stdout
+    assert "worker ready" not in done.stderr + done.stdout  # refused before any model loaded
+
+
 def _lifespan_app() -> object:
     async def app(scope: dict[str, object], receive: object, send: object) -> None:
         await send({"type": "lifespan.startup.complete"})  # type: ignore[operator]
