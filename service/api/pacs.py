@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from service.config import Settings
-from service.errors import InvalidOption, NotFound, PacsRefused, PacsUnavailable
+from service.errors import InvalidOption, NotFound, PacsRefused, PacsUnavailable, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,19 @@ def check_uid(value: str, what: str) -> str:
     return value
 
 
-class _TimedSession(requests.Session):
-    """A session whose every request has a time limit (dicomweb-client sets none)."""
+class AnswerTooLarge(Exception):
+    """The PACS's answer was longer than the session reads (``_TimedSession.max_bytes``)."""
 
-    def __init__(self, timeout_s: float) -> None:
+
+class _TimedSession(requests.Session):
+    """A session whose every request has a time limit (dicomweb-client sets none) and whose
+    every answer is read up to ``max_bytes`` only: one instance from the PACS is bounded like
+    an upload (CAMSERVE_MAX_UPLOAD_MB), whatever the PACS sends."""
+
+    def __init__(self, timeout_s: float, max_bytes: int) -> None:
         super().__init__()
         self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
 
     def request(self, *args: Any, limit_s: float | None = None, **kwargs: Any) -> requests.Response:
         # dicomweb-client passes a timeout of its own (20 s by default) to every call, which
@@ -69,7 +76,26 @@ class _TimedSession(requests.Session):
         if request.url and "?" in request.url:
             path, query = request.url.split("?", 1)
             request.url = f"{path}?{_as_typed(query)}"
-        return super().send(request, **kwargs)
+        kwargs["stream"] = True  # the body is read below, at most max_bytes of it
+        response = super().send(request, **kwargs)
+        try:
+            declared = int(response.headers.get("Content-Length", "0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_bytes:
+            response.close()
+            raise AnswerTooLarge(declared)
+        body, size = [], 0
+        for chunk in response.iter_content(64 * 1024):
+            size += len(chunk)
+            if size > self.max_bytes:
+                response.close()
+                raise AnswerTooLarge(size)
+            body.append(chunk)
+        # What requests would have read itself without ``stream``: .content and .json() work.
+        response._content = b"".join(body)
+        response._content_consumed = True
+        return response
 
 
 # DICOM's matching characters and the person-name separator, as dicomweb-client percent-encodes
@@ -135,7 +161,8 @@ class Pacs:
         if not settings.dicomweb_url:
             raise RuntimeError("no PACS configured")
         self.url = settings.dicomweb_url
-        session = _TimedSession(settings.dicomweb_timeout_s)
+        session = _TimedSession(settings.dicomweb_timeout_s, settings.max_upload_bytes)
+        self.max_mb = settings.max_upload_mb
         if settings.dicomweb_token:
             session.headers["Authorization"] = f"Bearer {settings.dicomweb_token}"
         elif settings.dicomweb_user:
@@ -235,6 +262,8 @@ class Pacs:
             raise PacsRefused(f"the PACS refused to store the results (HTTP {status})") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise self._unavailable("store the results", exc) from None
+        except AnswerTooLarge as exc:  # an answer to a store is a few lines of DICOM JSON
+            raise self._unreadable("store the results", exc) from None
         except _UNREADABLE as exc:
             raise self._unreadable("store the results", exc) from None
         failed = getattr(answer, "FailedSOPSequence", None)
@@ -250,6 +279,10 @@ class Pacs:
     def _call(self, what: str, call: Callable[[], T]) -> T:
         try:
             return call()
+        except AnswerTooLarge:
+            raise PayloadTooLarge(
+                f"the PACS's answer when asked to {what} is larger than the {self.max_mb:g} MB "
+                "an upload may be (CAMSERVE_MAX_UPLOAD_MB)") from None
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if status == 404:

@@ -188,3 +188,60 @@ def test_a_store_the_pacs_refuses_is_pacs_refused(orthanc: Orthanc) -> None:
     with pytest.raises(PacsRefused) as refused:
         pacs.store("1.2.3.4.5.6.7.8", [pydicom.dcmread(io.BytesIO(bundled("MR_small.dcm")))])
     assert refused.value.status_code == 502 and orthanc.url not in refused.value.message
+
+
+def test_an_instance_larger_than_an_upload_may_be_is_413_and_not_read_whole(
+    orthanc: Orthanc, series: dict[str, object]
+) -> None:
+    # CT_small is 39 KB: with uploads bounded to 20 KB, its retrieval is refused as an upload of
+    # it would be, while the searches before it (a few hundred bytes) still go through.
+    app = create_app(Settings(warmup=False, dicomweb_url=orthanc.dicomweb, max_upload_mb=20 / 1024))
+    for client in ready_client(app):
+        found = client.get("/dicomweb/studies", params={"patient_id": str(CT.PatientID)})
+        assert found.status_code == 200 and found.json()["studies"], found.text
+        response = client.post("/dicomweb/explain", json={"study_uid": CT.StudyInstanceUID,
+                                                          "series_uid": CT.SeriesInstanceUID})
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "payload_too_large" and "CAMSERVE_MAX_UPLOAD_MB" in error["message"]
+        assert client.get("/healthz").status_code == 200  # and it keeps serving
+
+
+def test_an_answer_without_a_length_is_read_only_up_to_the_bound() -> None:
+    # A PACS that streams an endless answer (chunked, no Content-Length) is cut at the bound.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sent = []
+
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"[" + b" " * 65_000
+            try:
+                for _ in range(10_000):  # 650 MB if nobody stops reading
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent.append(len(chunk))
+            except OSError:
+                pass  # the service hung up, as it should
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app = create_app(Settings(warmup=False, max_upload_mb=1,
+                                  dicomweb_url=f"http://127.0.0.1:{server.server_port}/dw"))
+        for client in ready_client(app):
+            response = client.get("/dicomweb/studies")
+            assert response.status_code == 413, response.text
+        assert sum(sent) < 64 * 1024 * 1024  # far from all of it: the reading stopped at 1 MB
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -137,7 +137,7 @@ def viewing_order(instances: list[Instance]) -> list[Instance]:
 
 # ---------------------------------------------------------------- routes
 
-_PACS_ERRORS = error_responses(400, 401, 404, 422, 502)
+_PACS_ERRORS = error_responses(400, 401, 404, 413, 422, 502)
 
 
 @router.get(
