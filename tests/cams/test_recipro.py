@@ -29,6 +29,7 @@ from service.evaluate import evaluate, read_folder
 from service.evaluate import main as evaluate_main
 from service.models.loader import LoadedModel
 from service.models.runner import Runner
+from service.models.tail import Tails
 
 LAYER = "features"
 CLASSES = [1, 3, 4]
@@ -110,8 +111,8 @@ def test_the_gaussian_neighbourhood_changes_the_map(tiny, tiny_inputs):
 
 def test_without_a_tail_the_whole_model_gives_the_same_map(tiny, tiny_inputs):
     assert Runner(tiny).tail(LAYER) is not None
-    # The owner's tail cache says no tail, as for a layer no tail can be cut at.
-    fallback = Runner(copy.deepcopy(tiny), tails={LAYER: None})
+    # The owner's tails say none, as for a layer no tail can be cut at.
+    fallback = Runner(copy.deepcopy(tiny), tails=Tails(tiny, trace=False))
     torch.testing.assert_close(run(fallback, tiny_inputs, "reciprocam", CLASSES, gaussian=True),
                                run(tiny, tiny_inputs, "reciprocam", CLASSES, gaussian=True),
                                atol=1e-5, rtol=0)
