@@ -132,6 +132,15 @@ def test_its_passes_are_chunked_counted_and_cancellable(tiny, tiny_inputs):
     assert stopped.done == 0
 
 
+def test_without_a_tail_each_pass_counts_a_whole_forward(tiny, tiny_inputs):
+    # As the estimate counts them (service.engine.cost): the whole model runs per copy.
+    scheduled = PassRun(deadline=float("inf"), total=1)
+    with active(scheduled):
+        run(Runner(copy.deepcopy(tiny), tails=Tails(tiny, trace=False)), tiny_inputs,
+            "reciprocam", CLASSES, batch_size=16)
+    assert scheduled.done == pytest.approx(3 * 64 * 1.0)
+
+
 def spec(methods: tuple[str, ...], layer: str) -> ExplainSpec:
     return ExplainSpec(methods=methods, layers=(layer,), classes=None, mask_size=None,
                        display_size=None)

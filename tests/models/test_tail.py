@@ -79,7 +79,7 @@ def test_mobilenet_tails_equal_the_leaf_traces(mobilenet: LoadedModel) -> None:
 
 def test_mobilenet_lean_copy_tails_equal_the_leaf_traces(mobilenet: LoadedModel) -> None:
     owner = copy.copy(mobilenet)
-    owner.module = copy.deepcopy(mobilenet.module)
+    owner.module, owner._tails = copy.deepcopy(mobilenet.module), {}  # the fixture's stay as they are
     owner.make_lean(fold_batch_norm=True, channels_last=False)
     assert owner.lean is not None
     names = [name for name in mobilenet.info().layer_names() if name in owner.lean.modules]
@@ -117,13 +117,14 @@ def test_nothing_is_traced_after_load(mobilenet: LoadedModel, no_tracing: list[s
     running Ablation-CAM through it must not trace (the owner traced once, at load)."""
     owner = copy.copy(mobilenet)
     owner._info = None  # read the capability map again, now that tracing fails
+    owner._tails = dict(mobilenet._tails)  # the load-time traces
     assert owner.has_tail("features.18") and not owner.has_tail("features.16.conv.0")
     tail = owner.runner(("features.18",)).tail("features.18")
     assert tail is not None
     inputs = torch.randn((1, 3, 224, 224), generator=torch.Generator().manual_seed(2))
     maps = explain_batch(owner.runner(("features.18",)), inputs, ["features.18"],
                          [get_method("ablationcam", {"batch_size": 640})], [[3]])
-    assert maps and no_tracing == []
+    assert maps.maps[0][0].grid.shape == (7, 7) and no_tracing == []
 
 
 def spec(method: str, layer: str) -> ExplainSpec:
