@@ -106,8 +106,10 @@ class Tails:
             except Exception:  # any tracing failure means: no tails, callers use the fallback
                 self._graph = None
         self._regions: dict[str, set[fx.Node]] = {}
+        self._order: list[fx.Node] = [] if self._graph is None else list(self._graph.nodes)
+        self._position = {node: index for index, node in enumerate(self._order)}
         if self._graph is not None:
-            for node in self._graph.nodes:
+            for node in self._order:
                 for name, _ in node.meta.get("nn_module_stack", {}).values():
                     self._regions.setdefault(name, set()).add(node)
         self._plans: dict[str, list[fx.Node] | None] = {}
@@ -133,15 +135,12 @@ class Tails:
     def _cut(self, layer: str) -> list[fx.Node] | None:
         region = self._regions.get(layer, set())
         leaving = [n for n in region if any(user not in region for user in n.users)]
-        if self._graph is None or len(leaving) != 1:
+        if len(leaving) != 1:
             return None
         start = leaving[0]
-        plan, reached, seen_start = [start], {start}, False
-        for node in self._graph.nodes:
-            if node is start:
-                seen_start = True
-                continue
-            if not seen_start or node in region:
+        plan, reached = [start], {start}
+        for node in self._order[self._position[start] + 1:]:
+            if node in region:
                 continue
             if node.op == "output":
                 result = node.args[0]
