@@ -31,6 +31,7 @@ class AblationCAM(CAMMethod):
     passes = "1 forward (shared) + 1 tail forward per non-zero channel (batched)"
     # A tail pass runs only the layers after the target: far cheaper than a whole forward.
     extra_pass_cost = 0.25
+    tail_passes = True  # a whole forward each after a layer without a tail
     params = (
         MethodParam("batch_size", "int", 64, "ablated copies per pass (1..1024)", 1, 1024),
     )
@@ -49,10 +50,11 @@ class AblationCAM(CAMMethod):
         # Python ints once: indexing with a 0-d CUDA tensor waits for the GPU every chunk.
         classes = [int(c) for c in context.classes.tolist()]
         positions = torch.arange(max(1, batch_size), device=acts.device)  # made once, on the device
+        weight = self.pass_cost(context.probe.has_tail(context.layer))  # as the estimate counts
         for b in range(acts.shape[0]):
             indices = live[b].nonzero().flatten()
             for start, stop in chunked(indices.numel(), batch_size, key="ablated",
-                                       weight=self.extra_pass_cost):
+                                       weight=weight):
                 chunk = indices[start:stop]
                 ablated = acts[b].expand(chunk.numel(), *acts.shape[1:]).clone()
                 ablated[positions[:chunk.numel()], chunk] = 0

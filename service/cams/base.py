@@ -77,6 +77,11 @@ class CAMMethod:
     # What ``passes`` says, as a number: forward-pass equivalents per image and class beyond
     # the shared pass, for a layer of ``channels`` channels on a ``grid`` (see :meth:`extra_passes`).
     extra_pass_cost: ClassVar[float] = 0.0
+    # Its extra passes run from the target layer through the network's tail, at
+    # ``extra_pass_cost`` each (Ablation-CAM, Recipro-CAM); after a layer without a tail each
+    # runs the whole model and costs a forward (:meth:`pass_cost`; service.engine.cost reads
+    # it). Its :meth:`extra_passes` is then a count of passes times ``extra_pass_cost``.
+    tail_passes: ClassVar[bool] = False
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
     registry: ClassVar[dict[str, type[CAMMethod]]] = {}
@@ -111,6 +116,11 @@ class CAMMethod:
         on a layer of ``channels`` channels whose grid is ``grid`` (height, width; None when
         unknown); the scheduler and the request budget read it."""
         return self.extra_pass_cost
+
+    def pass_cost(self, has_tail: bool) -> float:
+        """What one of its extra passes costs, in forwards, from a layer with a tail
+        (``has_tail``) or without one; for the estimate and for the progress alike."""
+        return 1.0 if self.tail_passes and not has_tail else self.extra_pass_cost
 
     def weights(self, context: LayerContext) -> Tensor:
         """Channel weights (B, K)."""

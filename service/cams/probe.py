@@ -106,6 +106,10 @@ class Probe:
         and ``dY_c/dZ`` for the output ``Z`` of each named module that ran."""
         return self.runner.gradients_at(self.inputs, names, classes)
 
+    def has_tail(self, layer: str) -> bool:
+        """Whether :meth:`from_layer` runs only the network after ``layer``."""
+        return self.runner.tail(layer) is not None
+
     def from_layer(self, layer: str, activations: Tensor, rows: Tensor) -> Tensor:
         """Logits when ``layer`` outputs ``activations`` (N, K, H, W).
 

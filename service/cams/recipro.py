@@ -65,6 +65,7 @@ class ReciproCAM(CAMMethod):
     uses_gradients = False
     passes = "1 forward (shared) + 1 tail forward per grid position (batched)"
     extra_pass_cost = 0.25  # per position: a tail pass, far cheaper than a whole forward
+    tail_passes = True  # a whole forward each after a layer without a tail
     params = (
         MethodParam("gaussian", "bool", False,
                     "keep each position's 3x3 neighbourhood under a Gaussian, not the position alone"),
@@ -80,9 +81,10 @@ class ReciproCAM(CAMMethod):
         height, width = acts.shape[-2:]
         masks = position_masks(height, width, bool(self.options["gaussian"]), acts)
         scores = torch.zeros(acts.shape[0], height * width, dtype=acts.dtype, device=acts.device)
+        weight = self.pass_cost(context.probe.has_tail(context.layer))  # as the estimate counts
         for b in range(acts.shape[0]):
             for start, stop in chunked(height * width, int(self.options["batch_size"]), key="tail",
-                                       weight=self.extra_pass_cost):
+                                       weight=weight):
                 copies = acts[b][None] * masks[start:stop, None]  # (n, K, H, W)
                 rows = torch.full((stop - start,), b, dtype=torch.long, device=acts.device)
                 logits = context.probe.from_layer(context.layer, copies, rows)

@@ -2,10 +2,12 @@
 
 Every method says what it adds beyond the shared pass per image and class
 (:meth:`service.cams.base.CAMMethod.extra_passes`, from its parameters and the target layer's
-channels and grid). An item costs the shared pass, a backward per class round, its methods' extra
-passes for each class and layer, ``aug_smooth``'s five more variants of all of that, and the
-faithfulness curves (``2 * steps + 2`` per map) when it asked for them. The scheduler reads this
-to tell light work from heavy, and the engine to refuse a request it could not finish in time.
+channels and grid; a method whose passes run through the network's tail counts each as a whole
+forward after a layer the model's ``tail_layers`` lack). An item costs the shared pass, a
+backward per class round, its methods' extra passes for each class and layer, ``aug_smooth``'s
+five more variants of all of that, and the faithfulness curves (``2 * steps + 2`` per map) when
+it asked for them. The scheduler reads this to tell light work from heavy, and the engine to
+refuse a request it could not finish in time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ def item_passes(spec: ExplainSpec | None, model: ModelInfo) -> int:
         method = get_method(name, dict(params.get(name, ())))
         for layer in spec.layers:
             channels, height, width = shapes.get(layer, (0, 0, 0))
-            extra += method.extra_passes(channels, (height, width) if height else None)
+            passes = method.extra_passes(channels, (height, width) if height else None)
+            if method.tail_passes and method.extra_pass_cost:
+                # Counted at a tail pass's cost; after a layer without a tail, a forward's.
+                cost = method.pass_cost(layer in model.tail_layers)
+                passes *= cost / method.extra_pass_cost
+            extra += passes
     per_variant = 1 + rounds + rounds * extra
     variants = len(AUGMENTATIONS) if spec.aug_smooth else 1
     total = per_variant * variants

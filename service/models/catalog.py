@@ -38,6 +38,9 @@ class ModelInfo:
     attention_problem: str = "not checked"
     # nn.ReLU / nn.ReLU6 modules, through which Guided Backprop passes only positive gradients.
     rectifiers: int = 0
+    # The layers after which the network runs on its own (a cheap tail, service.models.tail):
+    # a tail method's passes from any other layer cost a whole forward each.
+    tail_layers: frozenset[str] = frozenset()
     # What it was trained on (see ModelSpec): DICOM modalities and a few words for people.
     modalities: tuple[str, ...] = ()
     domain: str | None = None

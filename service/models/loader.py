@@ -13,8 +13,11 @@ worker. It is the one owner of everything about the model:
   times slower without;
 - its capability map: :meth:`LoadedModel.info` (the layers, CAM's linear head, a ViT's attention
   blocks, the rectifiers; torch-free, what the HTTP layer refuses requests by) and, per layer,
-  whether a cheap tail of the network follows it (:meth:`LoadedModel.has_tail`; the tails are
-  traced on first use and kept here, one cache per network);
+  whether a cheap tail of the network follows it (:meth:`LoadedModel.has_tail`, the map's
+  ``tail_layers``). Each network is traced once, when the owner is made (the model) or the lean
+  copy is (:class:`service.models.tail.Tails`): a trace patches ``nn.Module.__call__``
+  process-wide, so none may run while another device slot serves; the tails themselves are
+  cut from those graphs on first use, which patches nothing;
 - its runner (:meth:`LoadedModel.runner`, :mod:`service.models.runner`): forward, forward from a
   layer, layer and input gradients and the hook context manager, over whichever network gives
   the requested layers the model's own outputs.
@@ -44,6 +47,7 @@ from service.models.head import LinearHead, find_linear_head
 from service.models.layers import inspect_layers
 from service.models.runner import Runner
 from service.models.spec import EMBEDDED_WEIGHTS_PACKAGE, ModelSpec
+from service.models.tail import Tails
 
 
 class ModelLoadError(RuntimeError):
@@ -67,9 +71,10 @@ class LoadedModel:
     _info: ModelInfo | None = field(repr=False, default=None, init=False)
     # The network gradient-free passes run through, chosen (or built) on first use.
     _gradient_free: nn.Module | None = field(repr=False, default=None, init=False)
-    _tails: dict[str, dict[str, nn.Module | None]] = field(
-        repr=False, default_factory=dict, init=False
-    )
+    _tails: dict[str, Tails] = field(repr=False, default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._tails["model"] = Tails(self.module)  # the one trace of the model, at load
 
     def make_lean(self, fold_batch_norm: bool, channels_last: bool) -> None:
         """Build the lean copy (with ``fold_batch_norm``; a model with nothing to fold has
@@ -77,7 +82,10 @@ class LoadedModel:
         its copy in channels-last layout, which is faster for conv nets."""
         self.lean = fold_batch_norms(self.module) if fold_batch_norm else None
         self._tails.pop("lean", None)  # cut from the copy this replaces
+        if self.lean is not None:
+            self._tails["lean"] = Tails(self.lean.module)  # the one trace of the copy
         self._gradient_free = None
+        self._info = None  # its tail_layers are read from the network each layer runs through
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
             if self.lean is not None:
@@ -94,11 +102,17 @@ class LoadedModel:
         """
         lean = self.lean
         head = self.info().linear_head
-        if lean is None or exact or lean.changed.intersection(layers):
+        if self._through(layers, exact) == "model" or lean is None:
             return Runner(self.module, self.modules, gradient_free=self.gradient_free_network,
-                          tails=self._tails.setdefault("model", {}), linear_head=head)
+                          tails=self._tails["model"], linear_head=head)
         return Runner(lean.module, lean.modules, gradient_free=self.gradient_free_network,
-                      tails=self._tails.setdefault("lean", {}), linear_head=head, through="lean")
+                      tails=self._tails["lean"], linear_head=head, through="lean")
+
+    def _through(self, layers: Sequence[str], exact: bool) -> str:
+        lean = self.lean
+        if lean is None or exact or lean.changed.intersection(layers):
+            return "model"
+        return "lean"
 
     def gradient_free_network(self) -> nn.Module:
         """The network passes without autograd run through: the lean copy when it is
@@ -113,9 +127,9 @@ class LoadedModel:
 
     def has_tail(self, layer: str) -> bool:
         """Whether the network after ``layer`` can run on its own (a cheap forward from the
-        layer); without one, forwards from the layer run the whole model. Traced on first use:
-        tracing every candidate layer at load would cost seconds."""
-        return self.runner((layer,)).tail(layer) is not None
+        layer); without one, forwards from the layer run the whole model. Read from the
+        capability map, which read it from the load-time trace: nothing is traced here."""
+        return layer in self.info().tail_layers
 
     def trainable_copy(self) -> nn.Module:
         """A copy of the model whose parameters require grad, for third-party libraries that
@@ -164,6 +178,10 @@ class LoadedModel:
             attention_blocks=blocks,
             attention_problem=problem,
             rectifiers=rectifiers(self.module),
+            tail_layers=frozenset(
+                layer.name for layer in self.layers
+                if self._tails[self._through((layer.name,), False)].has(layer.name)
+            ),
             modalities=spec.modalities,
             domain=spec.domain,
         )

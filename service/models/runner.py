@@ -39,7 +39,7 @@ from service.models.anatomy import RECTIFIERS, Transformer, transformer_parts
 from service.models.fold import channels_last_weights, effective_bias
 from service.models.hooks import Hook, forward_hook, forward_hooks, forward_pre_hook
 from service.models.layout import layout_of, to_grid
-from service.models.tail import build_tail
+from service.models.tail import Tails
 
 # A module of the network, by its name in ``named_modules()`` or as handed out by the runner.
 Target = str | nn.Module
@@ -83,13 +83,14 @@ class Runner:
         modules: Mapping[str, nn.Module] | None = None,
         *,
         gradient_free: Callable[[], nn.Module] | None = None,
-        tails: dict[str, nn.Module | None] | None = None,
+        tails: Tails | None = None,
         linear_head: str | None = None,
         through: str = "model",
     ) -> None:
         """``network`` runs everything but :meth:`lean_forward`, which runs the network
         ``gradient_free()`` returns (the owner's lean copy, or its fallback; ``network`` without
-        one); ``tails`` is the owner's cache of ``network``'s tails by layer; ``linear_head``
+        one); ``tails`` is the owner's :class:`~service.models.tail.Tails` of ``network`` (traced
+        at load; a bare runner traces its network on its first :meth:`tail`); ``linear_head``
         names CAM's classifier (the owner's fact); ``through`` says which of the owner's
         networks ``network`` is (``model`` or ``lean``)."""
         self._network = network
@@ -97,7 +98,7 @@ class Runner:
             modules if modules is not None else dict(network.named_modules())
         )
         self._gradient_free = gradient_free
-        self._tails: dict[str, nn.Module | None] = {} if tails is None else tails
+        self._tails = tails
         self.linear_head = linear_head
         self.through = through
 
@@ -141,9 +142,9 @@ class Runner:
     def tail(self, layer: str) -> nn.Module | None:
         """The network after ``layer`` as its own module (built once, kept by the owner);
         None when no such tail can be cut (:mod:`service.models.tail`)."""
-        if layer not in self._tails:
-            self._tails[layer] = build_tail(self._network, layer)
-        return self._tails[layer]
+        if self._tails is None:
+            self._tails = Tails(self._network)
+        return self._tails.get(layer)
 
     def from_layer(self, layer: str, activations: Tensor, inputs: Tensor) -> Tensor:
         """Logits when ``layer`` outputs ``activations`` (in the layer's own layout).

@@ -29,6 +29,7 @@ from service.evaluate import evaluate, read_folder
 from service.evaluate import main as evaluate_main
 from service.models.loader import LoadedModel
 from service.models.runner import Runner
+from service.models.tail import Tails
 
 LAYER = "features"
 CLASSES = [1, 3, 4]
@@ -110,8 +111,8 @@ def test_the_gaussian_neighbourhood_changes_the_map(tiny, tiny_inputs):
 
 def test_without_a_tail_the_whole_model_gives_the_same_map(tiny, tiny_inputs):
     assert Runner(tiny).tail(LAYER) is not None
-    # The owner's tail cache says no tail, as for a layer no tail can be cut at.
-    fallback = Runner(copy.deepcopy(tiny), tails={LAYER: None})
+    # The owner's tails say none, as for a layer no tail can be cut at.
+    fallback = Runner(copy.deepcopy(tiny), tails=Tails(tiny, trace=False))
     torch.testing.assert_close(run(fallback, tiny_inputs, "reciprocam", CLASSES, gaussian=True),
                                run(tiny, tiny_inputs, "reciprocam", CLASSES, gaussian=True),
                                atol=1e-5, rtol=0)
@@ -129,6 +130,15 @@ def test_its_passes_are_chunked_counted_and_cancellable(tiny, tiny_inputs):
     with active(stopped), pytest.raises(PassesCancelled):
         run(tiny, tiny_inputs, "reciprocam", CLASSES)
     assert stopped.done == 0
+
+
+def test_without_a_tail_each_pass_counts_a_whole_forward(tiny, tiny_inputs):
+    # As the estimate counts them (service.engine.cost): the whole model runs per copy.
+    scheduled = PassRun(deadline=float("inf"), total=1)
+    with active(scheduled):
+        run(Runner(copy.deepcopy(tiny), tails=Tails(tiny, trace=False)), tiny_inputs,
+            "reciprocam", CLASSES, batch_size=16)
+    assert scheduled.done == pytest.approx(3 * 64 * 1.0)
 
 
 def spec(methods: tuple[str, ...], layer: str) -> ExplainSpec:

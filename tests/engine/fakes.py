@@ -151,7 +151,7 @@ def model_info(spec: ModelSpec) -> ModelInfo:
         num_classes=spec.num_classes, input_size=spec.input_size,
         labels=tuple(f"class {i}" for i in range(spec.num_classes)),
         layers=(LayerInfo("features.18", (1280, 7, 7), "Conv2d"),), default_layer="features.18",
-        device="cpu",
+        device="cpu", tail_layers=frozenset({"features.18"}),
     )
 
 
