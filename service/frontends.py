@@ -63,6 +63,8 @@ from types import FrameType
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.sharedjobs import process_alive
+
 log = logging.getLogger("service.frontends")
 
 ENV = "_CAMSERVE_FRONTEND"  # set by the supervisor in each front end's environment
@@ -159,19 +161,9 @@ def leave(frontend: FrontEnd) -> None:
             with contextlib.suppress(FileNotFoundError):
                 (present / str(os.getpid())).unlink()
             others = [int(p.name) for p in present.iterdir() if p.name.isdigit()]
-            if not any(_alive(pid) for pid in others):
+            if not any(process_alive(pid) for pid in others):
                 log.info("the supervisor has gone; the last front end removes the shared folder")
                 shutil.rmtree(frontend.shared, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _listeners(host: str, port: int, count: int) -> list[socket.socket]:

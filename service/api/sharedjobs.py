@@ -58,7 +58,8 @@ class Snapshot:
         return self.body
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -120,7 +121,7 @@ class SharedJobs:
         snapshot = Snapshot(job_id, int(header["owner"]), header["status"], header["progress"],
                             header.get("eta_s"), header.get("finished_at"),
                             int(header.get("result_bytes", 0)), body)
-        if not snapshot.finished and not _alive(snapshot.owner):
+        if not snapshot.finished and not process_alive(snapshot.owner):
             return self._owner_gone(snapshot) if whole else self.read(job_id)
         return snapshot
 
