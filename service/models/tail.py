@@ -5,10 +5,10 @@ the class scores that follow. Running the whole network for each change repeats 
 before the layer, which is most of the cost; running only the tail (on mobilenet_v2's
 ``features.18``: pooling and the classifier) costs almost nothing.
 
-The tail is cut from a ``torch.fx`` trace in which the target layer is a leaf: every node that
-depends on the layer's output is copied, with that output as the tail's only input. When the
-trace fails (data-dependent control flow) or the tail reads another value computed from the
-input (a skip connection around the layer), there is no tail and the runner
+The tail is cut from a ``torch.fx`` trace: every node that depends on the layer's output is
+copied, with that output as the tail's only input. When the trace fails (data-dependent
+control flow) or the tail reads another value computed from the input (a skip connection
+around the layer), there is no tail and the runner
 (:meth:`service.models.runner.Runner.from_layer`) runs the whole model with the layer's output
 replaced instead.
 
@@ -16,64 +16,13 @@ The service reads every layer's tail from ONE trace per network, made at load
 (:class:`Tails`; the owner, :class:`service.models.loader.LoadedModel`, keeps one per network
 and publishes which layers have a tail in its capability map): tracing patches
 ``nn.Module.__call__`` process-wide, so it must not run while another device slot serves, and
-tracing each layer separately would cost seconds at load. :func:`build_tail` (one trace per
-layer) stays as the reference the tests compare :class:`Tails` with. Nothing is cached at
-module level.
+tracing each layer separately (as a leaf) would cost seconds at load; the tests compare
+:class:`Tails` with exactly that. Nothing is cached at module level.
 """
 
 from __future__ import annotations
 
 from torch import fx, nn
-
-
-class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf: str) -> None:
-        super().__init__()
-        self.leaf = leaf
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name == self.leaf or super().is_leaf_module(m, module_qualified_name)
-
-
-def build_tail(model: nn.Module, layer: str) -> nn.Module | None:
-    """The module mapping ``layer``'s output to the model's output; ``None`` when there is none."""
-    try:
-        graph = _LeafTracer(layer).trace(model)
-    except Exception:  # any tracing failure means: no tail, callers use the fallback
-        return None
-    starts = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
-    if len(starts) != 1:
-        return None
-    tail = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {starts[0]: tail.placeholder("activations")}
-    seen_start = False
-    for node in graph.nodes:
-        if node is starts[0]:
-            seen_start = True
-            continue
-        if not seen_start:
-            continue
-        if node.op == "output":
-            result = node.args[0]
-            if not isinstance(result, fx.Node) or result not in env:
-                return None
-            tail.output(env[result])
-            break
-        inputs = node.all_input_nodes
-        if not any(n in env for n in inputs):
-            continue  # not downstream of the layer: copied on demand if it is a constant
-        for dependency in inputs:
-            if dependency in env:
-                continue
-            if dependency.op != "get_attr":
-                return None  # the tail reads another input-dependent value
-            env[dependency] = tail.node_copy(dependency)
-        env[node] = tail.node_copy(node, lambda n: env[n])
-    else:
-        return None
-    module = fx.GraphModule(model, tail)
-    module.eval()
-    return module
 
 
 class Tails:
@@ -89,8 +38,8 @@ class Tails:
       node of the region used outside it (none or several: no tail, as for a module called
       twice);
     - its tail copies every node downstream of that output, the output replaced by the tail's
-      input, and is refused when it reads another value computed from the input (the rules of
-      :func:`build_tail`, which traces with the layer as a leaf and which this agrees with).
+      input, and is refused when it reads another value computed from the input (what a trace
+      with the layer as a leaf gives too: tests/models/test_tail.py).
 
     A layer inside a module fx keeps as a leaf (a ``torch.nn`` module such as
     ``nn.MultiheadAttention``) has no region, hence no tail here. ``Tails(network, trace=False)``
@@ -153,7 +102,7 @@ class Tails:
                 continue  # not downstream of the layer: copied on demand if it is a constant
             if any(n not in reached and n.op != "get_attr" for n in inputs):
                 return None  # the tail reads another input-dependent value
-            reached.update(inputs)  # constants read count as the tail's own, as build_tail's
+            reached.update(inputs)  # constants read count as the tail's own
             reached.add(node)
             plan.append(node)
         return None

@@ -16,9 +16,60 @@ from service.engine.jobs import ExplainSpec
 from service.models.catalog import LayerInfo, ModelInfo
 from service.models.loader import LoadedModel, load_model
 from service.models.spec import ModelSpec, embedded_default
-from service.models.tail import Tails, build_tail
+from service.models.tail import Tails
 
 CPU = torch.device("cpu")
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf: str) -> None:
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+def build_tail(model: nn.Module, layer: str) -> nn.Module | None:
+    """The reference: the tail cut from a trace of its own with ``layer`` a leaf (the way the
+    service cut tails before it traced once at load); ``None`` when there is none."""
+    try:
+        graph = _LeafTracer(layer).trace(model)
+    except Exception:  # any tracing failure means: no tail, callers use the fallback
+        return None
+    starts = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(starts) != 1:
+        return None
+    tail = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {starts[0]: tail.placeholder("activations")}
+    seen_start = False
+    for node in graph.nodes:
+        if node is starts[0]:
+            seen_start = True
+            continue
+        if not seen_start:
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node) or result not in env:
+                return None
+            tail.output(env[result])
+            break
+        inputs = node.all_input_nodes
+        if not any(n in env for n in inputs):
+            continue  # not downstream of the layer: copied on demand if it is a constant
+        for dependency in inputs:
+            if dependency in env:
+                continue
+            if dependency.op != "get_attr":
+                return None  # the tail reads another input-dependent value
+            env[dependency] = tail.node_copy(dependency)
+        env[node] = tail.node_copy(node, lambda n: env[n])
+    else:
+        return None
+    module = fx.GraphModule(model, tail)
+    module.eval()
+    return module
 
 
 @pytest.fixture(scope="module")
