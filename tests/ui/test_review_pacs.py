@@ -24,7 +24,7 @@ from service.config import Settings
 from tests.dicomweb.archive import Archive, fill
 from tests.dicomweb.orthanc import Orthanc, start_orthanc
 from tests.ui.conftest import LiveServer, _start, _stop, only_the_service
-from tests.ui.test_review_page import canvas_stats, open_page
+from tests.ui.test_review_page import canvas_stats, open_page, run
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
@@ -77,14 +77,7 @@ def store_shown(page: Page, path: str = "/dicomweb/explain") -> Response:
 
 
 def explain_study(page: Page) -> Response:
-    with page.expect_response(is_pacs_explain) as answer:
-        page.click("#run")
-    response = answer.value
-    if response.ok:
-        expect(page.locator("#status")).to_contain_text("Done")
-    else:
-        expect(page.locator("#banner")).to_be_visible()
-    return response
+    return run(page, lambda: page.click("#run"), is_pacs_explain)
 
 
 def test_no_pacs_tab_without_a_pacs(page: Page, live_server: LiveServer) -> None:

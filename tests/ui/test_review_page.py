@@ -59,9 +59,11 @@ def is_explain(response: Response) -> bool:
     return response.url.endswith("/explain") and response.request.method == "POST"
 
 
-def run(page: Page, action: Callable[[], Any]) -> Response:
-    """Do something that sends POST /explain and wait until the page has shown the answer."""
-    with page.expect_response(is_explain) as answer:
+def run(page: Page, action: Callable[[], Any],
+        answers: Callable[[Response], bool] = is_explain) -> Response:
+    """Do something that sends POST /explain (or what ``answers`` picks) and wait until the
+    page has shown the answer."""
+    with page.expect_response(answers) as answer:
         action()
     response = answer.value
     if response.ok:
