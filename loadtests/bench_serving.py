@@ -253,6 +253,51 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def front_end_count(pid: int) -> int:
+    """The front-end processes serving under ``pid`` (its children the supervisor marked as
+    such in their environment), or 1 where ``pid`` serves alone."""
+    marker = b"\0_CAMSERVE_FRONTEND="
+    count = 0
+    for child in children_of(pid):
+        try:
+            count += marker in b"\0" + Path(f"/proc/{child}/environ").read_bytes()
+        except OSError:
+            continue
+    return count or 1
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on TCP ``port`` on this machine (each front end listens on its
+    own, SO_REUSEPORT, once its models are loaded), from /proc/net/tcp and tcp6."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count
+
+
+def wait_front_ends(server: subprocess.Popen[bytes], port: int, timeout_s: float = 300) -> int:
+    """Wait until every front end of ``server`` listens on ``port`` (``/readyz`` answers as soon
+    as the first is ready; keep-alive connections opened before the others listen would all stay
+    on it); the number of front ends."""
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while True:
+        count = front_end_count(server.pid)
+        if listening_sockets(port) >= count:
+            return count
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{count} front ends started but only {listening_sockets(port)} listen "
+                               f"on port {port}")
+        pause.wait(0.25)
+
+
 def tree_cpu_s(pid: int) -> float | None:
     """CPU seconds of ``pid`` and its live children: with several front ends
     (``CAMSERVE_WORKERS``), the supervisor and the server processes under it."""
