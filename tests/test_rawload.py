@@ -187,3 +187,12 @@ def test_two_front_ends_of_the_real_service_are_loaded_and_their_torch_threads_c
     assert result.body_bytes > 50_000 * len(outcome.latencies), "each body holds the 451x300 mask as lists"
     assert outcome.server_cpu_s is not None and outcome.torch_cpu_s is not None
     assert 0 < outcome.torch_cpu_s < outcome.server_cpu_s
+
+
+def test_the_benchmarks_client_option_reaches_the_raw_client(cycling: CyclingServer) -> None:
+    outcome = bs.Outcome("raw")
+    bs.measure("raw", f"http://127.0.0.1:{cycling.port}", IMAGE, 2, 0.5, outcome, client_processes=2)
+    assert cycling.tally.bad_requests == 0 and cycling.tally.served > 0
+    assert len(outcome.latencies) + sum(outcome.errors.values()) == cycling.tally.served
+    with pytest.raises(ValueError, match="no load client"):
+        bs.measure("curl", f"http://127.0.0.1:{cycling.port}", IMAGE, 1, 0.1, bs.Outcome("x"))
