@@ -14,7 +14,6 @@ supervisor and its front ends), and the ratio of the two throughputs. Never asse
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
@@ -32,13 +31,16 @@ input_size = [96, 96]
 """
 
 
-async def measured(server: Server, image: bytes, concurrency: int, seconds: float, warm_up_s: float) -> None:
-    """One turn of load on ``server``; its processes' CPU time (``bench_serving.tree_cpu_s``)
-    added to its outcome."""
+def measured(server: Server, image: bytes, concurrency: int, seconds: float, warm_up_s: float,
+             client: str = "httpx", client_processes: int = 1) -> None:
+    """One turn of load on ``server`` by ``client`` (``bench_serving.measure``); its processes'
+    CPU time (``bench_serving.tree_cpu_s``) added to its outcome."""
     outcome = server.outcome
     if warm_up_s:
-        await serving.load(server.base, image, concurrency, warm_up_s, Outcome("warm-up"))
-    await serving.load(server.base, image, concurrency, seconds, outcome, server_pid=server.process.pid)
+        serving.measure(client, server.base, image, concurrency, warm_up_s, Outcome("warm-up"),
+                        client_processes=client_processes)
+    serving.measure(client, server.base, image, concurrency, seconds, outcome, server_pid=server.process.pid,
+                    client_processes=client_processes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per config, in all")
     parser.add_argument("--rounds", type=int, default=2, help="turns the configs are measured in")
+    parser.add_argument("--client", choices=serving.CLIENTS, default="httpx",
+                        help="load client: httpx (one process) or raw (loadtests.rawload)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the raw client's connections are split over (default 1)")
     args = parser.parse_args(argv)
     import service.api.pipeline  # noqa: F401  (imported now, not during the first round: see bench_serving)
 
@@ -66,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for round_ in range(max(1, args.rounds)):
             for server in servers:
-                asyncio.run(measured(server, image, args.concurrency, args.duration / max(1, args.rounds),
-                                     serving.WARM_UP_S if round_ == 0 else 0.0))
+                measured(server, image, args.concurrency, args.duration / max(1, args.rounds),
+                         serving.WARM_UP_S if round_ == 0 else 0.0, args.client, args.client_processes)
             done = ", ".join(f"{s.config.name} {s.outcome.throughput:.1f}" for s in servers)
             print(f"  round {round_ + 1}: req/s so far {done}", flush=True)
     finally:

@@ -24,7 +24,8 @@ turns spreads whatever else the machine is doing over every configuration alike.
 gives requests/s, p50/p99, the mean batch size, the CPU milliseconds per request of the
 server process, of its host work (the server's CPU outside the worker's torch threads:
 HTTP, decoding, rendering, JSON; servers start through loadtests/named_threads.py so their
-threads can be told apart in /proc) and of the load client (getrusage), and the ratios, then the
+threads can be told apart in /proc) and of the load client (getrusage; ``--client httpx,raw``
+measures every server with httpx and with loadtests.rawload in turn), and the ratios, then the
 server's own split of a request from its ``Server-Timing`` header (decode, queue, compute,
 render: overlay blend, PNG and mask arrays; json: serialising the body; other: multipart
 parsing and waiting for the event loop), then the client's share (the round trip minus the
@@ -253,6 +254,51 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def front_end_count(pid: int) -> int:
+    """The front-end processes serving under ``pid`` (its children the supervisor marked as
+    such in their environment), or 1 where ``pid`` serves alone."""
+    marker = b"\0_CAMSERVE_FRONTEND="
+    count = 0
+    for child in children_of(pid):
+        try:
+            count += marker in b"\0" + Path(f"/proc/{child}/environ").read_bytes()
+        except OSError:
+            continue
+    return count or 1
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on TCP ``port`` on this machine (each front end listens on its
+    own, SO_REUSEPORT, once its models are loaded), from /proc/net/tcp and tcp6."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count
+
+
+def wait_front_ends(server: subprocess.Popen[bytes], port: int, timeout_s: float = 300) -> int:
+    """Wait until every front end of ``server`` listens on ``port`` (``/readyz`` answers as soon
+    as the first is ready; keep-alive connections opened before the others listen would all stay
+    on it); the number of front ends."""
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while True:
+        count = front_end_count(server.pid)
+        if listening_sockets(port) >= count:
+            return count
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{count} front ends started but only {listening_sockets(port)} listen "
+                               f"on port {port}")
+        pause.wait(0.25)
+
+
 def tree_cpu_s(pid: int) -> float | None:
     """CPU seconds of ``pid`` and its live children: with several front ends
     (``CAMSERVE_WORKERS``), the supervisor and the server processes under it."""
@@ -370,33 +416,64 @@ def stop(servers: list[Server]) -> None:
             server.process.wait()
 
 
+CLIENTS = ("httpx", "raw")
+
+
+def measure(
+    client: str, base: str, image: bytes, concurrency: int, duration_s: float, outcome: Outcome,
+    warm_up_s: float = 0.0, server_pid: int | None = None, form: dict[str, str] | None = None,
+    client_processes: int = 1,
+) -> None:
+    """One turn of load by ``client``: ``httpx`` (:func:`load`, one process) or ``raw``
+    (loadtests.rawload: raw HTTP/1.1 in ``client_processes`` processes)."""
+    if client == "raw":
+        from loadtests import rawload  # it imports this module
+
+        rawload.load(base, image, concurrency, duration_s, outcome, warm_up_s=warm_up_s,
+                     server_pid=server_pid, form=form, processes=client_processes)
+    elif client == "httpx":
+        asyncio.run(load(base, image, concurrency, duration_s, outcome, warm_up_s=warm_up_s,
+                         server_pid=server_pid, form=form))
+    else:
+        raise ValueError(f"no load client {client!r}: one of {', '.join(CLIENTS)}")
+
+
 def bench(
     configs: list[Config], concurrency: int, duration_s: float, rounds: int, workdir: Path,
-    form: dict[str, str] | None = None,
+    form: dict[str, str] | None = None, clients: tuple[str, ...] = ("httpx",), client_processes: int = 1,
 ) -> list[Outcome]:
-    """Every config measured for ``duration_s`` in all, in ``rounds`` turns."""
+    """Every config measured for ``duration_s`` in all, in ``rounds`` turns, by each of
+    ``clients`` in turn (the first one's outcome keeps the config's name, the others' are
+    named ``config/client``)."""
     # Imported here, not on the first response: importing the service (and torch) takes the
     # client's event loop away for seconds, which would show as a stall of the first server.
     import service.api.pipeline  # noqa: F401
 
     image = IMAGE.read_bytes()
     servers = launch(configs, workdir)
+    outcomes = {(s.config.name, client): s.outcome if i == 0 else Outcome(f"{s.config.name}/{client}")
+                for s in servers for i, client in enumerate(clients)}
     try:
         for round_ in range(rounds):
             for server in servers:
-                # The baselines always send their own response (lists + overlay): only camserve's
-                # form changes.
-                asyncio.run(load(server.base, image, concurrency, duration_s / rounds, server.outcome,
-                                 warm_up_s=WARM_UP_S if round_ == 0 else 0.0, server_pid=server.process.pid,
-                                 form=None if server.config.name.startswith("baseline") else form))
-            done = ", ".join(f"{s.config.name} {s.outcome.throughput:.2f}" for s in servers)
+                for i, client in enumerate(clients):
+                    # The baselines always send their own response (lists + overlay): only
+                    # camserve's form changes.
+                    measure(client, server.base, image, concurrency, duration_s / rounds,
+                            outcomes[server.config.name, client],
+                            warm_up_s=WARM_UP_S if round_ == 0 and i == 0 else 0.0,
+                            server_pid=server.process.pid, client_processes=client_processes,
+                            form=None if server.config.name.startswith("baseline") else form)
+            done = ", ".join(f"{o.name} {o.throughput:.2f}" for o in outcomes.values())
             print(f"  round {round_ + 1}/{rounds}: req/s so far {done}", flush=True)
         for server in servers:
             if not server.config.name.startswith("baseline"):
-                server.outcome.mean_batch = mean_batch_size(server.base)
+                mean = mean_batch_size(server.base)
+                for client in clients:
+                    outcomes[server.config.name, client].mean_batch = mean
     finally:
         stop(servers)
-    return [server.outcome for server in servers]
+    return list(outcomes.values())
 
 
 def old_commit_config(config: Config, rev: str, workdir: Path) -> Config:
@@ -553,6 +630,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="camserve's mask encoding (default list, as the baselines send)")
     parser.add_argument("--mask-dtype", choices=("float32", "float16", "uint8"), default="float32",
                         help="camserve's base64 mask element type (default float32)")
+    parser.add_argument("--client", default="httpx",
+                        help="load client(s), comma-separated, each measuring every server in turn: httpx "
+                             "(one process, as before) or raw (loadtests.rawload: raw HTTP/1.1 keep-alive "
+                             "in --client-processes processes, about a seventh of httpx's CPU per request)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the raw client's connections are split over (default 1)")
     parser.add_argument("--serve-baseline", choices=("plain", "typed"), nargs="?", const="plain",
                         help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=8001, help=argparse.SUPPRESS)
@@ -584,7 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {len(chosen)} servers, {args.duration:.0f} s each in {args.rounds} rounds at "
           f"concurrency {args.concurrency}; server logs in {workdir}", flush=True)
     form = {**FORM, "mask_encoding": args.mask_encoding, "mask_dtype": args.mask_dtype}
-    outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir, form)
+    clients = tuple(args.client.split(","))
+    if not set(clients) <= set(CLIENTS):
+        parser.error(f"--client: one or more of {', '.join(CLIENTS)}")
+    outcomes = bench(chosen, args.concurrency, args.duration, max(1, args.rounds), workdir, form,
+                     clients, args.client_processes)
     report(outcomes, args.concurrency, form)
     print("\nstages in this process (median ms, one cat photo 451x300):")
     from service.models.fold import fold_batch_norms

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib
 import os
 import runpy
 import sys
@@ -42,6 +43,27 @@ def install() -> None:
     threading.Thread._bootstrap_inner = named  # type: ignore[attr-defined]
 
 
+def name_front_ends() -> None:
+    """With several front ends (``CAMSERVE_WORKERS``) the supervisor starts each as ``python -m
+    service``: start them through this script too, or their threads keep the name ``python`` and
+    the benchmark cannot tell their torch threads from their host work. A commit without
+    front ends has nothing to change."""
+    try:
+        frontends = importlib.import_module("service.frontends")
+    except ImportError:
+        return
+    original = getattr(frontends, "_child_command", None)
+    if original is None:
+        return
+    script = os.path.abspath(__file__)
+
+    def through_this_script(argv: list[str]) -> list[str]:
+        command = list(original(argv))
+        return [command[0], script, *command[1:]] if command[1:2] == ["-m"] else command
+
+    setattr(frontends, "_child_command", through_this_script)  # noqa: B010  (a module global, looked up per call)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "-m":
         raise SystemExit("usage: python -m loadtests.named_threads -m MODULE [ARGS...]")
@@ -49,6 +71,8 @@ def main(argv: list[str]) -> None:
     # As ``python -m`` would: the working directory first, not this file's folder, so the
     # service imported is the one in the directory the server was started in.
     sys.path[0] = os.getcwd()
+    if argv[1] == "service" or argv[1].startswith("service."):
+        name_front_ends()
     sys.argv = [argv[1], *argv[2:]]
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
 

@@ -7,9 +7,10 @@ Without a CUDA device it prints one line and exits 0. With one, within about 8 m
    every visible GPU computing);
 2. runs ``python -m service.bench --device cuda --quick``;
 3. times the bare GPU work of a batch of 64 (forward, and Grad-CAM's forward plus backward);
-4. runs the serving benchmark on the GPU (``python -m service``, Grad-CAM on the cat photo,
-   base64 float16 mask plus overlay PNG) at concurrency 16, 64 and 256, sampling the GPU's
-   utilisation meanwhile (NVML through pynvml when installed, else ``nvidia-smi``);
+4. runs the serving benchmark on the GPU (``python -m service`` with its default front ends,
+   Grad-CAM on the cat photo, base64 float16 mask plus overlay PNG) at concurrency 16, 64 and
+   256, loaded by loadtests.rawload's client processes (a quarter of the cores), sampling the
+   GPU's utilisation meanwhile (NVML through pynvml when installed, else ``nvidia-smi``);
 
 and writes ``build/gpu-check/report.md`` with the device, driver, torch and CUDA versions and
 every figure, plus each step's output beside it. The exit status is 1 when a step failed.
@@ -20,7 +21,6 @@ on the CPU (the CUDA tests then skip): a check of the check itself where no GPU 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import statistics
@@ -169,9 +169,18 @@ def bare_gpu_rates(batch: int = 64, repeats: int = 20, device_name: str = "cuda"
             f"Grad-CAM, batch {batch}": batch / gradcam_ms * 1000}
 
 
+def client_processes(concurrency: int, cores: int | None = None) -> int:
+    """Load client processes for ``concurrency`` connections: a quarter of the cores (the rest
+    serve), at least 1, at most one per connection."""
+    return max(1, min(concurrency, (cores or os.cpu_count() or 1) // 4))
+
+
 def serving(report: Report, duration_s: float, device: str = "cuda") -> None:
-    """``python -m service`` on cuda:0 (or ``device``), loaded at each concurrency in turn."""
+    """``python -m service`` on cuda:0 (or ``device``) with its default front ends, loaded at each
+    concurrency in turn by loadtests.rawload's client processes (one httpx process would
+    measure itself)."""
     from loadtests import bench_serving as bs
+    from loadtests import rawload
 
     env = {"CAMSERVE_DEVICE": device, "CAMSERVE_MAX_BATCH_SIZE": "64", "CAMSERVE_MAX_QUEUE": "4096",
            "CAMSERVE_MAX_BATCH_DELAY_MS": "2", "CAMSERVE_MAX_CONNECTIONS": "2048"}
@@ -180,25 +189,30 @@ def serving(report: Report, duration_s: float, device: str = "cuda") -> None:
     image = bs.IMAGE.read_bytes()
     (server,) = bs.launch([config], workdir)
     try:
+        front_ends = bs.wait_front_ends(server.process, int(server.base.rpartition(":")[2]))
+        report.facts["serving front ends"] = str(front_ends)
         for concurrency in CONCURRENCY:
-            if report.left() < duration_s + 10:
+            if report.left() < duration_s + 15:
                 report.serving.append({"concurrency": concurrency,
                                        "note": "not run: the time budget was spent"})
                 continue
             outcome = bs.Outcome(f"c{concurrency}")
+            clients = client_processes(concurrency)
             with UtilisationSampler() as sampler:
-                asyncio.run(bs.load(server.base, image, concurrency, duration_s, outcome, warm_up_s=3.0,
-                                    server_pid=server.process.pid, form=SERVING_FORM))
+                rawload.load(server.base, image, concurrency, duration_s, outcome, warm_up_s=3.0,
+                             server_pid=server.process.pid, form=SERVING_FORM, processes=clients)
             report.serving.append({
                 "concurrency": concurrency, "requests": len(outcome.latencies),
                 "explanations/s": outcome.throughput, "p50 ms": outcome.percentile(0.5) * 1000,
                 "p99 ms": outcome.percentile(0.99) * 1000, "errors": dict(outcome.errors),
+                "front ends": front_ends, "client processes": clients,
                 "server CPU ms/request": outcome.cpu_ms(outcome.server_cpu_s),
                 "host CPU ms/request": outcome.cpu_ms(outcome.host_cpu_s),  # outside torch threads
+                "client CPU ms/request": outcome.cpu_ms(outcome.client_cpu_s),
                 "GPU util % (mean)": sampler.mean(), "GPU util samples": len(sampler.samples),
             })
-            print(f"gpu-check: serving at concurrency {concurrency}: {outcome.throughput:.0f} explanations/s",
-                  flush=True)
+            print(f"gpu-check: serving at concurrency {concurrency} ({front_ends} front ends, {clients} "
+                  f"client processes): {outcome.throughput:.0f} explanations/s", flush=True)
         report.facts["serving mean batch"] = f"{bs.mean_batch_size(server.base) or 0:.1f}"
     finally:
         bs.stop([server])
@@ -215,8 +229,9 @@ def render(report: Report) -> str:
                   "| work | images/s |", "|---|---|"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in report.bare.items()]
     if report.serving:
-        keys = ["concurrency", "requests", "explanations/s", "p50 ms", "p99 ms", "errors",
-                "server CPU ms/request", "host CPU ms/request", "GPU util % (mean)", "GPU util samples"]
+        keys = ["concurrency", "requests", "explanations/s", "p50 ms", "p99 ms", "errors", "front ends",
+                "client processes", "server CPU ms/request", "host CPU ms/request", "client CPU ms/request",
+                "GPU util % (mean)", "GPU util samples"]
         lines += ["", f"## Serving (python -m service on {report.device}; Grad-CAM, cat photo, base64 "
                   "float16 mask + overlay PNG)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in report.serving:

@@ -114,3 +114,24 @@ def test_the_offline_check_installs_from_the_wheelhouse_alone() -> None:
     assert "--no-index" in recipe.group(1) and "-m service.gpucheck" in recipe.group(1)
     wheelhouse = re.search(r"^wheelhouse:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert wheelhouse is not None and "deploy/wheelhouse.sh" in wheelhouse.group(1)
+
+
+def test_the_serving_rows_say_how_many_front_ends_and_client_processes_ran() -> None:
+    report = gpucheck.Report()
+    report.serving = [{"concurrency": 64, "requests": 900, "explanations/s": 2345.6, "p50 ms": 20.0,
+                       "p99 ms": 41.0, "errors": {0: 2}, "front ends": 7, "client processes": 3,
+                       "client CPU ms/request": 0.7}]
+    text = gpucheck.render(report)
+    header = next(line for line in text.splitlines() if line.startswith("| concurrency |"))
+    row = next(line for line in text.splitlines() if line.startswith("| 64 |"))
+    cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | "), strict=True))
+    assert (cells["front ends"].strip(), cells["client processes"].strip()) == ("7", "3")
+    assert cells["client CPU ms/request"].strip() == "0.7" and cells["errors"].strip() == "0:2"
+
+
+@pytest.mark.parametrize(("concurrency", "cores", "wanted"), [(16, 16, 4), (256, 16, 4), (2, 16, 2),
+                                                               (64, 2, 1), (64, 40, 10)])
+def test_a_quarter_of_the_cores_load_the_service_at_most_one_per_connection(
+    concurrency: int, cores: int, wanted: int
+) -> None:
+    assert gpucheck.client_processes(concurrency, cores) == wanted
