@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def client_processes(concurrency: int, cores: int | None = None) -> int:
     return max(1, min(concurrency, (cores or os.cpu_count() or 1) // 4))
 
 
-def serving(report: Report, duration_s: float, device: str = "cuda") -> None:
+def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Path | None = None) -> None:
     """``python -m service`` on cuda:0 (or ``device``) with its default front ends, loaded at each
     concurrency in turn by loadtests.rawload's client processes (one httpx process would
     measure itself)."""
@@ -185,7 +186,8 @@ def serving(report: Report, duration_s: float, device: str = "cuda") -> None:
     env = {"CAMSERVE_DEVICE": device, "CAMSERVE_MAX_BATCH_SIZE": "64", "CAMSERVE_MAX_QUEUE": "4096",
            "CAMSERVE_MAX_BATCH_DELAY_MS": "2", "CAMSERVE_MAX_CONNECTIONS": "2048"}
     config = bs.Config("gpu", bs.camserve_command("--log-level", "warning"), env, "/readyz")
-    workdir = REPO / "build" / "gpu-check"
+    workdir = workdir or REPO / "build" / "gpu-check"  # the server's log goes there
+    workdir.mkdir(parents=True, exist_ok=True)
     image = bs.IMAGE.read_bytes()
     (server,) = bs.launch([config], workdir)
     try:
@@ -280,14 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report.bare = bare_gpu_rates(args.batch, device_name=args.device)
         report.steps.append(Step("bare GPU rates", True, time.monotonic() - began))
-    except Exception as exc:  # the report says what failed; the other steps still run
-        report.steps.append(Step("bare GPU rates", False, time.monotonic() - began, repr(exc)))
+    except Exception:  # the report says what failed; the other steps still run
+        report.steps.append(Step("bare GPU rates", False, time.monotonic() - began, traceback.format_exc()))
     began = time.monotonic()
     try:
-        serving(report, args.duration, args.device)
+        serving(report, args.duration, args.device, args.out)
         report.steps.append(Step("serving benchmark", True, time.monotonic() - began))
-    except Exception as exc:
-        report.steps.append(Step("serving benchmark", False, time.monotonic() - began, repr(exc)))
+    except Exception:
+        failed = traceback.format_exc()
+        report.steps.append(Step("serving benchmark", False, time.monotonic() - began, failed))
     path = args.out / "report.md"
     path.write_text(render(report))
     print(f"gpu-check: report in {path}", flush=True)

@@ -135,3 +135,24 @@ def test_a_quarter_of_the_cores_load_the_service_at_most_one_per_connection(
     concurrency: int, cores: int, wanted: int
 ) -> None:
     assert gpucheck.client_processes(concurrency, cores) == wanted
+
+
+def test_the_serving_step_logs_into_the_report_folder_it_was_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--out names a folder that need not exist yet (the device machine's output folder): the
+    server's log goes there, and the step does not fail opening it."""
+    from loadtests import bench_serving
+
+    seen: list[Path] = []
+
+    def launch(configs: list[object], workdir: Path) -> list[object]:
+        seen.append(workdir)
+        (workdir / "gpu.log").write_text("")  # what bench_serving.start opens
+        raise RuntimeError("stop here: the server itself is not what this test is about")
+
+    monkeypatch.setattr(bench_serving, "launch", launch)
+    out = tmp_path / "not" / "made" / "yet"
+    with pytest.raises(RuntimeError, match="stop here"):
+        gpucheck.serving(gpucheck.Report(), 1.0, "cpu", out)
+    assert seen == [out]
