@@ -86,7 +86,7 @@ loadtest: install-dev
 		--method-params '$(LOADTEST_METHOD_PARAMS)' --out $(LOADTEST_OUT)
 
 # On a CUDA machine, at most 8 minutes: the tests marked cuda, service.bench on the GPU, the bare
-# GPU rate at batch 64 and the serving benchmark at concurrency 16, 64, 256 with GPU utilisation;
+# GPU rate at batch 64 and the serving benchmark (concurrency 16, 64, 256; JPEG; no overlay) with GPU utilisation;
 # report in build/gpu-check/report.md. Without CUDA it says so in one line and succeeds.
 gpu-check: install-dev
 	$(PY) -m service.gpucheck $(GPU_CHECK_ARGS)

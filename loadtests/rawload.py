@@ -31,6 +31,7 @@ requests in flight then are finished and recorded, as ``bench_serving.load`` doe
 from __future__ import annotations
 
 import asyncio
+import mimetypes
 import os
 import pickle
 import resource
@@ -52,16 +53,19 @@ class ProtocolError(Exception):
     """The server's answer is not HTTP/1.1 this client can read."""
 
 
-def build_request(base: str, image: bytes, form: dict[str, str], path: str = "/explain") -> bytes:
+def build_request(
+    base: str, image: bytes, form: dict[str, str], path: str = "/explain", filename: str = "chelsea.png"
+) -> bytes:
     """The multipart POST as it goes on the wire: the form fields and the file exactly as
-    ``bench_serving.load`` posts them (httpx builds both)."""
+    ``bench_serving.load`` posts them (httpx builds both); the part's type follows ``filename``."""
     import httpx
 
     boundary = BOUNDARY
     if boundary.encode() in image:
         raise ValueError("the image holds the multipart boundary")
     request = httpx.Request("POST", base.rstrip("/") + path, data=form,
-                            files={"file": ("chelsea.png", image, "image/png")},
+                            files={"file": (filename, image, mimetypes.guess_type(filename)[0]
+                                            or "application/octet-stream")},
                             headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     body = request.read()
     target = request.url.raw_path.decode()
@@ -338,11 +342,12 @@ def _receive(process: subprocess.Popen[bytes]) -> Any:
 def load(
     base: str, image: bytes, concurrency: int, duration_s: float, outcome: bs.Outcome, warm_up_s: float = 0.0,
     server_pid: int | None = None, form: dict[str, str] | None = None, processes: int = 1,
+    filename: str = "chelsea.png",
 ) -> Result:
     """``bench_serving.load`` with this client in ``processes`` processes: results added to
     ``outcome``, with the server's CPU time meanwhile (every process under ``server_pid``) and
     the client processes' own. Returns the merged :class:`Result` (connections, body bytes)."""
-    request = build_request(base, image, form if form is not None else bs.FORM)
+    request = build_request(base, image, form if form is not None else bs.FORM, filename=filename)
     before: dict[str, float | None] = {}
 
     def read_server_clocks() -> None:

@@ -9,8 +9,10 @@ Without a CUDA device it prints one line and exits 0. With one, within about 8 m
 3. times the bare GPU work of a batch of 64 (forward, and Grad-CAM's forward plus backward);
 4. runs the serving benchmark on the GPU (``python -m service`` with its default front ends,
    Grad-CAM on the cat photo, base64 float16 mask plus overlay PNG) at concurrency 16, 64 and
-   256, loaded by loadtests.rawload's client processes (a quarter of the cores), sampling the
-   GPU's utilisation meanwhile (NVML through pynvml when installed, else ``nvidia-smi``);
+   256, then at 256 the photo as a JPEG (decoded on the GPU) and both without the overlay
+   (``CASES``), loaded by loadtests.rawload's client processes (a quarter of the cores),
+   sampling the GPU's utilisation meanwhile (NVML through pynvml when installed, else
+   ``nvidia-smi``);
 
 and writes ``build/gpu-check/report.md`` with the device, driver, torch and CUDA versions and
 every figure, plus each step's output beside it. The exit status is 1 when a step failed.
@@ -43,6 +45,22 @@ CONCURRENCY = (16, 64, 256)
 CUDA_TESTS = ("tests/cuda", "tests/test_fatal_exit.py")
 SERVING_FORM = {"methods": "gradcam", "outputs": "mask,overlay", "mask_size": "input",
                 "mask_encoding": "base64", "mask_dtype": "float16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One serving measurement: the cat photo as ``image`` (PNG: decoded on the host; JPEG: on
+    the GPU, as CAMSERVE_GPU_DECODE's default does on CUDA) with the form's ``outputs``."""
+
+    concurrency: int
+    image: str
+    outputs: str
+
+
+# The concurrency sweep first; then, at 256, what the host's share is made of: the GPU's JPEG
+# decode, and answers without the overlay (whose goal is half the bare GPU rate).
+CASES = (*(Case(c, "PNG", "mask,overlay") for c in CONCURRENCY), Case(256, "JPEG", "mask,overlay"),
+         Case(256, "PNG", "mask"), Case(256, "JPEG", "mask"))
 
 
 @dataclass
@@ -188,23 +206,27 @@ def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Pa
     config = bs.Config("gpu", bs.camserve_command("--log-level", "warning"), env, "/readyz")
     workdir = workdir or REPO / "build" / "gpu-check"  # the server's log goes there
     workdir.mkdir(parents=True, exist_ok=True)
-    image = bs.IMAGE.read_bytes()
+    images = {"PNG": ("chelsea.png", bs.IMAGE.read_bytes()), "JPEG": ("chelsea.jpg", cat_jpeg())}
     (server,) = bs.launch([config], workdir)
     try:
         front_ends = bs.wait_front_ends(server.process, int(server.base.rpartition(":")[2]))
         report.facts["serving front ends"] = str(front_ends)
-        for concurrency in CONCURRENCY:
+        for case in CASES:
+            concurrency = case.concurrency
             if report.left() < duration_s + 15:
-                report.serving.append({"concurrency": concurrency,
-                                       "note": "not run: the time budget was spent"})
+                report.serving.append({"concurrency": concurrency, "image": case.image,
+                                       "outputs": case.outputs, "note": "not run: the time budget was spent"})
                 continue
             outcome = bs.Outcome(f"c{concurrency}")
             clients = client_processes(concurrency)
+            filename, image = images[case.image]
             with UtilisationSampler() as sampler:
                 rawload.load(server.base, image, concurrency, duration_s, outcome, warm_up_s=3.0,
-                             server_pid=server.process.pid, form=SERVING_FORM, processes=clients)
+                             server_pid=server.process.pid, form={**SERVING_FORM, "outputs": case.outputs},
+                             processes=clients, filename=filename)
             report.serving.append({
-                "concurrency": concurrency, "requests": len(outcome.latencies),
+                "concurrency": concurrency, "image": case.image, "outputs": case.outputs,
+                "requests": len(outcome.latencies),
                 "explanations/s": outcome.throughput, "p50 ms": outcome.percentile(0.5) * 1000,
                 "p99 ms": outcome.percentile(0.99) * 1000, "errors": dict(outcome.errors),
                 "front ends": front_ends, "client processes": clients,
@@ -213,11 +235,26 @@ def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Pa
                 "client CPU ms/request": outcome.cpu_ms(outcome.client_cpu_s),
                 "GPU util % (mean)": sampler.mean(), "GPU util samples": len(sampler.samples),
             })
-            print(f"gpu-check: serving at concurrency {concurrency} ({front_ends} front ends, {clients} "
-                  f"client processes): {outcome.throughput:.0f} explanations/s", flush=True)
+            print(f"gpu-check: serving {case.image} ({case.outputs}) at concurrency {concurrency} "
+                  f"({front_ends} front ends, {clients} client processes): "
+                  f"{outcome.throughput:.0f} explanations/s", flush=True)
         report.facts["serving mean batch"] = f"{bs.mean_batch_size(server.base) or 0:.1f}"
     finally:
         bs.stop([server])
+
+
+def cat_jpeg(quality: int = 90) -> bytes:
+    """The cat photo as a baseline JPEG, the kind the GPU decodes."""
+    import io
+
+    from PIL import Image
+
+    from loadtests.bench_serving import IMAGE
+
+    buffer = io.BytesIO()
+    with Image.open(IMAGE) as image:
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def render(report: Report) -> str:
@@ -231,14 +268,16 @@ def render(report: Report) -> str:
                   "| work | images/s |", "|---|---|"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in report.bare.items()]
     if report.serving:
-        keys = ["concurrency", "requests", "explanations/s", "p50 ms", "p99 ms", "errors", "front ends",
-                "client processes", "server CPU ms/request", "host CPU ms/request", "client CPU ms/request",
-                "GPU util % (mean)", "GPU util samples"]
-        lines += ["", f"## Serving (python -m service on {report.device}; Grad-CAM, cat photo, base64 "
-                  "float16 mask + overlay PNG)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        keys = ["concurrency", "image", "outputs", "requests", "explanations/s", "p50 ms", "p99 ms", "errors",
+                "front ends", "client processes", "server CPU ms/request", "host CPU ms/request",
+                "client CPU ms/request", "GPU util % (mean)", "GPU util samples"]
+        lines += ["", f"## Serving (python -m service on {report.device}; Grad-CAM on the cat photo, "
+                  "base64 float16 mask, overlay PNG where the outputs say)", "",
+                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in report.serving:
             if "note" in row:
-                lines.append(f"| {row['concurrency']} | {row['note']} |" + " |" * (len(keys) - 2))
+                named = [_cell(row.get(k)) for k in ("concurrency", "image", "outputs")]
+                lines.append("| " + " | ".join([*named, str(row["note"])]) + " |" + " |" * (len(keys) - 4))
                 continue
             lines.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
     for step in report.steps:
@@ -260,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.gpucheck", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "build" / "gpu-check", help="report folder")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time for everything (default 480)")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds measured per concurrency")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per case (default 10)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: the same steps on the CPU, to check the check (default cuda)")
     parser.add_argument("--batch", type=int, default=64, help="batch of the bare rates (default 64)")

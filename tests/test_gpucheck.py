@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -40,13 +41,16 @@ def test_the_report_has_every_figure_the_check_measured() -> None:
                     gpucheck.Step("serving benchmark", False, 3.0, "RuntimeError('boom')")]
     report.bare = {"Grad-CAM, batch 64": 9876.5}
     report.serving = [
-        {"concurrency": 16, "requests": 3000, "explanations/s": 1234.5, "p50 ms": 12.0, "p99 ms": 30.0,
-         "errors": {}, "server CPU ms/request": 4.2, "GPU util % (mean)": 61.0, "GPU util samples": 40},
-        {"concurrency": 256, "note": "not run: the time budget was spent"},
+        {"concurrency": 16, "image": "PNG", "outputs": "mask,overlay", "requests": 3000,
+         "explanations/s": 1234.5, "p50 ms": 12.0, "p99 ms": 30.0, "errors": {}, "server CPU ms/request": 4.2,
+         "GPU util % (mean)": 61.0, "GPU util samples": 40},
+        {"concurrency": 256, "image": "JPEG", "outputs": "mask",
+         "note": "not run: the time budget was spent"},
     ]
     text = gpucheck.render(report)
-    for wanted in ("NVIDIA H200", "580.1", "2.14.1", "13.0", "9,876", "1,234.5", "| 16 | 3000 |",
-                   "61.0", "FAILED", "RuntimeError('boom')", "not run: the time budget was spent"):
+    for wanted in ("NVIDIA H200", "580.1", "2.14.1", "13.0", "9,876", "1,234.5",
+                   "| 16 | PNG | mask,overlay | 3000 |", "61.0", "FAILED", "RuntimeError('boom')",
+                   "| 256 | JPEG | mask | not run: the time budget was spent |"):
         assert wanted in text, wanted
     rows = [line for line in text.splitlines() if line.startswith("| 16 |") or line.startswith("| 256 |")]
     assert len({line.count("|") for line in rows}) == 1, "every serving row has every column"
@@ -156,3 +160,45 @@ def test_the_serving_step_logs_into_the_report_folder_it_was_given(
     with pytest.raises(RuntimeError, match="stop here"):
         gpucheck.serving(gpucheck.Report(), 1.0, "cpu", out)
     assert seen == [out]
+
+
+def test_the_serving_step_measures_every_case_with_its_image_and_outputs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The sweep over concurrency with the overlay, then at 256 the GPU-decoded JPEG and the
+    answers without an overlay: each case posts its own file under its own name and form."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from loadtests import bench_serving, rawload
+
+    posted: list[tuple[int, str, str, bytes]] = []
+
+    def load(base: str, image: bytes, concurrency: int, duration_s: float, outcome: bench_serving.Outcome,
+             **kwargs: object) -> None:
+        form = kwargs["form"]
+        assert isinstance(form, dict) and form["mask_encoding"] == "base64"
+        posted.append((concurrency, str(kwargs["filename"]), form["outputs"], image))
+        outcome.latencies += [0.01] * 5
+        outcome.elapsed += duration_s
+
+    server = SimpleNamespace(process=SimpleNamespace(pid=None), base="http://127.0.0.1:9")
+    monkeypatch.setattr(bench_serving, "launch", lambda configs, workdir: [server])
+    monkeypatch.setattr(bench_serving, "wait_front_ends", lambda process, port: 3)
+    monkeypatch.setattr(bench_serving, "mean_batch_size", lambda base: None)
+    monkeypatch.setattr(bench_serving, "stop", lambda servers: None)
+    monkeypatch.setattr(rawload, "load", load)
+    report = gpucheck.Report()
+    gpucheck.serving(report, 1.0, "cpu", tmp_path)
+
+    assert [(c, name, outputs) for c, name, outputs, _ in posted] == [
+        (case.concurrency, "chelsea.png" if case.image == "PNG" else "chelsea.jpg", case.outputs)
+        for case in gpucheck.CASES]
+    assert {outputs for *_, outputs, _ in posted} == {"mask,overlay", "mask"}
+    for _, name, _, image in posted:
+        with Image.open(io.BytesIO(image)) as opened:
+            assert opened.format == ("JPEG" if name.endswith(".jpg") else "PNG")
+            assert opened.size == (451, 300)
+    assert [(row["image"], row["outputs"], row["front ends"]) for row in report.serving] == [
+        (case.image, case.outputs, 3) for case in gpucheck.CASES]
