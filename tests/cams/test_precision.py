@@ -16,7 +16,7 @@ from service.cams.score import SSCAM
 from service.config import Settings
 from service.engine.worker import Worker
 from service.models.loader import load_model
-from service.models.spec import embedded_default
+from service.models.spec import ModelSpec, embedded_default
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,19 @@ def test_every_method_computes_under_a_half_precision_forward(loaded, name: str)
                                              mode="bilinear", align_corners=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = explain_batch(loaded.runner(), inputs, [loaded.default_layer], [method], [None])
+    (grid,) = [m.grid for m in output.maps[0]]
+    assert grid.dtype == torch.float32 and torch.isfinite(grid).all(), name
+
+
+@pytest.mark.parametrize("name", ["legrad", "vit_reciprocam"])
+def test_the_transformer_methods_give_float32_maps_under_a_half_precision_forward(name: str) -> None:
+    """The two methods only a ViT serves, as above (LeGrad's own maths on the attention
+    gradients handed back a bf16 map)."""
+    vit = load_model(ModelSpec(name="vit", architecture="vit_b_16", weights="random", seed=0),
+                     torch.device("cpu"))
+    inputs = torch.randn((1, 3, 224, 224), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = explain_batch(vit.runner(), inputs, [vit.default_layer], [get_method(name)], [None])
     (grid,) = [m.grid for m in output.maps[0]]
     assert grid.dtype == torch.float32 and torch.isfinite(grid).all(), name
 
