@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     )
     channels_last: bool = Field(True, description="NHWC memory format for conv nets (faster on CPU and GPU)")
     gpu_decode: Literal["auto", "off"] = Field(
-        "auto", description="auto: on CUDA workers, baseline JPEGs are decoded (nvjpeg) and resized "
+        "auto", description="auto: on a single CUDA device, baseline JPEGs are decoded (nvjpeg) and resized "
         "on the device; off: every file is decoded on the host"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(

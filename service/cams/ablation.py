@@ -60,6 +60,8 @@ class AblationCAM(CAMMethod):
                 ablated[positions[:chunk.numel()], chunk] = 0
                 rows = torch.full((chunk.numel(),), b, dtype=torch.long, device=acts.device)
                 logits = context.probe.from_layer(context.layer, ablated, rows)
+                # float32 whatever the forward ran in (CAMSERVE_PRECISION): an index_put does
+                # not promote, and a bf16 minus a 0-d float32 stays bf16.
                 dropped = logits[:, classes[b]]
-                weights[b, chunk] = (original[b] - dropped) / safe[b]
+                weights[b, chunk] = (original[b] - dropped.to(weights.dtype)) / safe[b]
         return weights

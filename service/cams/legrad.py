@@ -117,7 +117,9 @@ class LeGrad(CAMMethod):
                 (gradient,) = torch.autograd.grad(
                     scores.sum(), [p], retain_graph=index < len(tokens) - 1
                 )
-                maps.append(gradient.relu().mean(dim=(1, 2))[:, 1:])
+                # float32 from here whatever the forward ran in (CAMSERVE_PRECISION), as the
+                # extractor gives the other methods their gradients.
+                maps.append(gradient.float().relu().mean(dim=(1, 2))[:, 1:])
         relevance = torch.stack(maps).mean(dim=0)  # (B, T - 1)
         grid = token_grid(relevance.shape[1], (int(inputs.shape[-2]), int(inputs.shape[-1])))
         if grid is None:

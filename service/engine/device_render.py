@@ -46,10 +46,12 @@ def image_to_device(image: object, device: torch.device) -> Tensor | None:
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         return None
-    with warnings.catch_warnings():
-        # A PIL image's array is read-only; it is only read here, on its way to the device.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        host = torch.from_numpy(np.ascontiguousarray(pixels))
+    # A PIL image's array is read-only; it is only read here, on its way to the device. (A
+    # filter, not catch_warnings: this runs on worker threads while the API's threads decode,
+    # and catch_warnings swaps the process's filter list, which is not thread-safe.)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                            category=UserWarning)
+    host = torch.from_numpy(np.ascontiguousarray(pixels))
     return host.to(device, non_blocking=True)
 
 

@@ -244,9 +244,14 @@ class Engine:
     @property
     def jpeg_on_device(self) -> bool:
         """Whether the API hands this engine baseline JPEGs as bytes for the workers to decode
-        (service.imaging.encoded): ``CAMSERVE_GPU_DECODE=auto`` and every slot on CUDA."""
-        return (self.settings.gpu_decode == "auto" and bool(self.slots)
-                and all(slot.device.type == "cuda" for slot in self.slots))
+        (service.imaging.encoded): ``CAMSERVE_GPU_DECODE=auto`` and every slot on one CUDA
+        device. torchvision keeps a single nvjpeg decoder per process and builds a new one,
+        leaking the old one's handle and buffers, whenever it is asked for another device, so
+        two GPUs decoding in turn would rebuild (and leak) it on nearly every batch: with
+        several GPUs the host decodes."""
+        devices = {slot.device for slot in self.slots}
+        return (self.settings.gpu_decode == "auto" and len(devices) == 1
+                and next(iter(devices)).type == "cuda")
 
     @property
     def in_flight(self) -> int:

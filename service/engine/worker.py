@@ -375,8 +375,7 @@ class Worker:
             except ServiceError as exc:
                 failures[index] = exc
                 continue
-            bases[index] = (torch.from_numpy(np.ascontiguousarray(shown)).to(self.device)
-                            if shown is not None else None)
+            bases[index] = device_render.image_to_device(shown, self.device) if shown is not None else None
         for index, item in enumerate(items):
             if item.pixels is not None:
                 on_host[index] = item.pixels

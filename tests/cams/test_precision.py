@@ -10,13 +10,13 @@ import torch
 from pydantic import ValidationError
 
 from service.bench import sample_input
-from service.cams import get_method
+from service.cams import get_method, method_names
 from service.cams.extractor import explain_batch
 from service.cams.score import SSCAM
 from service.config import Settings
 from service.engine.worker import Worker
 from service.models.loader import load_model
-from service.models.spec import embedded_default
+from service.models.spec import ModelSpec, embedded_default
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,43 @@ def test_a_bfloat16_forward_gives_the_methods_float32_and_finite_maps(loaded) ->
         assert torch.isfinite(b).all(), name
         r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
         assert r > 0.95, (name, r)  # bf16 keeps 8 bits: close, not equal
+
+
+# Costly methods trimmed; what is checked is the dtypes their extra passes hand back.
+TRIMMED: dict[str, dict[str, object]] = {
+    "scorecam": {"top_k_channels": 8}, "sscam": {"top_k_channels": 4, "num_samples": 2},
+    "iscam": {"top_k_channels": 4, "num_samples": 2},
+}
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_computes_under_a_half_precision_forward(loaded, name: str) -> None:  # type: ignore[no-untyped-def]
+    """CAMSERVE_PRECISION=bf16|fp16 puts every method's passes under autocast (on CUDA; the
+    CPU's bf16 autocast stands in for it here, at a small input): extra passes come back in
+    half precision, and a method must bring them to float32 before mixing them into its
+    float32 maths (an index_put of a bf16 score into float32 weights is an error)."""
+    method = get_method(name, TRIMMED.get(name, {}))
+    if type(method).describe().unsuitable(loaded.info()):
+        return  # refused on this model in every precision alike (tests/cams covers the refusal)
+    inputs = torch.nn.functional.interpolate(sample_input(loaded, torch.device("cpu")), size=(96, 96),
+                                             mode="bilinear", align_corners=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = explain_batch(loaded.runner(), inputs, [loaded.default_layer], [method], [None])
+    (grid,) = [m.grid for m in output.maps[0]]
+    assert grid.dtype == torch.float32 and torch.isfinite(grid).all(), name
+
+
+@pytest.mark.parametrize("name", ["legrad", "vit_reciprocam"])
+def test_the_transformer_methods_give_float32_maps_under_a_half_precision_forward(name: str) -> None:
+    """The two methods only a ViT serves, as above (LeGrad's own maths on the attention
+    gradients handed back a bf16 map)."""
+    vit = load_model(ModelSpec(name="vit", architecture="vit_b_16", weights="random", seed=0),
+                     torch.device("cpu"))
+    inputs = torch.randn((1, 3, 224, 224), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = explain_batch(vit.runner(), inputs, [vit.default_layer], [get_method(name)], [None])
+    (grid,) = [m.grid for m in output.maps[0]]
+    assert grid.dtype == torch.float32 and torch.isfinite(grid).all(), name
 
 
 def test_the_cpu_ignores_the_precision() -> None:

@@ -35,6 +35,11 @@ PARAMS: dict[str, dict[str, object]] = {
     "scorecam": {"top_k_channels": 64}, "sscam": {"top_k_channels": 16, "num_samples": 4},
     "iscam": {"top_k_channels": 16, "num_samples": 4},
 }
+# In bf16, Score-CAM keeps more channels: the top 64 by mean activation on these noise images
+# include channels whose means differ by less than bf16's rounding, so the two precisions pick
+# a few different channels and the maps part for a reason other than precision (on the CPU's
+# bf16 autocast: r 0.987 for one image at 64 channels, >= 0.9994 for all four at 256).
+BF16_PARAMS: dict[str, dict[str, object]] = {**PARAMS, "scorecam": {"top_k_channels": 256}}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +185,7 @@ def test_bf16_maps_are_close_to_the_cpu_fp32_maps(name: str) -> None:
         worker.load([spec])
 
     async def masks(worker: Worker) -> list[np.ndarray]:
-        params = tuple(sorted(PARAMS.get(name, {}).items()))
+        params = tuple(sorted(BF16_PARAMS.get(name, {}).items()))
         explain = ExplainSpec((name,), ("features.18",), None, (224, 224), None,
                               method_params=((name, params),) if params else ())
         rng = np.random.default_rng(3)

@@ -125,6 +125,17 @@ def test_a_cpu_engine_and_the_setting_off_get_pixels_as_before() -> None:
             assert sent(script).encoded is None and sent(script).pixels is not None, (devices, overrides)
 
 
+def test_two_gpus_get_pixels_since_torchvision_has_one_decoder_per_process() -> None:
+    """torchvision rebuilds (and leaks) its one nvjpeg decoder at every change of device, so
+    only a single CUDA device is handed JPEG bytes; with two GPUs the host decodes."""
+    script = Script()
+    with fake_serving(script, [CUDA, torch.device("cuda", 1)]) as client:
+        assert not client.app.state.engine.jpeg_on_device  # type: ignore[attr-defined]
+        assert post(client, "/explain", jpeg()).status_code == 200
+        assert sent(script).encoded is None and sent(script).pixels is not None
+        assert {kind for kind, _ in script.device_batches} == {"cuda"}
+
+
 def test_a_corrupt_jpeg_is_checked_only_by_decoding() -> None:
     # Its header passes (so it is routed), which is why the worker must answer it 415 itself.
     limits = DecodeLimits(10**8, 4, reduce_to=(1024, 224))

@@ -126,3 +126,34 @@ def test_the_api_sends_a_worker_drawn_overlay_as_it_is(worker: Worker, cat_png: 
     assert np.array_equal(render(drawn), drawn)
     assert np.array_equal(render(None), expected)
     assert np.array_equal(render(drawn[:10]), expected)
+
+
+def test_sending_an_image_leaves_other_threads_warning_filters_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA worker sends overlay bases from its own thread while the API's threads decode
+    inside ``warnings.catch_warnings``: it must not swap the process's filter list (which
+    catch_warnings does), or a thread's temporary "ignore everything" outlives it."""
+    import threading
+    import warnings
+
+    inside, resume = threading.Event(), threading.Event()
+    from_numpy = torch.from_numpy
+
+    def held(array: np.ndarray) -> torch.Tensor:
+        inside.set()
+        assert resume.wait(10)
+        return from_numpy(array)
+
+    monkeypatch.setattr(torch, "from_numpy", held)
+    before = list(warnings.filters)
+    sent: list[torch.Tensor | None] = []
+    thread = threading.Thread(target=lambda: sent.append(
+        device_render.image_to_device(Image.fromarray(random_image(4, 5, 1)), torch.device("cpu"))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # another thread's temporary filter, here the test's
+        thread.start()
+        assert inside.wait(10)
+    resume.set()
+    thread.join(10)
+    assert sent and sent[0] is not None and tuple(sent[0].shape) == (4, 5, 3)
+    assert ("ignore", None, Warning, None, 0) not in warnings.filters
+    assert [f for f in warnings.filters if f in before] == before
