@@ -98,8 +98,9 @@ class Settings(BaseSettings):
         "on the device; off: every file is decoded on the host"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="CUDA only: the model's forward under autocast in this dtype; CAM maths "
-        "stays float32, and fp32 turns TF32 off"
+        "fp32", description="CUDA only: the model's forward under autocast in this dtype, for batches "
+        "whose methods keep their maps that way (the others run in float32); CAM maths stays float32, "
+        "TF32 stays off"
     )
     fold_batch_norm: bool = Field(
         True, description="compute through a copy of each model with batch norm folded into its convolutions"

@@ -24,6 +24,7 @@ class AblationCAM(CAMMethod):
     """
 
     name = "ablationcam"
+    full_precision = True
     title = "Ablation-CAM"
     family = "perturbation"
     paper = "Desai and Ramaswamy 2020, WACV"

@@ -102,6 +102,7 @@ class FEM(CAMMethod):
     """
 
     name = "fem"
+    full_precision = True
     title = "FEM"
     family = "activation"
     paper = "Fuad et al. 2020, IPTA"
@@ -124,6 +125,7 @@ class RandomCAM(CAMMethod):
     """
 
     name = "random"
+    full_precision = True
     title = "Random"
     family = "baseline"
     paper = "baseline (pytorch-grad-cam RandomCAM)"

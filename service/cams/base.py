@@ -82,6 +82,12 @@ class CAMMethod:
     # runs the whole model and costs a forward (:meth:`pass_cost`; service.engine.cost reads
     # it). Its :meth:`extra_passes` is then a count of passes times ``extra_pass_cost``.
     tail_passes: ClassVar[bool] = False
+    # Its map cancels or thresholds what the forward computed (differences of class scores,
+    # signed sums, thresholds of activations) or follows gradients through the whole network:
+    # a bf16 or fp16 forward moves it by more than the Pearson r of 0.999 the precisions keep
+    # (measured per method in docs/performance.md), so under CAMSERVE_PRECISION=bf16|fp16 its
+    # batches run in float32. The gradient and activation maps of the target layer keep r.
+    full_precision: ClassVar[bool] = False
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
     registry: ClassVar[dict[str, type[CAMMethod]]] = {}

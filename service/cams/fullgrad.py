@@ -28,6 +28,7 @@ class FullGrad(CAMMethod):
     """
 
     name = "fullgrad"
+    full_precision = True
     title = "FullGrad"
     paper = "Srinivas and Fleuret 2019, arXiv 1905.00780"
     uses_gradients = False

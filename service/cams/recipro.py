@@ -57,6 +57,7 @@ class ReciproCAM(CAMMethod):
     """
 
     name = "reciprocam"
+    full_precision = True
     title = "Recipro-CAM"
     # It perturbs the layer's output and reads the score, as Ablation-CAM does channel by
     # channel; its map is not a combination of the activations themselves.
@@ -154,6 +155,7 @@ class ViTReciproCAM(CAMMethod):
     """
 
     name = "vit_reciprocam"
+    full_precision = True
     title = "ViT-ReciproCAM"
     family = "perturbation"
     paper = "Byun and Lee 2023, arXiv 2310.02588"

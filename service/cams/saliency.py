@@ -67,6 +67,7 @@ class Saliency(CAMMethod):
     """
 
     name = "saliency"
+    full_precision = True
     title = "Vanilla gradient saliency"
     family = "gradient"
     paper = "Simonyan et al. 2014, arXiv 1312.6034"
@@ -93,6 +94,7 @@ class GuidedBackprop(CAMMethod):
     """
 
     name = "guided_backprop"
+    full_precision = True
     title = "Guided Backpropagation"
     family = "gradient"
     paper = "Springenberg et al. 2015, arXiv 1412.6806"
@@ -119,6 +121,7 @@ class GuidedGradCAM(CAMMethod):
     """
 
     name = "guided_gradcam"
+    full_precision = True
     title = "Guided Grad-CAM"
     family = "gradient"
     paper = "Selvaraju et al. 2017, arXiv 1610.02391"

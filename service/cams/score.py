@@ -51,6 +51,7 @@ class ScoreCAM(CAMMethod):
     """
 
     name = "scorecam"
+    full_precision = True
     title = "Score-CAM"
     family = "perturbation"
     paper = "Wang et al. 2020, arXiv 1910.01279"

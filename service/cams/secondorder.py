@@ -28,6 +28,7 @@ class ShapleyCAM(CAMMethod):
     """
 
     name = "shapleycam"
+    full_precision = True
     title = "Shapley-CAM"
     paper = "Cai 2025, arXiv 2501.06261"
     uses_gradients = False
@@ -64,6 +65,7 @@ class FinerCAM(CAMMethod):
     """
 
     name = "finercam"
+    full_precision = True
     title = "Finer-CAM"
     paper = "Zhang et al. 2025, arXiv 2501.11309"
     uses_gradients = False
@@ -106,6 +108,7 @@ class SmoothGradCAMPlusPlus(CAMMethod):
     """
 
     name = "smoothgradcampp"
+    full_precision = True
     title = "Smooth Grad-CAM++"
     paper = "Omeiza et al. 2019, arXiv 1908.01224"
     uses_gradients = False

@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast_dtype(device_type: str, precision: str, methods: Sequence[CAMMethod] = ()) -> torch.dtype | None:
+    """The dtype a batch's forward runs in under autocast, or None for none: CUDA only, never
+    for fp32, and never for a batch with a method that keeps full precision."""
+    if device_type != "cuda" or precision == "fp32" or any(m.full_precision for m in methods):
+        return None
+    return PRECISIONS[precision]
+
+
 def resolve_devices(setting: str) -> list[torch.device]:
     """One device per worker. ``auto`` takes every visible CUDA device, else the CPU."""
     devices: list[torch.device] = []
@@ -118,11 +126,11 @@ class Worker:
             torch.set_num_threads(self.threads or available_cores())
         if self.device.type == "cuda":
             # Set, not inherited from torch's defaults: fp32 means fp32 (maps agree with the
-            # CPU's); bf16 and fp16 take TF32 for what autocast leaves in float32. cuDNN picks
+            # CPU's), in every precision: what autocast leaves in float32, and the batches of the
+            # methods that stay in float32 under bf16 and fp16 (full_precision). cuDNN picks
             # its fastest kernels per shape, once each (the warm-up's batch sizes).
-            tf32 = self.precision != "fp32"
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.benchmark = True
         for spec in specs:
             started = time.perf_counter()
@@ -170,12 +178,12 @@ class Worker:
             log.warning("the device cannot decode JPEGs; the host decodes them",
                         extra={"device": str(self.device), "reason": str(decoded)[:200]})
 
-    def autocast(self) -> AbstractContextManager[object]:
+    def autocast(self, methods: Sequence[CAMMethod] = ()) -> AbstractContextManager[object]:
         """The model's forward in ``precision`` on CUDA (CAM maths stays float32: the
-        extractor hands methods float32 activations, gradients and logits); else unchanged."""
-        if self.device.type != "cuda" or self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=PRECISIONS[self.precision])
+        extractor hands methods float32 activations, gradients and logits), unless one of
+        ``methods`` keeps full precision; else unchanged."""
+        dtype = autocast_dtype(self.device.type, self.precision, methods)
+        return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -207,6 +215,7 @@ class Worker:
     ) -> list[ItemResult]:
         inputs = self._normalise(loaded, images)
         spec = items[0].explain
+        methods: list[CAMMethod] = []
         if spec is None:
             runner = self._runner(loaded, (), [])
             with torch.inference_mode(), self.autocast():
@@ -216,7 +225,7 @@ class Worker:
             params = dict(spec.method_params)
             methods = [get_method(name, dict(params.get(name, ()))) for name in spec.methods]
             runner = self._runner(loaded, spec.layers, methods)
-            with self.autocast():
+            with self.autocast(methods):
                 output = explain_batch(
                     runner, inputs, spec.layers, methods,
                     [item.explain.classes if item.explain else None for item in items],
@@ -247,7 +256,7 @@ class Worker:
             ]
             results.append(ItemResult(predictions, explanations, 0.0, 0.0, image=shown[row]))
         if any(item.explain is not None and item.explain.evaluate_steps for item in items):
-            with self.autocast():
+            with self.autocast(methods):
                 add_faithfulness(runner.forward, inputs, items, per_sample_maps, results)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -101,3 +101,52 @@ def test_sscam_noise_on_the_cpu_is_the_seeded_cpu_sequence() -> None:
     varied = method.vary(masks, 0, generator)
     expected = masks + 2.0 * torch.randn(masks.shape, generator=torch.Generator().manual_seed(7))
     assert torch.equal(varied, expected)
+
+
+def _cat_and_noise(loaded) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    noise = torch.randn((1, 3, 224, 224), generator=torch.Generator().manual_seed(3))
+    return torch.cat([sample_input(loaded, torch.device("cpu")), noise])
+
+
+HALF_PRECISION_METHODS = [name for name in method_names() if not get_method(name).full_precision]
+
+
+@pytest.mark.parametrize("name", HALF_PRECISION_METHODS)
+def test_the_methods_that_run_in_half_precision_keep_r_0999_under_a_bf16_forward(
+    loaded, name: str  # type: ignore[no-untyped-def]
+) -> None:
+    """CAMSERVE_PRECISION=bf16 runs a batch under autocast only when none of its methods keeps
+    full precision; every method it does run so must stay within r >= 0.999 of its float32 map
+    (the CPU's bf16 autocast standing in for CUDA's: the same 8-bit mantissa). A new method
+    that cannot is to declare ``full_precision``."""
+    method = get_method(name)
+    if type(method).describe().unsuitable(loaded.info()):
+        return  # refused on this model in every precision alike (tests/cams covers the refusal)
+    inputs = _cat_and_noise(loaded)
+    grids = {}
+    for half in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            output = explain_batch(loaded.runner(), inputs, [loaded.default_layer], [method], [None, None])
+        grids[half] = [sample[0].grid.double().flatten().numpy() for sample in output.maps]
+    for exact, half in zip(grids[False], grids[True], strict=True):
+        assert np.corrcoef(exact, half)[0, 1] >= 0.999, name
+
+
+def test_half_precision_stays_with_the_methods_that_keep_it() -> None:
+    """The worker's choice, batch by batch: autocast on CUDA in bf16/fp16 for the target
+    layer's gradient and activation maps, float32 for a batch with any full-precision method,
+    and never on the CPU or in fp32."""
+    from service.engine.worker import autocast_dtype
+
+    names = ("gradcam", "eigencam", "scorecam", "saliency")
+    gradcam, eigencam, scorecam, saliency = (get_method(n) for n in names)
+    assert autocast_dtype("cuda", "bf16", [gradcam, eigencam]) is torch.bfloat16
+    assert autocast_dtype("cuda", "fp16", [gradcam]) is torch.float16
+    assert autocast_dtype("cuda", "bf16", []) is torch.bfloat16  # /predict: the forward alone
+    assert autocast_dtype("cuda", "bf16", [gradcam, scorecam]) is None
+    assert autocast_dtype("cuda", "fp16", [saliency]) is None
+    assert autocast_dtype("cuda", "fp32", [gradcam]) is None
+    assert autocast_dtype("cpu", "bf16", [gradcam]) is None
+    assert {"gradcam", "gradcampp", "layercam", "eigencam", "legrad"} <= set(HALF_PRECISION_METHODS)
+    kept_exact = {"scorecam", "sscam", "iscam", "ablationcam", "reciprocam", "saliency", "fullgrad"}
+    assert not kept_exact & set(HALF_PRECISION_METHODS)
