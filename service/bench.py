@@ -87,9 +87,11 @@ class Bench:
     PyTorch's default memory format, as the libraries run it; the Score-CAM family's masked
     passes run through the owner's folded, channels-last copy, as on the worker."""
 
-    def __init__(self, loaded: LoadedModel, image: Tensor, repeats: int) -> None:
+    def __init__(self, loaded: LoadedModel, image: Tensor, repeats: int, exact: bool = True) -> None:
+        """``exact=False``: the network the worker serves through instead (the owner's lean
+        copy, where :meth:`LoadedModel.make_lean` built one)."""
         self.loaded = loaded
-        self.runner = loaded.runner((loaded.default_layer,), exact=True)
+        self.runner = loaded.runner((loaded.default_layer,), exact=exact)
         self.image = image
         self.repeats = repeats
         device = image.device
@@ -98,7 +100,13 @@ class Bench:
         )
 
     def batch(self, size: int) -> Tensor:
-        return self.image.expand(size, -1, -1, -1).contiguous()
+        return self.image.expand(size, -1, -1, -1).contiguous(memory_format=self._layout())
+
+    def _layout(self) -> torch.memory_format:
+        """The sample's own layout: channels-last when it was given so (the worker's inputs)."""
+        image = self.image
+        nhwc = image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+        return torch.channels_last if nhwc else torch.contiguous_format
 
     def forward_ms(self, size: int) -> float:
         inputs = self.batch(size)

@@ -159,7 +159,8 @@ def run_step(report: Report, name: str, argv: list[str], timeout_s: float) -> St
                               env={**os.environ, "PYTHONPATH": python_path()})
         step = Step(name, done.returncode == 0, time.monotonic() - began, done.stdout + done.stderr)
     except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                      for part in (exc.stdout, exc.stderr))  # what it said before it was stopped
         step = Step(name, False, time.monotonic() - began, out + f"\n(stopped after {timeout_s:.0f} s)")
     report.steps.append(step)
     return step
@@ -173,15 +174,20 @@ def python_path() -> str:
 
 def bare_gpu_rates(batch: int = 64, repeats: int = 20, device_name: str = "cuda") -> dict[str, float]:
     """Images/s of mobilenet_v2's forward and of Grad-CAM (forward + partial backward) at
-    ``batch`` on cuda:0 (or ``device_name``), timed with the benchmark's own code (service.bench)."""
+    ``batch`` on cuda:0 (or ``device_name``), timed with the benchmark's own code
+    (service.bench) on the network as the worker serves it: batch norm folded, channels-last
+    weights and inputs, cuDNN autotuning, TF32 off, float32."""
     from service.bench import Bench, sample_input
     from service.cams import get_method
-    from service.models.loader import load_model
+    from service.engine.worker import Worker
     from service.models.spec import embedded_default
 
     device = torch.device("cuda", 0) if device_name == "cuda" else torch.device(device_name)
-    loaded = load_model(embedded_default(), device)
-    bench = Bench(loaded, sample_input(loaded, device), repeats)
+    worker = Worker(device)  # its load sets the backend flags and builds the lean copy
+    worker.load([embedded_default()])
+    (loaded,) = worker.models.values()
+    image = sample_input(loaded, device).contiguous(memory_format=torch.channels_last)
+    bench = Bench(loaded, image, repeats, exact=False)
     forward_ms = bench.forward_ms(batch)
     gradcam_ms = bench.ours([get_method("gradcam")], batch, repeats)
     return {f"forward, batch {batch}": batch / forward_ms * 1000,

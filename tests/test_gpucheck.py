@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -202,3 +203,32 @@ def test_the_serving_step_measures_every_case_with_its_image_and_outputs(
             assert opened.size == (451, 300)
     assert [(row["image"], row["outputs"], row["front ends"]) for row in report.serving] == [
         (case.image, case.outputs, 3) for case in gpucheck.CASES]
+
+
+def test_the_bare_rates_time_the_network_the_worker_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Half the bare GPU rate" compares serving with the bare work on the same network: the
+    folded copy with channels-last inputs, as the worker computes, not the model as loaded."""
+    from service import bench
+
+    made: list[bench.Bench] = []
+
+    class Recorded(bench.Bench):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(bench, "Bench", Recorded)
+    rates = gpucheck.bare_gpu_rates(batch=2, repeats=1, device_name="cpu")
+    assert set(rates) == {"forward, batch 2", "Grad-CAM, batch 2"} and all(v > 0 for v in rates.values())
+    (timed,) = made
+    assert timed.runner.through == "lean"
+    assert timed.batch(2).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_step_stopped_at_its_limit_keeps_what_it_printed_on_both_streams() -> None:
+    report = gpucheck.Report()
+    code = ("import sys, time; print('on stdout', flush=True); "
+            "print('on stderr', file=sys.stderr, flush=True); time.sleep(30)")
+    step = gpucheck.run_step(report, "slow", [sys.executable, "-c", code], 3)
+    assert not step.ok
+    assert "on stdout" in step.output and "on stderr" in step.output and "stopped after 3 s" in step.output
