@@ -101,9 +101,15 @@ WHEEL_PYTHON ?= 3.12
 wheelhouse: install
 	WHEELHOUSE=$(WHEELHOUSE) WHEEL_PYTHON=$(WHEEL_PYTHON) deploy/wheelhouse.sh $(PY)
 
+# The pinned versions are installed, found in $(WHEELHOUSE): not every *.whl there, since
+# `make wheelhouse` adds to an existing folder and a wheel of a version pinned before would
+# ask pip for two versions of one package (ResolutionImpossible).
+WHEELHOUSE_REQUIREMENTS ?= deploy/wheelhouse.txt
+GPU_CHECK_SITE ?= build/site
 gpu-check-offline:
-	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target build/site $(WHEELHOUSE)/*.whl
-	PYTHONPATH=$(CURDIR)/build/site$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m service.gpucheck $(GPU_CHECK_ARGS)
+	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target '$(GPU_CHECK_SITE)' \
+		--find-links '$(WHEELHOUSE)' -r '$(WHEELHOUSE_REQUIREMENTS)'
+	PYTHONPATH='$(abspath $(GPU_CHECK_SITE))'$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m service.gpucheck $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

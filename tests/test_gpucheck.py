@@ -232,3 +232,49 @@ def test_a_step_stopped_at_its_limit_keeps_what_it_printed_on_both_streams() -> 
     step = gpucheck.run_step(report, "slow", [sys.executable, "-c", code], 3)
     assert not step.ok
     assert "on stdout" in step.output and "on stderr" in step.output and "stopped after 3 s" in step.output
+
+
+def _wheel(folder: Path, version: str) -> Path:
+    """A minimal pure-Python wheel of a package ``demo-stale`` at ``version``."""
+    import zipfile
+
+    path = folder / f"demo_stale-{version}-py3-none-any.whl"
+    info = f"demo_stale-{version}.dist-info"
+    files = {
+        "demo_stale/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: demo-stale\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+        archive.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]))
+    return path
+
+
+def test_the_offline_check_installs_the_pinned_wheels_when_a_stale_version_lies_beside_them(
+    tmp_path: Path,
+) -> None:
+    """`make wheelhouse` adds to an existing folder: after a pin moves, the old version's wheel
+    is still there, and installing every ``*.whl`` asks pip for two versions of one package
+    (ResolutionImpossible). The offline check installs what the requirements pin."""
+    import subprocess
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _wheel(wheels, "1.0")
+    _wheel(wheels, "2.0")
+    requirements = tmp_path / "wheelhouse.txt"
+    requirements.write_text("# pins\ndemo-stale==2.0\n")
+    site = tmp_path / "site"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "gpu-check-offline", f"PYTHON={sys.executable}",
+         f"WHEELHOUSE={wheels}", f"WHEELHOUSE_REQUIREMENTS={requirements}", f"GPU_CHECK_SITE={site}",
+         f"GPU_CHECK_ARGS=--out {tmp_path / 'report'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the check itself: one line, exit 0
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (site / "demo_stale-2.0.dist-info").is_dir()
+    assert not (site / "demo_stale-1.0.dist-info").exists()
+    assert gpucheck.NO_CUDA in done.stdout
