@@ -23,8 +23,10 @@ on the CPU (the CUDA tests then skip): a check of the check itself where no GPU 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -154,14 +156,22 @@ class UtilisationSampler:
 def run_step(report: Report, name: str, argv: list[str], timeout_s: float) -> Step:
     print(f"gpu-check: {name} (at most {timeout_s:.0f} s)", flush=True)
     began = time.monotonic()
+    # A session of its own, so a step stopped at its limit takes what it started with it (the
+    # pytest step's servers would otherwise go on holding the GPU beside the serving step).
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": python_path()}, start_new_session=True)
     try:
-        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, timeout_s),
-                              env={**os.environ, "PYTHONPATH": python_path()})
-        step = Step(name, done.returncode == 0, time.monotonic() - began, done.stdout + done.stderr)
-    except subprocess.TimeoutExpired as exc:
-        out = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
-                      for part in (exc.stdout, exc.stderr))  # what it said before it was stopped
-        step = Step(name, False, time.monotonic() - began, out + f"\n(stopped after {timeout_s:.0f} s)")
+        out, err = process.communicate(timeout=max(1.0, timeout_s))
+        step = Step(name, process.returncode == 0, time.monotonic() - began, out + err)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        try:
+            out, err = process.communicate(timeout=10)  # what it said before it was stopped
+        except subprocess.TimeoutExpired:  # a descendant left the group and holds the pipes
+            process.kill()
+            out, err = "", "(its output could not be read)"
+        step = Step(name, False, time.monotonic() - began, out + err + f"\n(stopped after {timeout_s:.0f} s)")
     report.steps.append(step)
     return step
 

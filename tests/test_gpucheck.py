@@ -6,6 +6,7 @@ import io
 import os
 import re
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -278,3 +279,33 @@ def test_the_offline_check_installs_the_pinned_wheels_when_a_stale_version_lies_
     assert (site / "demo_stale-2.0.dist-info").is_dir()
     assert not (site / "demo_stale-1.0.dist-info").exists()
     assert gpucheck.NO_CUDA in done.stdout
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_step_stopped_at_its_limit_takes_the_processes_it_started_with_it() -> None:
+    """The pytest step starts servers (tests/test_fatal_exit.py) and the bench step may too: a
+    step stopped at its limit must not leave them running beside the serving benchmark (on the
+    GPU, holding its memory)."""
+    report = gpucheck.Report()
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print('child', child.pid, flush=True)\ntime.sleep(60)\n")
+    step = gpucheck.run_step(report, "spawning", [sys.executable, "-c", code], 3)
+    assert not step.ok and "stopped after 3 s" in step.output
+    (pid,) = [int(line.split()[1]) for line in step.output.splitlines() if line.startswith("child ")]
+    for _ in range(50):  # the kill is sent; its delivery may take a moment
+        if not _running(pid):
+            break
+        time.sleep(0.1)
+    try:
+        assert not _running(pid), "the step's own child outlived it"
+    finally:
+        if _running(pid):
+            os.kill(pid, 9)
