@@ -186,20 +186,29 @@ def bare_gpu_rates(batch: int = 64, repeats: int = 20, device_name: str = "cuda"
     """Images/s of mobilenet_v2's forward and of Grad-CAM (forward + partial backward) at
     ``batch`` on cuda:0 (or ``device_name``), timed with the benchmark's own code
     (service.bench) on the network as the worker serves it: batch norm folded, channels-last
-    weights and inputs, cuDNN autotuning, TF32 off, float32."""
+    weights and inputs, cuDNN autotuning, TF32 off, and the settings the serving step's server
+    reads from the environment (CAMSERVE_PRECISION: its batches' autocast)."""
     from service.bench import Bench, sample_input
     from service.cams import get_method
+    from service.config import Settings
     from service.engine.worker import Worker
     from service.models.spec import embedded_default
 
     device = torch.device("cuda", 0) if device_name == "cuda" else torch.device(device_name)
-    worker = Worker(device)  # its load sets the backend flags and builds the lean copy
+    # As the server is configured: the serving step inherits this environment, so a
+    # CAMSERVE_PRECISION=bf16 (or a lean copy turned off) must time the same network here.
+    settings = Settings()
+    worker = Worker(device, channels_last=settings.channels_last, fold_batch_norm=settings.fold_batch_norm,
+                    precision=settings.precision)  # its load sets the backend flags, builds the lean copy
     worker.load([embedded_default()])
     (loaded,) = worker.models.values()
     image = sample_input(loaded, device).contiguous(memory_format=torch.channels_last)
     bench = Bench(loaded, image, repeats, exact=False)
-    forward_ms = bench.forward_ms(batch)
-    gradcam_ms = bench.ours([get_method("gradcam")], batch, repeats)
+    gradcam = get_method("gradcam")
+    with worker.autocast():
+        forward_ms = bench.forward_ms(batch)
+    with worker.autocast([gradcam]):
+        gradcam_ms = bench.ours([gradcam], batch, repeats)
     return {f"forward, batch {batch}": batch / forward_ms * 1000,
             f"Grad-CAM, batch {batch}": batch / gradcam_ms * 1000}
 

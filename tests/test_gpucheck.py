@@ -309,3 +309,28 @@ def test_a_step_stopped_at_its_limit_takes_the_processes_it_started_with_it() ->
     finally:
         if _running(pid):
             os.kill(pid, 9)
+
+
+def test_the_bare_rates_use_the_precision_the_served_network_runs_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving step's server inherits CAMSERVE_PRECISION from this environment; the bare
+    rates it is compared with must be timed under the same autocast."""
+    from service.engine import worker as worker_module
+
+    made: list[worker_module.Worker] = []
+    entered: list[tuple[str, ...]] = []
+
+    class Recorded(worker_module.Worker):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+        def autocast(self, methods=()):  # type: ignore[no-untyped-def]
+            entered.append(tuple(m.name for m in methods))
+            return super().autocast(methods)
+
+    monkeypatch.setattr(worker_module, "Worker", Recorded)
+    monkeypatch.setenv("CAMSERVE_PRECISION", "bf16")
+    gpucheck.bare_gpu_rates(batch=2, repeats=1, device_name="cpu")
+    (worker,) = made
+    assert worker.precision == "bf16"
+    assert entered == [(), ("gradcam",)]
