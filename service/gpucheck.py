@@ -202,7 +202,9 @@ def bare_gpu_rates(batch: int = 64, repeats: int = 20, device_name: str = "cuda"
                     precision=settings.precision)  # its load sets the backend flags, builds the lean copy
     worker.load([embedded_default()])
     (loaded,) = worker.models.values()
-    image = sample_input(loaded, device).contiguous(memory_format=torch.channels_last)
+    image = sample_input(loaded, device)
+    if settings.channels_last:  # the worker's inputs are then NHWC too
+        image = image.contiguous(memory_format=torch.channels_last)
     bench = Bench(loaded, image, repeats, exact=False)
     gradcam = get_method("gradcam")
     with worker.autocast():
