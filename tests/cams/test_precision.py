@@ -150,3 +150,13 @@ def test_half_precision_stays_with_the_methods_that_keep_it() -> None:
     assert {"gradcam", "gradcampp", "layercam", "eigencam", "legrad"} <= set(HALF_PRECISION_METHODS)
     kept_exact = {"scorecam", "sscam", "iscam", "ablationcam", "reciprocam", "saliency", "fullgrad"}
     assert not kept_exact & set(HALF_PRECISION_METHODS)
+
+
+def test_warm_up_also_runs_float32_where_full_precision_batches_will() -> None:
+    """Under bf16/fp16 on CUDA the full-precision methods' batches run in float32: warm-up
+    runs that precision too (cuDNN's kernels chosen, and the slower pass time measured for
+    the request budget); elsewhere one precision is all there is."""
+    assert Worker(torch.device("cuda", 0), precision="bf16").warm_precisions() == [False, True]
+    assert Worker(torch.device("cuda", 0), precision="fp16").warm_precisions() == [False, True]
+    assert Worker(torch.device("cuda", 0), precision="fp32").warm_precisions() == [False]
+    assert Worker(torch.device("cpu"), precision="bf16").warm_precisions() == [False]
