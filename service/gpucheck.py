@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from service.frontends import usable_cores
+
 REPO = Path(__file__).resolve().parent.parent
 NO_CUDA = "no CUDA device: nothing to check"
 CONCURRENCY = (16, 64, 256)
@@ -218,7 +220,7 @@ def bare_gpu_rates(batch: int = 64, repeats: int = 20, device_name: str = "cuda"
 def client_processes(concurrency: int, cores: int | None = None) -> int:
     """Load client processes for ``concurrency`` connections: a quarter of the cores (the rest
     serve), at least 1, at most one per connection."""
-    return max(1, min(concurrency, (cores or os.cpu_count() or 1) // 4))
+    return max(1, min(concurrency, (cores or usable_cores()) // 4))
 
 
 def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Path | None = None) -> None:
@@ -238,6 +240,7 @@ def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Pa
     try:
         front_ends = bs.wait_front_ends(server.process, int(server.base.rpartition(":")[2]))
         report.facts["serving front ends"] = str(front_ends)
+        failed: list[str] = []
         for case in CASES:
             concurrency = case.concurrency
             if report.left() < duration_s + 15:
@@ -247,10 +250,16 @@ def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Pa
             outcome = bs.Outcome(f"c{concurrency}")
             clients = client_processes(concurrency)
             filename, image = images[case.image]
-            with UtilisationSampler() as sampler:
-                rawload.load(server.base, image, concurrency, duration_s, outcome, warm_up_s=3.0,
-                             server_pid=server.process.pid, form={**SERVING_FORM, "outputs": case.outputs},
-                             processes=clients, filename=filename)
+            try:
+                with UtilisationSampler() as sampler:
+                    rawload.load(server.base, image, concurrency, duration_s, outcome, warm_up_s=3.0,
+                                 server_pid=server.process.pid, processes=clients, filename=filename,
+                                 form={**SERVING_FORM, "outputs": case.outputs})
+            except Exception as exc:  # the other cases still run; the step fails at the end
+                failed.append(f"{case}: {exc!r}")
+                report.serving.append({"concurrency": concurrency, "image": case.image,
+                                       "outputs": case.outputs, "note": f"FAILED: {exc!r}"[:300]})
+                continue
             report.serving.append({
                 "concurrency": concurrency, "image": case.image, "outputs": case.outputs,
                 "requests": len(outcome.latencies),
@@ -266,6 +275,8 @@ def serving(report: Report, duration_s: float, device: str = "cuda", workdir: Pa
                   f"({front_ends} front ends, {clients} client processes): "
                   f"{outcome.throughput:.0f} explanations/s", flush=True)
         report.facts["serving mean batch"] = f"{bs.mean_batch_size(server.base) or 0:.1f}"
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(CASES)} serving cases failed: " + "; ".join(failed))
     finally:
         bs.stop([server])
 

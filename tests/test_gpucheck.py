@@ -334,3 +334,33 @@ def test_the_bare_rates_use_the_precision_the_served_network_runs_in(monkeypatch
     (worker,) = made
     assert worker.precision == "bf16"
     assert entered == [(), ("gradcam",)]
+
+
+def test_a_failed_serving_case_is_reported_and_the_others_still_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from loadtests import bench_serving, rawload
+
+    def load(base: str, image: bytes, concurrency: int, duration_s: float, outcome: bench_serving.Outcome,
+             **kwargs: object) -> None:
+        if kwargs["filename"] == "chelsea.jpg":
+            raise ConnectionError("a client process died")
+        outcome.latencies += [0.01] * 3
+        outcome.elapsed += duration_s
+
+    server = SimpleNamespace(process=SimpleNamespace(pid=None), base="http://127.0.0.1:9")
+    monkeypatch.setattr(bench_serving, "launch", lambda configs, workdir: [server])
+    monkeypatch.setattr(bench_serving, "wait_front_ends", lambda process, port: 1)
+    monkeypatch.setattr(bench_serving, "mean_batch_size", lambda base: None)
+    monkeypatch.setattr(bench_serving, "stop", lambda servers: None)
+    monkeypatch.setattr(rawload, "load", load)
+    report = gpucheck.Report()
+    with pytest.raises(RuntimeError, match=r"2 of \d+ serving cases failed"):
+        gpucheck.serving(report, 1.0, "cpu", tmp_path)
+    assert len(report.serving) == len(gpucheck.CASES), "every case has its row"
+    jpeg_rows = [row for row in report.serving if row["image"] == "JPEG"]
+    assert jpeg_rows and all(str(row["note"]).startswith("FAILED: ConnectionError") for row in jpeg_rows)
+    assert all(row["requests"] == 3 for row in report.serving if row["image"] == "PNG")
+    assert "FAILED: ConnectionError" in gpucheck.render(report)
