@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import sys
 import time
 import tomllib
@@ -364,3 +365,54 @@ def test_a_failed_serving_case_is_reported_and_the_others_still_run(
     assert jpeg_rows and all(str(row["note"]).startswith("FAILED: ConnectionError") for row in jpeg_rows)
     assert all(row["requests"] == 3 for row in report.serving if row["image"] == "PNG")
     assert "FAILED: ConnectionError" in gpucheck.render(report)
+
+
+_FAKE_PIP = """#!/usr/bin/env python3
+# Stands in for `python -m pip download|wheel`: writes the wheel file pip would, named from the
+# requirement, for the ABI named in FAKE_ABI (download) or for this machine (wheel).
+import os, sys
+args = sys.argv[3:]
+command, requirement = sys.argv[3], args[-1]
+folder = args[args.index("-d" if command == "download" else "-w") + 1]
+name, version = requirement.split("==")
+if command == "download" and name in os.environ.get("FAKE_SOURCE_ONLY", "").split(","):
+    sys.exit("no matching distribution")
+abi = os.environ["FAKE_ABI"] if command == "download" else os.environ.get("FAKE_BUILT_ABI", "py3-none-any")
+open(os.path.join(folder, f"{name.replace('-', '_')}-{version}-{abi}.whl"), "w").close()
+"""
+
+
+def _wheelhouse(tmp_path: Path, out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    fake = tmp_path / "fake-python"
+    fake.write_text(_FAKE_PIP)
+    fake.chmod(0o755)
+    environment = {**os.environ, "WHEELHOUSE": str(out), "WHEEL_PYTHON": "3.12", **env}
+    return subprocess.run([str(ROOT / "deploy" / "wheelhouse.sh"), str(fake)], capture_output=True, text=True,
+                          env=environment, timeout=60)
+
+
+def test_the_wheelhouse_replaces_stale_wheels_and_keeps_other_files(tmp_path: Path) -> None:
+    out = tmp_path / "wheels"
+    out.mkdir()
+    (out / "fastapi-0.1.0-py3-none-any.whl").write_text("")  # a pin that has moved since
+    (out / "notes.txt").write_text("mine")
+    done = _wheelhouse(tmp_path, out, FAKE_ABI="cp312-cp312-manylinux_2_17_x86_64",
+                       FAKE_SOURCE_ONLY="grad-cam")
+    assert done.returncode == 0, done.stderr
+    wheels = sorted(path.name for path in out.glob("*.whl"))
+    pins = [line for line in (ROOT / "deploy" / "wheelhouse.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert len(wheels) == len(pins)
+    assert "fastapi-0.1.0-py3-none-any.whl" not in wheels and (out / "notes.txt").read_text() == "mine"
+    assert "grad_cam-1.5.7-py3-none-any.whl" in wheels, "built here from its source release"
+
+
+def test_the_wheelhouse_refuses_a_wheel_for_another_python_and_keeps_the_old_ones(tmp_path: Path) -> None:
+    out = tmp_path / "wheels"
+    out.mkdir()
+    (out / "fastapi-0.165.0-py3-none-any.whl").write_text("")
+    done = _wheelhouse(tmp_path, out, FAKE_ABI="cp312-cp312-manylinux_2_17_x86_64", FAKE_SOURCE_ONLY="orjson",
+                       FAKE_BUILT_ABI="cp311-cp311-linux_x86_64")  # orjson compiled for this machine
+    assert done.returncode == 1
+    assert "not for CPython 3.12: orjson-3.13.0-cp311-cp311-linux_x86_64.whl" in done.stderr
+    assert [path.name for path in out.glob("*.whl")] == ["fastapi-0.165.0-py3-none-any.whl"]
