@@ -101,9 +101,9 @@ WHEEL_PYTHON ?= 3.12
 wheelhouse: install
 	WHEELHOUSE=$(WHEELHOUSE) WHEEL_PYTHON=$(WHEEL_PYTHON) deploy/wheelhouse.sh $(PY)
 
-# The pinned versions are installed, found in $(WHEELHOUSE): not every *.whl there, since
-# `make wheelhouse` adds to an existing folder and a wheel of a version pinned before would
-# ask pip for two versions of one package (ResolutionImpossible).
+# The pinned versions are installed, found in $(WHEELHOUSE): not every *.whl there, since a
+# folder filled by hand or copied over an older one may hold a version pinned before, and two
+# versions of one package make pip refuse them all (ResolutionImpossible).
 WHEELHOUSE_REQUIREMENTS ?= deploy/wheelhouse.txt
 GPU_CHECK_SITE ?= build/site
 gpu-check-offline:
