@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -165,16 +166,31 @@ def test_the_serving_step_logs_into_the_report_folder_it_was_given(
     assert seen == [out]
 
 
+def _serve_without_a_server(
+    monkeypatch: pytest.MonkeyPatch, load: Callable[..., None], front_ends: int
+) -> None:
+    """gpucheck.serving with no server started and ``load`` in place of the load client."""
+    from types import SimpleNamespace
+
+    from loadtests import bench_serving, rawload
+
+    server = SimpleNamespace(process=SimpleNamespace(pid=None), base="http://127.0.0.1:9")
+    monkeypatch.setattr(bench_serving, "launch", lambda configs, workdir: [server])
+    monkeypatch.setattr(bench_serving, "wait_front_ends", lambda process, port: front_ends)
+    monkeypatch.setattr(bench_serving, "mean_batch_size", lambda base: None)
+    monkeypatch.setattr(bench_serving, "stop", lambda servers: None)
+    monkeypatch.setattr(rawload, "load", load)
+
+
 def test_the_serving_step_measures_every_case_with_its_image_and_outputs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The sweep over concurrency with the overlay, then at 256 the GPU-decoded JPEG and the
     answers without an overlay: each case posts its own file under its own name and form."""
-    from types import SimpleNamespace
 
     from PIL import Image
 
-    from loadtests import bench_serving, rawload
+    from loadtests import bench_serving
 
     posted: list[tuple[int, str, str, bytes]] = []
 
@@ -186,12 +202,7 @@ def test_the_serving_step_measures_every_case_with_its_image_and_outputs(
         outcome.latencies += [0.01] * 5
         outcome.elapsed += duration_s
 
-    server = SimpleNamespace(process=SimpleNamespace(pid=None), base="http://127.0.0.1:9")
-    monkeypatch.setattr(bench_serving, "launch", lambda configs, workdir: [server])
-    monkeypatch.setattr(bench_serving, "wait_front_ends", lambda process, port: 3)
-    monkeypatch.setattr(bench_serving, "mean_batch_size", lambda base: None)
-    monkeypatch.setattr(bench_serving, "stop", lambda servers: None)
-    monkeypatch.setattr(rawload, "load", load)
+    _serve_without_a_server(monkeypatch, load, front_ends=3)
     report = gpucheck.Report()
     gpucheck.serving(report, 1.0, "cpu", tmp_path)
 
@@ -340,9 +351,8 @@ def test_the_bare_rates_use_the_precision_the_served_network_runs_in(monkeypatch
 def test_a_failed_serving_case_is_reported_and_the_others_still_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from types import SimpleNamespace
 
-    from loadtests import bench_serving, rawload
+    from loadtests import bench_serving
 
     def load(base: str, image: bytes, concurrency: int, duration_s: float, outcome: bench_serving.Outcome,
              **kwargs: object) -> None:
@@ -351,12 +361,7 @@ def test_a_failed_serving_case_is_reported_and_the_others_still_run(
         outcome.latencies += [0.01] * 3
         outcome.elapsed += duration_s
 
-    server = SimpleNamespace(process=SimpleNamespace(pid=None), base="http://127.0.0.1:9")
-    monkeypatch.setattr(bench_serving, "launch", lambda configs, workdir: [server])
-    monkeypatch.setattr(bench_serving, "wait_front_ends", lambda process, port: 1)
-    monkeypatch.setattr(bench_serving, "mean_batch_size", lambda base: None)
-    monkeypatch.setattr(bench_serving, "stop", lambda servers: None)
-    monkeypatch.setattr(rawload, "load", load)
+    _serve_without_a_server(monkeypatch, load, front_ends=1)
     report = gpucheck.Report()
     with pytest.raises(RuntimeError, match=r"2 of \d+ serving cases failed"):
         gpucheck.serving(report, 1.0, "cpu", tmp_path)
