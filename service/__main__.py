@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ from service.shutdown import InFlight
 if TYPE_CHECKING:  # torch comes with these: imported where a server runs, not in the supervisor
     from fastapi import FastAPI
 
+    from service.engine.engine import Engine
     from service.engine.pool import WorkerFactory
 
 log = logging.getLogger("service")
@@ -106,12 +108,25 @@ class DrainingServer(uvicorn.Server):
             return
         self._drain = loop.create_task(self._drain_then_exit())
 
+    async def _drain_accepted(self, engine: Engine) -> bool:
+        """Wait, within the drain timeout, until the engine's work is done and no request it
+        admitted is still being handled (one still decoding submits its images afterwards,
+        and that work is then waited for too)."""
+        ends = time.monotonic() + self.drain_timeout_s
+        while True:
+            if not await engine.drain(max(0.0, ends - time.monotonic())):
+                return False
+            if not self.in_flight.admitted():
+                return True
+            if not await self.in_flight.wait_admitted_done(max(0.0, ends - time.monotonic())):
+                return False
+
     async def _drain_then_exit(self) -> None:
         engine = self.app.state.engine
         log.info("SIGTERM: draining", extra={"timeout_s": self.drain_timeout_s})
         # No new jobs; jobs the drain cuts short end "cancelled", which closes their event streams.
         self.app.state.jobs.stop_accepting()
-        if await engine.drain(self.drain_timeout_s):
+        if await self._drain_accepted(engine):
             log.info("drained; shutting down",
                      extra={"queue_depth": engine.queue_depth, "in_flight": engine.in_flight})
         else:

@@ -24,6 +24,7 @@ class InFlight:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.paths: dict[int, str] = {}  # id(scope) -> path of each request being handled
+        self._states: dict[int, dict[str, object]] = {}  # id(scope) -> its request state
         self._idle: asyncio.Event | None = None
         self._cut: set[int] = set()  # requests in flight at the drain deadline, probes not counted
         self._answered_503 = 0
@@ -42,6 +43,21 @@ class InFlight:
         get the 503 when the shutdown cancels them)."""
         return self._answered_503 + len(self._cut & set(self.paths))
 
+    def admitted(self) -> int:
+        """Requests being handled that the engine admitted (``admitted`` in their state): they
+        may still be decoding and have images to submit, which a drain must wait for."""
+        return sum(bool(self._states.get(key, {}).get("admitted")) for key in self.paths)
+
+    async def wait_admitted_done(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is being handled (True) or ``timeout_s`` passed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self.admitted():
+                    self._idle = self._idle or asyncio.Event()
+                    self._idle.clear()
+                    await self._idle.wait()
+        return not self.admitted()
+
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is being handled (True) or ``timeout_s`` passed (False)."""
         with contextlib.suppress(TimeoutError):
@@ -58,6 +74,7 @@ class InFlight:
             return
         key = id(scope)
         self.paths[key] = scope.get("path", "")
+        self._states[key] = scope.setdefault("state", {})
         started = False
 
         async def watch(message: Message) -> None:
@@ -83,8 +100,11 @@ class InFlight:
             await _send_unavailable(send, scope)
         finally:
             self.paths.pop(key, None)
+            # Answered: what it started in the background (a job) is no longer this request's
+            # accepted work, and is refused by a drain as before.
+            self._states.pop(key, {}).pop("admitted", None)
             self._cut.discard(key)  # answered otherwise (200, 504...): not cut short
-            if not self.paths and self._idle is not None:
+            if self._idle is not None:  # a waiter re-checks what it waits for
                 self._idle.set()
 
 

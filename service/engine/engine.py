@@ -300,10 +300,18 @@ class Engine:
 
     def admit(self, images: int) -> None:
         """Raise what :meth:`submit` would for a request of ``images`` images (not ready,
-        draining, queue full), so a route can refuse before paying for its decode."""
-        if self.state != "ready":
+        draining, queue full), so a route can refuse before paying for its decode.
+
+        A request admitted while ready is marked so (``admitted`` in its request state): a
+        drain that begins while it decodes still takes its images, since it was accepted
+        before the drain, and the drain waits for it (:func:`service.shutdown.InFlight`)."""
+        state = request_state.get()
+        accepted_before = self.state == "draining" and state is not None and state.get("admitted")
+        if self.state != "ready" and not accepted_before:
             reason = self.failure if self.state in ("failed", "fatal") else f"the service is {self.state}"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
+        if state is not None:
+            state["admitted"] = True
         if len(self._pending) + images > self.settings.max_queue:
             self._purge_abandoned()
         if len(self._pending) + images > self.settings.max_queue:
