@@ -6,7 +6,6 @@ the host decode and gets its 415. Skipped without CUDA (make gpu-check runs it).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -21,7 +20,7 @@ from service.engine.jobs import ItemResult, WorkItem
 from service.engine.worker import Worker
 from service.main import create_app
 from service.models.spec import embedded_default
-from tests.engine.fakes import settings
+from tests.engine.fakes import ready_clients, settings
 from tests.engine.test_device_decode import DATA, corrupt_jpeg, jpeg
 
 pytestmark = pytest.mark.cuda
@@ -48,12 +47,7 @@ def clients() -> Iterator[dict[str, TestClient]]:
                          worker_factory=lambda d: Recording(d), specs=specs, devices=[device])
         for mode in ("off", "auto")
     }
-    with contextlib.ExitStack() as stack:
-        clients = {}
-        for mode, app in apps.items():  # one after the other: two models traced at once collide
-            clients[mode] = stack.enter_context(TestClient(app))
-            clients[mode].portal.call(app.state.engine.wait_ready)
-            assert app.state.engine.state == "ready", app.state.engine.failure
+    with ready_clients(apps) as clients:
         assert apps["auto"].state.engine.jpeg_on_device and not apps["off"].state.engine.jpeg_on_device
         yield clients
 

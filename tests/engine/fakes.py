@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -204,3 +205,16 @@ def tiny_png(side: int = 8, value: int = 5) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((side, side, 3), value, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def ready_clients(apps: Mapping[str, FastAPI]) -> Iterator[dict[str, TestClient]]:
+    """A started TestClient per app, each engine ready; started one after the other (two
+    models traced at once collide)."""
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for name, app in apps.items():
+            clients[name] = stack.enter_context(TestClient(app))
+            clients[name].portal.call(app.state.engine.wait_ready)
+            assert app.state.engine.state == "ready", app.state.engine.failure
+        yield clients

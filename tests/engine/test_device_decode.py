@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,7 @@ from service.imaging.limits import ByteBudget
 from service.imaging.preprocess import resize_for_model
 from service.main import create_app
 from service.models.spec import embedded_default
-from tests.engine.fakes import Script, settings
+from tests.engine.fakes import Script, ready_clients, settings
 from tests.imaging import dicom_samples, samples
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -184,12 +183,7 @@ def clients() -> Iterator[dict[str, TestClient]]:
         "host": create_app(real, worker_factory=lambda _d: Worker(CPU, 1), specs=specs, devices=[CPU]),
         "device": create_app(real, worker_factory=lambda _d: Recording(CPU, 1), specs=specs, devices=[CUDA]),
     }
-    with contextlib.ExitStack() as stack:
-        clients = {}
-        for name, app in apps.items():  # one after the other: two models traced at once collide
-            clients[name] = stack.enter_context(TestClient(app))
-            clients[name].portal.call(app.state.engine.wait_ready)
-            assert app.state.engine.state == "ready", app.state.engine.failure
+    with ready_clients(apps) as clients:
         yield clients
 
 
