@@ -100,9 +100,9 @@ class InFlight:
             await _send_unavailable(send, scope)
         finally:
             self.paths.pop(key, None)
-            # Answered: what it started in the background (a job) is no longer this request's
-            # accepted work, and is refused by a drain as before.
-            self._states.pop(key, {}).pop("admitted", None)
+            # Answered: what it started in the background (a job, which shares this state) is
+            # not accepted work of a request in flight, and a drain refuses it as before.
+            self._states.pop(key, {})["admitted"] = False
             self._cut.discard(key)  # answered otherwise (200, 504...): not cut short
             if self._idle is not None:  # a waiter re-checks what it waits for
                 self._idle.set()

@@ -310,7 +310,7 @@ class Engine:
         if self.state != "ready" and not accepted_before:
             reason = self.failure if self.state in ("failed", "fatal") else f"the service is {self.state}"
             raise ServiceUnavailable(f"not ready: {reason}", headers={"Retry-After": "1"})
-        if state is not None:
+        if state is not None and "admitted" not in state:  # False: its request was answered
             state["admitted"] = True
         if len(self._pending) + images > self.settings.max_queue:
             self._purge_abandoned()

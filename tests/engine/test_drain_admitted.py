@@ -69,6 +69,25 @@ def test_the_drain_waits_for_admitted_requests_and_clears_the_mark_when_they_are
         assert await in_flight.wait_admitted_done(5)
         await asyncio.gather(*handled)
         state = scopes[0]["state"]
-        assert isinstance(state, dict) and "admitted" not in state, "a job it left is refused by a drain"
+        assert isinstance(state, dict) and state["admitted"] is False, "a job it left is refused by a drain"
 
     asyncio.run(test())
+
+
+def test_a_job_submitting_after_its_request_was_answered_is_refused_by_a_drain(script: Script) -> None:
+    """A job runs with the state of the request that created it; once that request is answered
+    (InFlight marks it), the job's later submissions are not re-admitted as accepted work."""
+    async def test() -> None:
+        async with running(script) as engine:
+            answered: dict[str, object] = {"request_id": "made-a-job", "admitted": False}
+            token = request_state.set(answered)
+            assert classes(await engine.submit([item(3)])) == [3]  # while ready: computed
+            draining = asyncio.create_task(engine.drain(10))
+            await asyncio.sleep(0)
+            with pytest.raises(ServiceUnavailable, match="draining"):
+                await engine.submit([item(4)])
+            request_state.reset(token)
+            assert answered["admitted"] is False
+            assert await draining
+
+    run(test)
